@@ -1,0 +1,169 @@
+"""The built-in networks: an MLP pair for 2D (or any flat) data and a DCGAN pair for images.
+
+G maps z (N, z_dim) to samples (N, *sample_shape); D maps samples to logits (N,).
+Both discriminators are free of BatchNorm on purpose: R1 and the WGAN gradient penalty
+differentiate `D(x).sum()` with respect to the batch, which equals the per-sample gradients only
+when no sample's logit depends on another sample's input. BatchNorm in D would mix them (and
+would also make replicated workers disagree with one local process).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+DCGAN_RESOLUTIONS = (8, 16, 32, 64)
+
+
+def _spectralize(root: nn.Module) -> None:
+    """Put every Linear/conv weight under `root` behind spectral normalisation, in place.
+
+    Called after initialisation: the parametrization keeps the initialised weight as `original`
+    and starts its power iteration from it. (It also picks dim=1 for ConvTranspose weights.)
+    """
+    for module in list(root.modules()):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            _spectral_norm(module)
+
+
+def _as_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in sample_shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"sample_shape must be a non-empty tuple of positive ints, got {sample_shape!r}")
+    return shape
+
+
+class MLPGenerator(nn.Module):
+    """z -> `depth` x (Linear, ReLU) -> Linear -> reshape to `sample_shape`.
+
+    No BatchNorm (replicated-vs-local equivalence must not depend on per-worker batch statistics)
+    and no output squashing: the 2D mixtures live on [-4, 4]^2, not [-1, 1].
+    """
+
+    def __init__(self, z_dim: int, hidden: int, depth: int, sample_shape: Sequence[int] = (2,)) -> None:
+        super().__init__()
+        if z_dim < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"z_dim, hidden and depth must be >= 1 (got {z_dim}, {hidden}, {depth})")
+        self.z_dim = int(z_dim)
+        self.sample_shape = _as_shape(sample_shape)
+        layers: list[nn.Module] = []
+        width_in = self.z_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width_in, hidden), nn.ReLU(inplace=True)]
+            width_in = hidden
+        layers.append(nn.Linear(width_in, math.prod(self.sample_shape)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(z.shape[0], *self.sample_shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """flatten -> `depth` x (Linear, LeakyReLU(0.2)) -> Linear -> logits (N,)."""
+
+    def __init__(self, hidden: int, depth: int, sample_shape: Sequence[int] = (2,),
+                 spectral_norm: bool = False) -> None:
+        super().__init__()
+        if hidden < 1 or depth < 1:
+            raise ValueError(f"hidden and depth must be >= 1 (got {hidden}, {depth})")
+        self.sample_shape = _as_shape(sample_shape)
+        layers: list[nn.Module] = [nn.Flatten(1)]
+        width_in = math.prod(self.sample_shape)
+        for _ in range(depth):
+            layers += [nn.Linear(width_in, hidden), nn.LeakyReLU(0.2)]
+            width_in = hidden
+        layers.append(nn.Linear(width_in, 1))
+        self.net = nn.Sequential(*layers)
+        if spectral_norm:
+            _spectralize(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1)
+
+
+def _check_image_args(resolution: int, channels: int, base_width: int) -> int:
+    """Validate DCGAN arguments; return the number of stride-2 stages between 4x4 and `resolution`."""
+    if resolution not in DCGAN_RESOLUTIONS:
+        raise ValueError(f"DCGAN resolution must be one of {DCGAN_RESOLUTIONS}, got {resolution}")
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if base_width < 1:
+        raise ValueError(f"base_width must be >= 1, got {base_width}")
+    return int(math.log2(resolution // 4))
+
+
+def _dcgan_init(module: nn.Module) -> None:
+    """Radford et al.'s init: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), zero biases."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """z -> 4x4 map (a 4x4 ConvTranspose) -> stride-2 ConvTranspose blocks -> tanh image.
+
+    Widths mirror the classic DCGAN: the 4x4 map has base_width * 2^(stages-1) channels, halved
+    at each doubling, so the last hidden map (at resolution/2) has base_width channels.
+    """
+
+    def __init__(self, z_dim: int, resolution: int, channels: int, base_width: int,
+                 batchnorm: bool = True, spectral_norm: bool = False) -> None:
+        super().__init__()
+        if z_dim < 1:
+            raise ValueError(f"z_dim must be >= 1, got {z_dim}")
+        stages = _check_image_args(resolution, channels, base_width)
+        self.z_dim = int(z_dim)
+        self.sample_shape = (int(channels), int(resolution), int(resolution))
+
+        def block(conv: nn.Module, width: int) -> list[nn.Module]:
+            # A conv followed by BatchNorm needs no bias: BN's shift replaces it.
+            norm: list[nn.Module] = [nn.BatchNorm2d(width)] if batchnorm else []
+            return [conv, *norm, nn.ReLU(inplace=True)]
+
+        width = base_width * 2 ** (stages - 1)
+        layers = block(nn.ConvTranspose2d(self.z_dim, width, 4, 1, 0, bias=not batchnorm), width)
+        for _ in range(stages - 1):
+            layers += block(nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=not batchnorm), width // 2)
+            width //= 2
+        self.net = nn.Sequential(*layers)
+        self.to_image = nn.ConvTranspose2d(width, channels, 4, 2, 1)
+        self.apply(_dcgan_init)
+        if spectral_norm:
+            _spectralize(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+        return torch.tanh(self.to_image(h))
+
+
+class DCGANDiscriminator(nn.Module):
+    """image -> stride-2 convs with LeakyReLU(0.2) down to 4x4 -> 4x4 valid conv -> logits (N,).
+
+    No BatchNorm (see the module docstring): R1 and the gradient penalty need per-sample gradients.
+    """
+
+    def __init__(self, resolution: int, channels: int, base_width: int, spectral_norm: bool = False) -> None:
+        super().__init__()
+        stages = _check_image_args(resolution, channels, base_width)
+        self.sample_shape = (int(channels), int(resolution), int(resolution))
+        layers: list[nn.Module] = []
+        width_in, width = channels, base_width
+        for _ in range(stages):
+            layers += [nn.Conv2d(width_in, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+            width_in, width = width, width * 2
+        layers.append(nn.Conv2d(width_in, 1, 4, 1, 0))
+        self.net = nn.Sequential(*layers)
+        self.apply(_dcgan_init)
+        if spectral_norm:
+            _spectralize(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1)

@@ -1,0 +1,202 @@
+"""The `ganray` command line.
+
+stdout carries machine-readable lines (`run_id=<id>`, `key=value`); progress and warnings go to
+stderr. Every user error ends with one line `error: ...` on stderr and exit code 2 (3 when a
+retrain lock is held), never a traceback. `main(argv)` is the entry function, callable
+in-process (the fuzz tests do so) as well as by the console script.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+
+from ganray.models.errors import GanrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train GANs across a Ray cluster, tracked in MLflow.")
+
+SetOpt = typer.Option(None, "--set", help="override a config key: --set dotted.key=value (repeatable)")
+UriOpt = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (over tracking.uri and MLFLOW_TRACKING_URI)")
+
+
+def _emit(key: str, value: Any) -> None:
+    print(f"{key}={value}", flush=True)
+
+
+def _load(config: Optional[Path], sets: Optional[list[str]]):
+    from ganray.orchestrator.config import load_config
+
+    return load_config(config, sets or [])
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="job config (YAML)"),
+             set_: Optional[list[str]] = SetOpt) -> None:
+    """Validate CONFIG and print the resolved config."""
+    cfg = _load(config, set_)
+    print(cfg.to_yaml(), end="")
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="job config (YAML)"),
+          set_: Optional[list[str]] = SetOpt,
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config, build the models, do not train"),
+          tracking_uri: Optional[str] = UriOpt,
+          resume: Optional[str] = typer.Option(None, "--resume", help="continue this MLflow run from its latest checkpoint"),
+          stop_at_kimg: Optional[float] = typer.Option(None, "--stop-at-kimg", help="stop cleanly at this kimg with a checkpoint"),
+          no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")) -> None:
+    """Train a GAN as CONFIG describes; prints run_id=<id> first, then the final figures."""
+    cfg = _load(config, set_)
+    if dry_run:
+        _dry_run(cfg)
+        return
+    from ganray.orchestrator.trainer import Trainer
+
+    trainer = Trainer(cfg, tracking_uri=tracking_uri, resume=resume, stop_at_kimg=stop_at_kimg,
+                      progress=not no_progress, on_run_id=lambda rid: _emit("run_id", rid))
+    result = trainer.run()
+    _emit("images_seen", result.images_seen)
+    _emit("kimg", f"{result.images_seen / 1000:.1f}")
+    _emit("wall_s", f"{result.wall_s:.1f}")
+    for key, value in result.eval.items():
+        _emit(f"eval/{key}", f"{value:.6g}")
+    if result.model_version:
+        _emit("model_version", result.model_version)
+    if result.stopped_early:
+        _emit("stopped", "early")
+
+
+def _dry_run(cfg: Any) -> None:
+    from ganray.models.registry import build_discriminator, build_generator
+    from ganray.workers.data import load_dataset
+
+    print(cfg.to_yaml(), end="")
+    source = load_dataset(cfg.data.model_dump(), cfg.seed, "train")
+    shape = tuple(source.sample_shape)
+    G = build_generator(cfg.model.model_dump(), shape)
+    D = build_discriminator(cfg.model.model_dump(), shape)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    _emit("data_size", len(source))
+    _emit("sample_shape", "x".join(map(str, shape)))
+    _emit("params_G", count(G))
+    _emit("params_D", count(D))
+
+
+def _generator_from(run: Optional[str], model: Optional[str], tracking_uri: Optional[str]):
+    from mlflow import MlflowClient
+
+    from ganray.orchestrator import release, tracking
+    from ganray.orchestrator.engine import build_eval_generator
+
+    if bool(run) == bool(model):
+        raise GanrayError("give exactly one of --run RUN_ID or --model models:/NAME/VERSION (or models:/NAME@ALIAS)")
+    uri = tracking.resolve_tracking_uri(tracking_uri, None)
+    tracking.prepare_store(uri, None)
+    client = MlflowClient(uri)
+    state, cfg = release.load_released_state(client, model or run)
+    from ganray.workers.data import load_dataset
+
+    shape = tuple(load_dataset(cfg.data.model_dump(), cfg.seed, "test").sample_shape)
+    return build_eval_generator(cfg, shape, state), cfg
+
+
+@app.command()
+def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"),
+           model: Optional[str] = typer.Option(None, "--model", help="models:/NAME/VERSION or models:/NAME@ALIAS"),
+           n: int = typer.Option(64, "-n", min=1, help="number of samples"),
+           out: Path = typer.Option(..., "--out", help=".npy for raw samples, .png for a grid or scatter"),
+           seed: int = typer.Option(0, "--seed"),
+           tracking_uri: Optional[str] = UriOpt) -> None:
+    """Draw N samples from a run's (or a registered model's) EMA generator."""
+    import numpy as np
+
+    from ganray.orchestrator.evaluate import sample_generator
+
+    if out.suffix not in (".npy", ".png"):
+        raise GanrayError(f"--out {out}: use a .npy (raw samples) or .png (grid) path")
+    G, cfg = _generator_from(run, model, tracking_uri)
+    samples = sample_generator(G, n, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part" + out.suffix)
+    if out.suffix == ".npy":
+        np.save(tmp, samples.numpy())
+    elif samples.dim() == 2:
+        from ganray.orchestrator.samples import scatter_figure
+
+        scatter_figure(samples.numpy(), cfg.data.name).savefig(tmp)
+    else:
+        from torchvision.utils import save_image
+
+        save_image(samples.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)
+    os.replace(tmp, out)  # never leave a half-written file under the asked name
+    _emit("out", out)
+    _emit("shape", "x".join(map(str, samples.shape)))
+
+
+@app.command()
+def evaluate(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"),
+             model: Optional[str] = typer.Option(None, "--model", help="models:/NAME/VERSION or models:/NAME@ALIAS"),
+             num_samples: Optional[int] = typer.Option(None, "--num-samples"),
+             tracking_uri: Optional[str] = UriOpt) -> None:
+    """Score a run's (or a registered model's) EMA generator; one key=value line per figure."""
+    from ganray.orchestrator.evaluate import Evaluator
+
+    G, cfg = _generator_from(run, model, tracking_uri)
+    if num_samples:
+        cfg.eval.num_samples = num_samples
+    for key, value in Evaluator(cfg).evaluate(G).items():
+        _emit(key, f"{value:.6g}")
+
+
+def _register_extensions() -> None:
+    """Commands of later layers (tune, retrain, promote, bench) register themselves if present."""
+    import importlib
+
+    for name in ("tune_cli", "retrain_cli", "bench_cli"):
+        try:
+            module = importlib.import_module(f"ganray.orchestrator.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"ganray.orchestrator.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry function: returns the exit code (the console script exits with it)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ganray").setLevel(logging.INFO)
+    _register_extensions()
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        app(args=args, prog_name="ganray", standalone_mode=False)
+        return 0
+    except GanrayError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return int(err.exit_code or 0)
+    except click.UsageError as err:
+        print(f"error: {err.format_message()}", file=sys.stderr, flush=True)
+        return 2
+    except click.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted; resume with --resume RUN_ID", file=sys.stderr)
+        return 130
+
+
+def console_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

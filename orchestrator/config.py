@@ -1,0 +1,385 @@
+"""The job config: a pydantic model tree loaded from YAML with `--set dotted.key=value` overrides.
+
+Section names (`seed`, `data`, `model`, `loss`, `schedule`, `topology`, `resources`, `tracking`,
+`eval`, `fault`, `retrain`) and the keys named in the README are part of the CLI contract.
+Every error is a `ConfigError` with one line naming the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ganray.models.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (with a "did you mean" hint added by `_format_validation_error`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: str = Field("grid25", description="ring8 | grid25 | digits | imagefolder | parquet | "
+                      "torchvision:<Dataset> | an import path 'pkg.mod:loader'")
+    path: Optional[str] = Field(None, description="root folder or URI for imagefolder/parquet/torchvision")
+    size: int = Field(100_000, ge=16, le=100_000_000,
+                      description="samples drawn once from a synthetic 2D mixture")
+    resolution: Optional[int] = Field(None, description="image side for imagefolder/parquet/torchvision (8, 16, 32, 64)")
+    channels: Optional[int] = Field(None, ge=1, le=4, description="image channels (1 or 3)")
+    column: Optional[str] = Field(None, description="parquet column holding encoded images or arrays")
+    skip_corrupt: bool = Field(False, description="skip and count corrupt files instead of failing")
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction for evaluation")
+
+    @model_validator(mode="after")
+    def _check_resolution(self) -> "DataConfig":
+        if self.resolution is not None and self.resolution not in (8, 16, 32, 64):
+            raise ValueError(f"data.resolution must be one of 8, 16, 32, 64 (got {self.resolution})")
+        return self
+
+
+class ModelConfig(_Section):
+    generator: str = Field("mlp", description="mlp | dcgan | an import path 'pkg.mod:Class'")
+    discriminator: str = Field("mlp", description="mlp | dcgan | an import path 'pkg.mod:Class'")
+    z_dim: int = Field(16, ge=1, le=4096)
+    hidden: int = Field(256, ge=4, le=8192, description="MLP width")
+    depth: int = Field(3, ge=1, le=16, description="MLP hidden layers")
+    base_width: int = Field(64, ge=4, le=1024, description="DCGAN channels at the finest layer")
+    spectral_norm: bool = False
+    batchnorm: bool = Field(True, description="BatchNorm in the DCGAN generator")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for import-path models")
+
+
+class LossConfig(_Section):
+    kind: Literal["minimax", "nonsaturating", "wgan-gp", "hinge"] = "nonsaturating"
+    r1_gamma: float = Field(0.0, ge=0.0, le=1e4, description="R1 weight: gamma/2 * E||grad D(x)||^2")
+    r1_interval: int = Field(16, ge=1, le=1024, description="lazy regularisation: R1 every k D steps")
+    gp_weight: float = Field(10.0, ge=0.0, le=1e4, description="WGAN-GP weight")
+
+
+class ScheduleConfig(_Section):
+    total_kimg: float = Field(200.0, gt=0.0, le=1e7, description="training length in thousands of real images")
+    batch_size: int = Field(256, ge=1, le=1_000_000, description="global batch size (all workers)")
+    n_critic: int = Field(1, ge=1, le=100, description="D steps per G step")
+    g_lr: float = Field(2e-4, gt=0.0, le=1.0)
+    d_lr: float = Field(2e-4, gt=0.0, le=1.0)
+    betas: tuple[float, float] = Field((0.5, 0.99), description="Adam betas of both optimizers")
+    ema_half_life_kimg: float = Field(10.0, ge=0.0, le=1e5, description="G_ema half-life; 0 turns EMA off")
+    lr_decay: Literal["none", "linear", "cosine"] = "none"
+    lr_decay_kimg: Optional[float] = Field(None, gt=0.0, description="absolute kimg at which decay reaches lr_min_factor")
+    lr_min_factor: float = Field(0.0, ge=0.0, le=1.0)
+    sync_kimg: float = Field(4.0, gt=0.0, description="metrics are gathered and logged every sync_kimg")
+    checkpoint_kimg: float = Field(50.0, gt=0.0)
+    keep_checkpoints: int = Field(3, ge=1, le=10_000)
+    sample_kimg: float = Field(50.0, gt=0.0, description="sample grid / scatter interval")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        for beta in self.betas:
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"schedule.betas must lie in [0, 1) (got {list(self.betas)})")
+        if self.lr_decay != "none" and self.lr_decay_kimg is None:
+            raise ValueError("schedule.lr_decay_kimg is required when schedule.lr_decay is "
+                             f"'{self.lr_decay}' (decay is defined over absolute kimg)")
+        return self
+
+
+class TopologyConfig(_Section):
+    kind: Literal["local", "replicated", "split"] = "replicated"
+    num_workers: Optional[int] = Field(None, ge=1, le=4096, description="replicated: number of replicas (default 1)")
+    num_generators: Optional[int] = Field(None, ge=1, le=1024, description="split: generator workers (default 1)")
+    num_discriminators: Optional[int] = Field(None, ge=1, le=1024, description="split: discriminator workers (default 2)")
+    feedback: Optional[Literal["mean", "max", "softmax"]] = Field(None, description="split: how G combines the K discriminators")
+    softmax_lambda: Optional[float] = Field(None, ge=0.0, le=1e3, description="split: GMAN lambda for feedback=softmax")
+    swap_every_epochs: Optional[int] = Field(None, ge=0, description="split: MD-GAN discriminator swap (0 = off)")
+    overlap: Optional[bool] = Field(None, description="split: D trains on fakes of the previous G (staleness 1)")
+
+    @model_validator(mode="after")
+    def _check_keys_belong(self) -> "TopologyConfig":
+        split_only = ("num_generators", "num_discriminators", "feedback", "softmax_lambda",
+                      "swap_every_epochs", "overlap")
+        given = {k for k in self.model_fields_set if getattr(self, k) is not None}
+        if self.kind != "replicated" and "num_workers" in given:
+            raise ValueError(f"topology.num_workers belongs to topology.kind 'replicated', not "
+                             f"'{self.kind}'; remove it" + (" and use topology.num_generators / "
+                             "topology.num_discriminators" if self.kind == "split" else ""))
+        if self.kind != "split":
+            wrong = [k for k in split_only if k in given]
+            if wrong:
+                raise ValueError(f"topology.{wrong[0]} belongs to topology.kind 'split', not "
+                                 f"'{self.kind}'; remove it or set topology.kind: split")
+        return self
+
+    # Resolved values with the documented defaults, so code never sees None.
+    @property
+    def workers(self) -> int:
+        return self.num_workers or 1
+
+    @property
+    def generators(self) -> int:
+        return self.num_generators or 1
+
+    @property
+    def discriminators(self) -> int:
+        return self.num_discriminators or 2
+
+    @property
+    def feedback_mode(self) -> str:
+        return self.feedback or "mean"
+
+    @property
+    def feedback_lambda(self) -> float:
+        return 1.0 if self.softmax_lambda is None else self.softmax_lambda
+
+    @property
+    def swap_epochs(self) -> int:
+        return self.swap_every_epochs or 0
+
+    @property
+    def overlapped(self) -> bool:
+        return bool(self.overlap)
+
+
+class RoleResources(_Section):
+    cpus: float = Field(1.0, ge=0.0, le=1024)
+    gpus: float = Field(0.0, ge=0.0, le=64)
+
+
+class ResourcesConfig(_Section):
+    threads_per_worker: int = Field(1, ge=1, le=256, description="torch threads per worker (and for local)")
+    cpus_per_worker: float = Field(1.0, ge=0.0, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0.0, le=64)
+    generator: Optional[RoleResources] = Field(None, description="split: resources of each generator worker")
+    discriminator: Optional[RoleResources] = Field(None, description="split: resources of each discriminator worker")
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = Field(60.0, gt=0.0, le=86_400)
+    ray_address: Optional[str] = Field(None, description="Ray cluster address; else RAY_ADDRESS; else a local instance")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local Ray instance (default: the machine's)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on CUDA")
+    channels_last: bool = False
+    step_timeout_s: float = Field(600.0, gt=0.0, description="a worker call slower than this counts as hung")
+
+    def role(self, name: str) -> RoleResources:
+        """Resources of one split role, falling back to the per-worker defaults."""
+        explicit = self.generator if name == "generator" else self.discriminator
+        return explicit or RoleResources(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker)
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite in cwd")
+    experiment: str = Field("ganray", min_length=1)
+    model_name: Optional[str] = Field(None, description="register the EMA generator under this name at the end")
+    run_name: Optional[str] = None
+    enabled: bool = Field(True, description="false: no MLflow at all (benchmarks)")
+    buffer_size: int = Field(100_000, ge=10, description="metric points buffered while the server is away")
+    log_system_metrics: bool = False
+
+
+class EvalConfig(_Section):
+    every_kimg: float = Field(50.0, gt=0.0)
+    num_samples: int = Field(2500, ge=16, le=1_000_000)
+    seed: int = Field(1234, ge=0)
+    metrics: list[str] = Field(default_factory=lambda: ["auto"], description="auto | modes,hq,kl | fid,kid")
+    inception_weights: Optional[str] = Field(None, description="local path of Inception weights for FID on RGB sets")
+
+
+class FaultConfig(_Section):
+    snapshot_rounds: int = Field(200, ge=1, description="state snapshot in the object store every N rounds")
+    max_restarts: int = Field(3, ge=0)
+    max_nonfinite: int = Field(3, ge=1, description="non-finite steps in a row before rolling back")
+    lr_backoff: float = Field(0.5, gt=0.0, le=1.0)
+    grace_s: float = Field(30.0, gt=0.0)
+    capacity_wait_s: float = Field(120.0, gt=0.0)
+
+
+class RetrainConfig(_Section):
+    kimg: float = Field(50.0, gt=0.0)
+    metric: Optional[str] = Field(None, description="default: kl for 2D sets, fid for images")
+    mode: Optional[Literal["min", "max"]] = None
+    min_improvement: float = Field(0.0, ge=0.0)
+    lock_ttl_s: float = Field(3600.0, gt=0.0)
+
+
+class TrainConfig(_Section):
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+    @model_validator(mode="after")
+    def _check_batch_divides(self) -> "TrainConfig":
+        parts = self.batch_parts()
+        if self.schedule.batch_size % parts:
+            raise ValueError(f"schedule.batch_size {self.schedule.batch_size} does not divide among "
+                             f"{parts} workers; use a multiple of {parts}")
+        return self
+
+    def batch_parts(self) -> int:
+        """How many ways the global batch is divided (replicas, or discriminators in split)."""
+        if self.topology.kind == "replicated":
+            return self.topology.workers
+        if self.topology.kind == "split":
+            return self.topology.discriminators
+        return 1
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config flattened to dotted keys (MLflow params, resume comparison)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def config_hash(self, ignore: tuple[str, ...] = ()) -> str:
+        """sha256 of the resolved config, ignoring keys allowed to change across resume."""
+        flat = {k: v for k, v in self.flat().items() if k not in ignore}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "kwargs":
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"--set '{text}' is not of the form dotted.key=value, e.g. --set schedule.total_kimg=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set '{text}' has an empty key; write e.g. --set topology.num_workers=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not valid YAML: take the text as a string, pydantic will judge it
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    tree = copy.deepcopy(tree)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = tree
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _closest_key(model: type[BaseModel], path: tuple[Any, ...], bad: str) -> Optional[str]:
+    """The valid key nearest to an unknown one, walking the model tree along `path`."""
+    cls: Any = model
+    for part in path:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        # Optional[Section] -> Section
+        for arg in getattr(ann, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                ann = arg
+        cls = ann
+    names = list(getattr(cls, "model_fields", {}).keys())
+    match = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = tuple(first.get("loc", ()))
+    dotted = ".".join(str(p) for p in loc) or "config"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        hint = _closest_key(TrainConfig, loc[:-1], str(loc[-1]))
+        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
+        msg = f"unknown key '{dotted}' in {where}"
+        return msg + (f"; did you mean '{'.'.join([*map(str, loc[:-1]), hint])}'?" if hint else "; remove it")
+    ctx = first.get("ctx") or {}
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        return f"{dotted} must be {bound} {next(iter(ctx.values()))}{got_text}"
+    if kind == "literal_error":
+        return f"{dotted} must be one of {ctx.get('expected')}{got_text}"
+    if kind == "value_error":
+        return str(ctx.get("error", first.get("msg")))
+    if kind == "missing":
+        return f"{dotted} is required"
+    return f"{dotted}: {first.get('msg', 'invalid value').lower()}{got_text}"
+
+
+def config_from_dict(tree: Any, overrides: Optional[list[str]] = None) -> TrainConfig:
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"the config must be a YAML mapping of sections (seed, data, model, ...), "
+                          f"not a {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Load a YAML job config (or the defaults when path is None) and apply `--set` overrides."""
+    tree: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pass a YAML file such as configs/grid25.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}; fix its syntax") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{p}' is not a text file; pass a YAML config") from None
+    return config_from_dict(tree, overrides)
+
+
+# Keys that may change when a run is resumed (extending a run must not be refused).
+RESUME_ALLOWED = (
+    "schedule.total_kimg", "schedule.checkpoint_kimg", "schedule.keep_checkpoints",
+    "schedule.sync_kimg", "schedule.sample_kimg", "eval.every_kimg", "eval.num_samples",
+    "tracking.uri", "tracking.model_name", "tracking.run_name", "tracking.buffer_size",
+    "tracking.log_system_metrics", "resources.ray_address", "resources.placement_timeout_s",
+    "resources.num_cpus", "resources.step_timeout_s", "fault.snapshot_rounds",
+    "fault.max_restarts", "fault.grace_s", "fault.capacity_wait_s",
+)
+
+
+def config_differences(old: TrainConfig, new: TrainConfig, allowed: tuple[str, ...] = RESUME_ALLOWED) -> list[str]:
+    a, b = old.flat(), new.flat()
+    return sorted(k for k in set(a) | set(b) if k not in allowed and a.get(k) != b.get(k))

@@ -1,0 +1,126 @@
+"""Evaluation of a generator in the driver: the 2D mixture protocol or FID/KID for images.
+
+The evaluator is built once per job (the feature network and the real statistics are cached by
+data hash), and `evaluate(G_ema)` returns `{name: value}` that the caller logs as `eval/<name>`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ganray.models.metrics2d import evaluate_2d, mixture_modes
+from ganray.workers.data import load_dataset
+
+log = logging.getLogger("ganray")
+
+MIXTURES = ("ring8", "grid25")
+
+
+def cache_dir() -> Path:
+    """Where derived artefacts (feature classifiers, real statistics) are cached."""
+    import os
+
+    root = Path(os.environ.get("GANRAY_CACHE", Path.home() / ".cache" / "ganray"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@torch.no_grad()
+def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024) -> torch.Tensor:
+    """n samples from G with a fixed latent stream (seeded), on G's device, returned on CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(G.parameters()).device
+    was_training = G.training
+    G.eval()
+    out = []
+    for start in range(0, n, batch):
+        z = torch.randn((min(batch, n - start), int(G.z_dim)), generator=gen).to(device)
+        out.append(G(z).float().cpu())
+    G.train(was_training)
+    return torch.cat(out)
+
+
+def default_metrics(data_name: str, kind: str) -> list[str]:
+    if kind == "2d":
+        return ["modes", "hq", "kl"] if data_name in MIXTURES else []
+    return ["fid", "kid"]
+
+
+class Evaluator:
+    """Scores samples of a generator against the held-out split of the job's data."""
+
+    def __init__(self, config: Any, test_source: Any = None) -> None:
+        self.config = config
+        data_cfg = config.data.model_dump()
+        self.source = test_source if test_source is not None else load_dataset(data_cfg, config.seed, "test")
+        self.kind = self.source.kind
+        wanted = [m for m in config.eval.metrics if m != "auto"]
+        self.metrics = wanted or default_metrics(config.data.name, self.kind)
+        self.num_samples = config.eval.num_samples
+        self.seed = config.eval.seed
+        self._feature_net: Optional[nn.Module] = None
+        self.floor: dict[str, float] = {}
+        self.classifier_accuracy: Optional[float] = None
+        self._real: Optional[torch.Tensor] = None
+
+    # -- images ------------------------------------------------------------------------------
+    def _prepare_images(self) -> None:
+        if self._feature_net is not None:
+            return
+        from ganray.models import fid
+
+        cfg = self.config
+        if cfg.data.name == "digits":
+            train_src = load_dataset(cfg.data.model_dump(), cfg.seed, "train")
+            x_tr = train_src.get(np.arange(len(train_src)))
+            x_te = self.source.get(np.arange(len(self.source)))
+            net, acc = fid.load_or_train_digits_classifier(
+                cache_dir(), x_tr, torch.as_tensor(train_src.labels), x_te,
+                torch.as_tensor(self.source.labels), train_src.fingerprint)
+            self.classifier_accuracy = float(acc)
+            self._feature_net = net
+            self._real = x_te
+            # The real-vs-real floor: train split against test split, same features and sizes.
+            n = min(len(x_tr), len(x_te))
+            self.floor = fid.image_scores(x_te[:n], x_tr[:n], net, tuple(self.source.sample_shape),
+                                          kid_subset_size=min(100, n))
+        elif cfg.eval.inception_weights:
+            self._feature_net = fid.inception_feature_net(cfg.eval.inception_weights)
+            n = min(len(self.source), self.num_samples)
+            self._real = self.source.get(np.arange(n))
+        else:
+            log.warning("no feature network for FID on '%s': set eval.inception_weights to a local "
+                        "Inception weights file; image metrics are skipped", cfg.data.name)
+            self.metrics = []
+
+    def evaluate(self, G: nn.Module) -> dict[str, float]:
+        if not self.metrics:
+            return {}
+        if self.kind == "2d":
+            modes, std = mixture_modes(self.config.data.name)
+            samples = sample_generator(G, self.num_samples, self.seed)
+            scores = evaluate_2d(samples.numpy(), modes, std)
+            return {k: float(scores[k]) for k in self.metrics if k in scores}
+        self._prepare_images()
+        if not self.metrics:
+            return {}
+        from ganray.models import fid
+
+        assert self._real is not None and self._feature_net is not None
+        real = self._real
+        fake = sample_generator(G, len(real), self.seed)
+        scores = fid.image_scores(real, fake, self._feature_net, tuple(self.source.sample_shape),
+                                  kid_subset_size=min(100, len(real)))
+        out = {k: float(v) for k, v in scores.items() if k in self.metrics or k == "kid_std"}
+        for k, v in self.floor.items():
+            if k in self.metrics:
+                out[f"{k}_floor"] = float(v)
+        if self.classifier_accuracy is not None:
+            out["classifier_acc"] = self.classifier_accuracy
+        return out

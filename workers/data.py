@@ -1,0 +1,456 @@
+"""Data readers: `load_dataset(data_cfg, seed, split)` turns the `data` config section into a `SampleSource`.
+
+A `SampleSource` is what every trainer reads real samples from: `get(indices)` returns a float32
+tensor `(n, *sample_shape)` for the indices a `ShardSampler` hands out. Small sets (the 2D mixtures,
+digits, user arrays, torchvision's in-memory sets) are held as one tensor so `get` is a single
+`index_select` on the hot path; image folders decode files lazily in `get`; Parquet datasets are
+read by row group (see `parquet_source.py`). `fingerprint` is a cheap content hash used as the
+data hash and cache key. Every user mistake is a one-line `ConfigError` / `DataError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ganray.models.errors import ConfigError, DataError
+
+SPLITS = ("train", "test")
+BUILTIN_NAMES = ("ring8", "grid25", "digits", "imagefolder", "parquet")
+# Fixed, not the job seed: every job (any seed, any retrain) evaluates on the same digits split.
+DIGITS_SPLIT_SEED = 1797
+# The synthetic test split is at least the BENCHMARKS.md evaluation size.
+MIN_MIXTURE_TEST = 2500
+# torchvision's ImageFolder extensions (kept here so importing this module stays light).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_SOURCE_ATTRS = ("get", "sample_shape", "kind", "fingerprint", "name", "__len__")
+
+
+class SampleSource(ABC):
+    """A finite, indexable set of real samples; `get` is called on every training step."""
+
+    name: str
+    kind: str  # "2d" for (2,) points, "image" otherwise
+    sample_shape: tuple[int, ...]
+    fingerprint: str  # hex content hash: the data hash logged with a run and the cache key
+    labels: np.ndarray | None = None  # int64 class / mode index per sample, where one exists
+    skipped: int = 0  # corrupt files left out at load time (data.skip_corrupt)
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        """Samples at `indices` as float32 `(len(indices), *sample_shape)`."""
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, "
+                f"sample_shape={self.sample_shape}, kind={self.kind!r})")
+
+
+def kind_for_shape(sample_shape: Sequence[int]) -> str:
+    return "2d" if tuple(sample_shape) == (2,) else "image"
+
+
+def content_digest(*parts: Any, arrays: Sequence[np.ndarray] = ()) -> str:
+    """sha256 over JSON-encoded `parts` and the raw bytes (with dtype and shape) of `arrays`."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.data)
+    return h.hexdigest()
+
+
+class TensorSource(SampleSource):
+    """All samples in one contiguous float32 tensor: `get` is one `index_select`."""
+
+    def __init__(self, name: str, data: torch.Tensor | np.ndarray, fingerprint: str | None = None,
+                 labels: np.ndarray | None = None, kind: str | None = None) -> None:
+        tensor = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data)
+        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+        if tensor.ndim < 2:
+            raise DataError(f"dataset '{name}' must have shape (N, *sample_shape) with N samples "
+                            f"(got shape {tuple(tensor.shape)}); return one row per sample")
+        if tensor.shape[0] == 0:
+            raise DataError(f"dataset '{name}' is empty (shape {tuple(tensor.shape)}); give it at least one sample")
+        if not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"dataset '{name}' contains NaN or infinite values; clean the data before training")
+        self._data = tensor
+        self.name = name
+        self.sample_shape = tuple(tensor.shape[1:])
+        self.kind = kind or kind_for_shape(self.sample_shape)
+        self.fingerprint = fingerprint or content_digest("tensor", name, arrays=[tensor.numpy()])
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._data.shape[0])
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        return self._data.index_select(0, torch.as_tensor(np.asarray(indices), dtype=torch.long))
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The whole set (read-only use: evaluation on small sets, plotting)."""
+        return self._data
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic 2D mixtures and digits
+
+
+def mixture_geometry(name: str) -> tuple[np.ndarray, float]:
+    """(modes (M, 2), std) of the PacGAN/VEEGAN mixtures `ring8` and `grid25`."""
+    if name == "ring8":
+        angles = 2.0 * np.pi * np.arange(8) / 8
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1), 0.01
+    if name == "grid25":
+        axis = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
+        xs, ys = np.meshgrid(axis, axis, indexing="ij")
+        return np.stack([xs.ravel(), ys.ravel()], axis=1), 0.05
+    raise ConfigError(f"'{name}' is not a 2D mixture; use ring8 or grid25")
+
+
+def _mixture_source(name: str, size: int, test_fraction: float, seed: int, split: str) -> TensorSource:
+    modes, std = mixture_geometry(name)
+    # Drawn once per job so that epochs and shards are meaningful; the test split is an
+    # independent draw from its own stream of the same seed.
+    stream = SPLITS.index(split)
+    n = size if split == "train" else max(MIN_MIXTURE_TEST, int(size * test_fraction))
+    rng = np.random.default_rng([int(seed), stream])
+    labels = rng.integers(len(modes), size=n)
+    points = modes[labels] + std * rng.standard_normal((n, 2))
+    fingerprint = content_digest("mixture-v1", name, n, int(seed), stream, std)
+    return TensorSource(name, points.astype(np.float32), fingerprint, labels=labels, kind="2d")
+
+
+def _digits_source(test_fraction: float, split: str) -> TensorSource:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()  # bundled with scikit-learn: no download
+    x = bunch.data.astype(np.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+    y = bunch.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=test_fraction,
+                                           random_state=DIGITS_SPLIT_SEED, stratify=y)
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    fingerprint = content_digest("digits", split, test_fraction, arrays=[x[idx], y[idx]])
+    return TensorSource("digits", x[idx], fingerprint, labels=y[idx], kind="image")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image decoding shared by imagefolder, torchvision and parquet
+
+
+def image_mode(channels: int | None, default: int = 3) -> str:
+    """PIL mode for `data.channels` (1 -> "L", 3 -> "RGB")."""
+    c = default if channels is None else int(channels)
+    if c not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 (grayscale) or 3 (RGB) for images (got {c})")
+    return "L" if c == 1 else "RGB"
+
+
+def pil_to_uint8(img: Image.Image, resolution: int, mode: str) -> np.ndarray:
+    """Convert to `mode`, resize the short side and center-crop to a square; (C, R, R) uint8."""
+    img = img.convert(mode)
+    if img.size != (resolution, resolution):
+        # torchvision's Resize(R) + CenterCrop(R) in one call.
+        img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def decode_image(source: str | Path | bytes, resolution: int, mode: str, what: str, fix: str) -> np.ndarray:
+    """Decode a file path or encoded bytes; any decode failure is a DataError naming `what`."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return pil_to_uint8(img, resolution, mode)
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"cannot decode image {what} ({type(exc).__name__}: {exc}); {fix}") from None
+
+
+def uint8_to_unit(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return torch.as_tensor(batch).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+# (path, size, mtime_ns) -> verify() passed; a file is verified once per process, not per split.
+_VERIFIED: dict[tuple[str, int, int], bool] = {}
+
+
+def _verify_image(path: Path, size: int, mtime_ns: int) -> bool:
+    key = (str(path), size, mtime_ns)
+    if key not in _VERIFIED:
+        try:
+            with Image.open(path) as img:
+                img.verify()  # checks structure and checksums without decoding pixels
+            _VERIFIED[key] = size > 0
+        except _DECODE_ERRORS:
+            _VERIFIED[key] = False
+    return _VERIFIED[key]
+
+
+def holdout_mask(keys: Sequence[str], fraction: float) -> np.ndarray:
+    """Boolean test mask: the round(n * fraction) keys with the smallest sha256 are held out.
+
+    Ranking by a hash of the key (not by position) spreads the test set over all classes and
+    keeps a file's split stable when other files are added, as scheduled retraining does.
+    """
+    n = len(keys)
+    mask = np.zeros(n, dtype=bool)
+    if n >= 2:
+        n_test = min(n - 1, max(1, round(n * fraction)))
+        order = sorted(range(n), key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+        mask[order[:n_test]] = True
+    return mask
+
+
+class ImageFolderSource(SampleSource):
+    """torchvision ImageFolder layout (`root/<class>/**/<image>`, or images directly in root).
+
+    Files are listed once and decoded lazily in `get`, so the set need not fit in memory.
+    """
+
+    def __init__(self, root: str, resolution: int, channels: int | None, split: str,
+                 test_fraction: float, skip_corrupt: bool) -> None:
+        self.root = Path(root)
+        self.name = "imagefolder"
+        self._resolution = int(resolution)
+        self._mode = image_mode(channels)
+        self.sample_shape = (len(self._mode), self._resolution, self._resolution)
+        self.kind = "image"
+        entries = _scan_image_folder(self.root)
+        if not entries:
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under data.path "
+                            f"'{root}'; put images in <root>/<class>/ folders")
+        if skip_corrupt:
+            good = [e for e in entries if _verify_image(self.root / e[0], e[2], e[3])]
+            self.skipped = len(entries) - len(good)
+            entries = good
+        test = holdout_mask([e[0] for e in entries], test_fraction)
+        chosen = [e for e, is_test in zip(entries, test) if is_test == (split == "test")]
+        self._files = [self.root / e[0] for e in chosen]
+        self.labels = np.array([e[1] for e in chosen], dtype=np.int64)
+        self.fingerprint = content_digest("imagefolder", split, test_fraction, skip_corrupt,
+                                          self._resolution, self._mode, chosen)
+        self._fix = ("fix or remove the file, or set data.skip_corrupt: true to skip corrupt files"
+                     if not skip_corrupt else "it passed verification but does not decode; remove it")
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), *self.sample_shape), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            path = self._files[i]
+            out[k] = decode_image(path, self._resolution, self._mode, f"'{path}'", self._fix)
+        return uint8_to_unit(out)
+
+
+def _scan_image_folder(root: Path) -> list[tuple[str, int, int, int]]:
+    """Sorted (relative posix path, class index, size, mtime_ns) of every image under root."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = [(i, root / c) for i, c in enumerate(classes)] or [(0, root)]
+    entries = []
+    for label, folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fname in filenames:
+                if fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = Path(dirpath) / fname
+                stat = path.stat()
+                entries.append((path.relative_to(root).as_posix(), label, stat.st_size, stat.st_mtime_ns))
+    return sorted(entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision datasets from a local root
+
+
+class TorchvisionSource(SampleSource):
+    """`torchvision.datasets.<Name>` read from a local root with download=False.
+
+    Sets torchvision keeps in memory (MNIST family, CIFAR, SVHN, ...: a `.data` array) are
+    converted once into a uint8 tensor; file-backed ones are decoded lazily in `get`.
+    """
+
+    def __init__(self, dataset: str, root: str, resolution: int | None, channels: int | None,
+                 split: str) -> None:
+        import torchvision.datasets as tvd
+
+        self.name = f"torchvision:{dataset}"
+        cls = getattr(tvd, dataset, None)
+        if not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):
+            raise ConfigError(f"data.name '{self.name}': torchvision.datasets has no dataset "
+                              f"'{dataset}'; use a class name such as MNIST or CIFAR10")
+        params = inspect.signature(cls).parameters
+        kwargs: dict[str, Any] = {"root": root}
+        if "download" in params:
+            kwargs["download"] = False
+        if "train" in params:
+            kwargs["train"] = split == "train"
+        elif "split" in params:
+            kwargs["split"] = split
+        else:
+            raise ConfigError(f"data.name '{self.name}' has no train/test split argument; "
+                              "use data.name: imagefolder on its files instead")
+        missing = (f"torchvision dataset {dataset} ({split} split) is not at data.path '{root}'; "
+                   f"download it there beforehand (torchvision.datasets.{dataset}(root, download=True)), "
+                   "ganray never downloads at run time")
+        if not Path(root).exists():
+            raise DataError(missing)
+        try:
+            self._dataset = cls(**kwargs)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise DataError(f"{missing} ({exc})") from None
+        if len(self._dataset) == 0:
+            raise DataError(f"{self.name} at '{root}' ({split} split) is empty; check data.path")
+        first = self._image(0)
+        native_channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
+        self._mode = image_mode(channels, default=native_channels)
+        self._resolution = int(resolution) if resolution else min(first.size)
+        self.sample_shape = (len(self._mode), self._resolution, self._resolution)
+        self.kind = "image"
+        targets = getattr(self._dataset, "targets", getattr(self._dataset, "labels", None))
+        self.labels = None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1)
+        self._memory: torch.Tensor | None = None
+        if isinstance(getattr(self._dataset, "data", None), (np.ndarray, torch.Tensor)):
+            self._memory = torch.from_numpy(self._decode(np.arange(len(self._dataset))))
+        self.fingerprint = content_digest("torchvision", dataset, split, self._resolution, self._mode,
+                                          len(self._dataset), _tree_stats(Path(root)))
+
+    def _image(self, i: int) -> Image.Image:
+        item = self._dataset[int(i)]
+        img = item[0] if isinstance(item, tuple) else item
+        if not isinstance(img, Image.Image):
+            raise DataError(f"{self.name} item {i} is a {type(img).__name__}, not a PIL image; "
+                            "use an import-path loader for non-image datasets")
+        return img
+
+    def _decode(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), *self.sample_shape), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            out[k] = pil_to_uint8(self._image(i), self._resolution, self._mode)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def get(self, indices: np.ndarray) -> torch.Tensor:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._memory is not None:
+            return uint8_to_unit(self._memory.index_select(0, torch.from_numpy(idx)))
+        return uint8_to_unit(self._decode(idx))
+
+
+def _tree_stats(root: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file under root: a cheap change detector."""
+    stats = []
+    for dirpath, _, filenames in os.walk(root):
+        for fname in filenames:
+            stat = (Path(dirpath) / fname).stat()
+            stats.append((str(Path(dirpath, fname).relative_to(root)), stat.st_size, stat.st_mtime_ns))
+    return sorted(stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# User loaders and the dispatcher
+
+
+def _import_loader(name: str) -> Callable[..., Any]:
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        loader = functools.reduce(getattr, attr.split("."), module)
+    except Exception as exc:  # any import-time failure of user code is a config problem
+        raise ConfigError(f"data.name '{name}': cannot import the loader ({type(exc).__name__}: {exc}); "
+                          "give an importable 'pkg.module:function'") from None
+    if not callable(loader):
+        raise ConfigError(f"data.name '{name}' is not callable; point it at a function "
+                          "loader(data_cfg, seed, split)")
+    return loader
+
+
+def _from_loader(name: str, cfg: dict, seed: int, split: str) -> SampleSource:
+    result = _import_loader(name)(dict(cfg), seed, split)
+    if isinstance(result, (torch.Tensor, np.ndarray)):
+        return TensorSource(name, result)
+    missing = [a for a in _SOURCE_ATTRS if not hasattr(result, a)]
+    if missing:
+        raise DataError(f"loader '{name}' returned a {type(result).__name__}, expected a SampleSource, "
+                        f"torch.Tensor or numpy array (missing {', '.join(missing)})")
+    return result
+
+
+def _require_path(cfg: dict, name: str) -> str:
+    path = cfg.get("path")
+    if not path:
+        raise ConfigError(f"data.path is required for data.name '{name}'; set it to the dataset root")
+    return str(path)
+
+
+def _require_local(path: str, name: str) -> str:
+    if not Path(path).exists():
+        raise DataError(f"data.path '{path}' for data.name '{name}' does not exist; fix the path")
+    return path
+
+
+def _require_resolution(cfg: dict, name: str) -> int:
+    resolution = cfg.get("resolution")
+    if not resolution:
+        raise ConfigError(f"data.resolution is required for data.name '{name}'; set one of 8, 16, 32, 64")
+    return int(resolution)
+
+
+def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSource:
+    """The `split` ("train" or "test") of the dataset that `data_cfg` (DataConfig dump) names."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
+    cfg = dict(data_cfg)
+    name = str(cfg.get("name") or "grid25")
+    test_fraction = float(cfg.get("test_fraction", 0.2))
+    if name in ("ring8", "grid25"):
+        source: SampleSource = _mixture_source(name, int(cfg.get("size", 100_000)), test_fraction, seed, split)
+    elif name == "digits":
+        source = _digits_source(test_fraction, split)
+    elif name == "imagefolder":
+        root = _require_local(_require_path(cfg, name), name)
+        source = ImageFolderSource(root, _require_resolution(cfg, name), cfg.get("channels"), split,
+                                   test_fraction, bool(cfg.get("skip_corrupt", False)))
+    elif name == "parquet":
+        from ganray.workers.parquet_source import ParquetSource  # imports pyarrow only when used
+
+        source = ParquetSource(_require_path(cfg, name), cfg.get("column"), cfg.get("resolution"),
+                               cfg.get("channels"), split, test_fraction)
+    elif name.startswith("torchvision:"):
+        dataset = name.partition(":")[2]
+        if not dataset:
+            raise ConfigError("data.name 'torchvision:' names no dataset; use e.g. torchvision:MNIST")
+        source = TorchvisionSource(dataset, _require_path(cfg, name), cfg.get("resolution"),
+                                   cfg.get("channels"), split)
+    elif ":" in name:
+        source = _from_loader(name, cfg, seed, split)
+    else:
+        close = difflib.get_close_matches(name, BUILTIN_NAMES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"data.name '{name}' is not a dataset{hint}; use one of {', '.join(BUILTIN_NAMES)}, "
+                          "torchvision:<Name> or an import path 'pkg.module:loader'")
+    if len(source) == 0:
+        raise DataError(f"dataset '{name}' ({split} split) is empty; check data.path and data.test_fraction")
+    return source

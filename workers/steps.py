@@ -1,0 +1,411 @@
+"""The adversarial phase steps: plain torch, no Ray, shared by every topology.
+
+`local` runs `ReplicaStepper` in the driver process, `replicated` runs the same class inside each
+`ReplicaWorker` actor with a gradient all-reduce hook, and `split` runs its two halves
+(`GeneratorRole`, `DiscriminatorRole`) in separate actors. So the topologies agree by
+construction: there is one implementation of a round.
+
+A round is one pass of the phase table: `n_critic` D steps, one G step, lazy R1 every
+`r1_interval` D steps, and an EMA update of G_ema. All randomness comes from per-round streams
+drawn for the *global* batch and sliced by rank (`NoiseStreams`), so results do not depend on how
+many workers drew them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ganray.models import losses
+from ganray.models.ema import ema_beta, update_ema
+from ganray.models.registry import build_discriminator, build_generator
+
+GradSync = Callable[[list[torch.Tensor]], None]
+
+# Stream slots inside one round: D step k draws z from slot k and the WGAN-GP interpolation
+# factors from slot ALPHA_SLOT + k; the G step draws z from G_SLOT.
+ALPHA_SLOT = 1_000
+G_SLOT = 2_000
+
+
+@dataclass
+class Hyper:
+    """Hyperparameters that may change during a run (PBT mutates them after a restore)."""
+
+    g_lr: float
+    d_lr: float
+    betas: tuple[float, float]
+    n_critic: int
+    r1_gamma: float
+
+    @classmethod
+    def from_config(cfg: Any, config: dict[str, Any]) -> "Hyper":
+        sched, loss = config["schedule"], config["loss"]
+        return cfg(g_lr=float(sched["g_lr"]), d_lr=float(sched["d_lr"]),
+                   betas=(float(sched["betas"][0]), float(sched["betas"][1])),
+                   n_critic=int(sched["n_critic"]), r1_gamma=float(loss["r1_gamma"]))
+
+
+@dataclass
+class StepSettings:
+    """Everything a round needs to know, taken from the job config dict (`TrainConfig.model_dump()`)."""
+
+    seed: int
+    global_batch: int
+    loss_kind: str
+    r1_interval: int
+    gp_weight: float
+    ema_half_life_kimg: float
+    lr_decay: str
+    lr_decay_kimg: Optional[float]
+    lr_min_factor: float
+    hyper: Hyper
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast_bf16: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "StepSettings":
+        sched, loss, res = config["schedule"], config["loss"], config["resources"]
+        device = pick_device(res.get("device", "auto"))
+        return cls(
+            seed=int(config["seed"]), global_batch=int(sched["batch_size"]),
+            loss_kind=loss["kind"], r1_interval=int(loss["r1_interval"]),
+            gp_weight=float(loss["gp_weight"]), ema_half_life_kimg=float(sched["ema_half_life_kimg"]),
+            lr_decay=sched["lr_decay"], lr_decay_kimg=sched.get("lr_decay_kimg"),
+            lr_min_factor=float(sched["lr_min_factor"]), hyper=Hyper.from_config(config),
+            device=device,
+            autocast_bf16=(res.get("precision") == "bf16" and device.type == "cuda"),
+            channels_last=bool(res.get("channels_last")) and device.type == "cuda",
+        )
+
+    def lr_factor(self, kimg: float) -> float:
+        """LR multiplier at absolute `kimg`; defined over absolute kimg so extending a run
+        (a larger total_kimg) never rewrites its past."""
+        if self.lr_decay == "none" or not self.lr_decay_kimg:
+            return 1.0
+        t = min(max(kimg / self.lr_decay_kimg, 0.0), 1.0)
+        lo = self.lr_min_factor
+        if self.lr_decay == "linear":
+            return 1.0 - (1.0 - lo) * t
+        return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("resources.device is 'cuda' but this worker sees no GPU; "
+                               "set resources.gpus_per_worker or resources.device: cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class NoiseStreams:
+    """Per-(round, slot) random streams drawn for the global batch and sliced by rank.
+
+    Seeding a fresh generator per draw makes every draw a pure function of (seed, round, slot),
+    so any worker count, restart or resume reproduces the same noise.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed = seed
+        self.device = device
+        self._gen = torch.Generator(device="cpu")
+
+    def _seed_for(self, round_idx: int, slot: int) -> int:
+        # A large odd multiplier keeps (seed, round, slot) triples from colliding in practice.
+        return (self.seed * 0x9E3779B97F4A7C15 + round_idx * 1_000_003 + slot) % (2**63 - 1)
+
+    def normal(self, round_idx: int, slot: int, shape: tuple[int, ...], part: int, parts: int) -> torch.Tensor:
+        self._gen.manual_seed(self._seed_for(round_idx, slot))
+        full = torch.randn(shape, generator=self._gen)
+        return _slice(full, part, parts).to(self.device, non_blocking=True)
+
+    def uniform(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> torch.Tensor:
+        self._gen.manual_seed(self._seed_for(round_idx, slot))
+        full = torch.rand((n,), generator=self._gen)
+        return _slice(full, part, parts).to(self.device, non_blocking=True)
+
+
+def _slice(full: torch.Tensor, part: int, parts: int) -> torch.Tensor:
+    if parts == 1:
+        return full
+    size = full.shape[0] // parts
+    return full[part * size:(part + 1) * size]
+
+
+def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+        group["betas"] = betas
+
+
+class GeneratorRole:
+    """G, G_ema and G's optimizer, with the G-side steps (used whole, or alone in `split`)."""
+
+    def __init__(self, config: dict[str, Any], sample_shape: tuple[int, ...], settings: StepSettings) -> None:
+        self.settings = settings
+        torch.manual_seed(settings.seed)  # same initial weights in every process
+        self.G = build_generator(config["model"], sample_shape).to(settings.device)
+        if settings.channels_last and len(sample_shape) == 3:
+            self.G = self.G.to(memory_format=torch.channels_last)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        h = settings.hyper
+        self.opt = torch.optim.Adam(self.G.parameters(), lr=h.g_lr, betas=h.betas)
+        self.params = list(self.G.parameters())
+        self.z_dim = int(self.G.z_dim)
+
+    def apply_hyper(self, kimg: float) -> None:
+        h = self.settings.hyper
+        _set_lr(self.opt, h.g_lr * self.settings.lr_factor(kimg), h.betas)
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), _autocast(self.settings):
+            return self.G(z).float()
+
+    def forward_with_graph(self, z: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.settings):
+            return self.G(z).float()
+
+    def step(self, sync: Optional[GradSync]) -> tuple[torch.Tensor, bool]:
+        """All-reduce G's gradients (when replicated), then step unless they are non-finite."""
+        if sync is not None:
+            sync([p.grad for p in self.params])
+        norm = grad_norm(self.params)
+        ok = bool(torch.isfinite(norm))
+        if ok:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm, ok
+
+    def update_ema(self) -> None:
+        update_ema(self.G_ema, self.G, ema_beta(self.settings.global_batch, self.settings.ema_half_life_kimg))
+
+
+class DiscriminatorRole:
+    """D and its optimizer with the D-side steps: a D step, and feedback dL_G/dx for G."""
+
+    def __init__(self, config: dict[str, Any], sample_shape: tuple[int, ...], settings: StepSettings,
+                 seed_offset: int = 0) -> None:
+        self.settings = settings
+        # seed_offset gives each split discriminator its own init; 0 keeps replicas identical.
+        torch.manual_seed(settings.seed + 1 + seed_offset)
+        self.D = build_discriminator(config["model"], sample_shape).to(settings.device)
+        if settings.channels_last and len(sample_shape) == 3:
+            self.D = self.D.to(memory_format=torch.channels_last)
+        h = settings.hyper
+        self.opt = torch.optim.Adam(self.D.parameters(), lr=h.d_lr, betas=h.betas)
+        self.params = list(self.D.parameters())
+        self.d_steps = 0  # global D step count, drives the lazy R1 interval
+
+    def apply_hyper(self, kimg: float) -> None:
+        h = self.settings.hyper
+        _set_lr(self.opt, h.d_lr * self.settings.lr_factor(kimg), h.betas)
+
+    def d_step(self, real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor],
+               sync: Optional[GradSync]) -> dict[str, torch.Tensor]:
+        s = self.settings
+        with _autocast(s):
+            real_logits = self.D(real).float()
+            fake_logits = self.D(fake).float()
+            loss = losses.d_loss(s.loss_kind, real_logits, fake_logits)
+        total = loss
+        if s.loss_kind == "wgan-gp" and s.gp_weight > 0 and alpha is not None:
+            total = total + s.gp_weight * losses.gradient_penalty(self.D, real, fake, alpha)
+        gamma = s.hyper.r1_gamma
+        if gamma > 0 and self.d_steps % s.r1_interval == 0:
+            # Lazy R1 (StyleGAN2): applied every r1_interval steps, scaled by the interval so the
+            # expected regularisation strength matches applying it every step.
+            total = total + (gamma / 2.0) * s.r1_interval * losses.r1_penalty(self.D, real)
+        total.backward()
+        if sync is not None:
+            sync([p.grad for p in self.params])
+        norm = grad_norm(self.params)
+        ok = bool(torch.isfinite(norm))
+        if ok:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.d_steps += 1
+        return {"loss_D": loss.detach(), "real_score": real_logits.detach().mean(),
+                "fake_score": fake_logits.detach().mean(), "grad_norm_D": norm.detach(),
+                "skipped_D": torch.tensor(0.0 if ok else 1.0)}
+
+    def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        """G's loss on `fake` through this D, with D's parameters frozen (no D gradients)."""
+        self.D.requires_grad_(False)
+        try:
+            with _autocast(self.settings):
+                return losses.g_loss(self.settings.loss_kind, self.D(fake).float())
+        finally:
+            self.D.requires_grad_(True)
+
+    def feedback(self, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G loss, dL_G/dx) for a detached fake batch: what a split D worker sends back to G."""
+        x = fake.detach().requires_grad_(True)
+        loss = self.g_loss(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
+
+
+def _autocast(settings: StepSettings):
+    if settings.autocast_bf16:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ReplicaStepper:
+    """One replica: G, D and G_ema in one process; `local` is the world-size-1 case."""
+
+    def __init__(self, config: dict[str, Any], source: Any, sampler: Any, rank: int = 0, world: int = 1,
+                 grad_sync: Optional[GradSync] = None) -> None:
+        self.config = config
+        self.settings = StepSettings.from_config(config)
+        self.source = source
+        self.sampler = sampler
+        self.rank, self.world = rank, world
+        self.grad_sync = grad_sync
+        shape = tuple(source.sample_shape)
+        self.gen = GeneratorRole(config, shape, self.settings)
+        self.disc = DiscriminatorRole(config, shape, self.settings)
+        self.noise = NoiseStreams(self.settings.seed, self.settings.device)
+        self.rounds = 0          # rounds completed (global, same on every replica)
+        self.images_seen = 0     # real images consumed by D, all replicas together
+        self.nonfinite_run = 0   # consecutive rounds with a skipped step
+        self.time_compute = 0.0
+        self.time_comm = 0.0
+
+    # -- the round -------------------------------------------------------------------------
+    def run_rounds(self, n_rounds: int, stop_at_images: Optional[int] = None) -> dict[str, Any]:
+        """Run up to `n_rounds` rounds; return per-round metric lists (local to this replica)."""
+        records: list[dict[str, torch.Tensor]] = []
+        t0 = time.perf_counter()
+        comm_before = self.time_comm
+        for _ in range(n_rounds):
+            if stop_at_images is not None and self.images_seen >= stop_at_images:
+                break
+            records.append(self._round())
+        elapsed = time.perf_counter() - t0
+        comm = self.time_comm - comm_before
+        out: dict[str, Any] = {"rounds": len(records), "images_seen": self.images_seen,
+                               "round_index": self.rounds, "time_compute_s": elapsed - comm,
+                               "time_comm_s": comm, "nonfinite_run": self.nonfinite_run}
+        if records:
+            keys = records[0].keys()
+            stacked = {k: torch.stack([r[k].float().cpu() for r in records]).tolist() for k in keys}
+            out["metrics"] = stacked
+        else:
+            out["metrics"] = {}
+        return out
+
+    def _timed_sync(self, grads: list[torch.Tensor]) -> None:
+        t = time.perf_counter()
+        assert self.grad_sync is not None
+        self.grad_sync(grads)
+        self.time_comm += time.perf_counter() - t
+
+    def _round(self) -> dict[str, torch.Tensor]:
+        s, h = self.settings, self.settings.hyper
+        B, r, w = s.global_batch, self.rank, self.world
+        kimg = self.images_seen / 1000.0
+        self.gen.apply_hyper(kimg)
+        self.disc.apply_hyper(kimg)
+        sync = self._timed_sync if self.grad_sync is not None else None
+        zshape = (B, self.gen.z_dim)
+        d_metrics: list[dict[str, torch.Tensor]] = []
+        for k in range(h.n_critic):
+            real = self.source.get(self.sampler.next_indices()).to(s.device, non_blocking=True)
+            z = self.noise.normal(self.rounds, k, zshape, r, w)
+            fake = self.gen.generate(z)
+            alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
+            d_metrics.append(self.disc.d_step(real, fake, alpha, sync))
+        z = self.noise.normal(self.rounds, G_SLOT, zshape, r, w)
+        loss_g = self.disc.g_loss(self.gen.forward_with_graph(z))
+        loss_g.backward()
+        g_norm, g_ok = self.gen.step(sync)
+        self.gen.update_ema()
+        self.rounds += 1
+        self.images_seen += h.n_critic * B
+        skipped = sum(float(m["skipped_D"]) for m in d_metrics) + (0.0 if g_ok else 1.0)
+        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+        last = d_metrics[-1]
+        return {"loss_D": torch.stack([m["loss_D"] for m in d_metrics]).mean(),
+                "loss_G": loss_g.detach(), "real_score": last["real_score"],
+                "fake_score": last["fake_score"], "grad_norm_D": last["grad_norm_D"],
+                "grad_norm_G": g_norm.detach(), "skipped": torch.tensor(skipped)}
+
+    # -- state -----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The full training state of this replica as plain tensors/ints (checkpoint parts)."""
+        return {
+            "G": {k: v.detach().cpu().clone() for k, v in self.gen.G.state_dict().items()},
+            "D": {k: v.detach().cpu().clone() for k, v in self.disc.D.state_dict().items()},
+            "G_ema": {k: v.detach().cpu().clone() for k, v in self.gen.G_ema.state_dict().items()},
+            "opt_G": _cpu_tree(self.gen.opt.state_dict()),
+            "opt_D": _cpu_tree(self.disc.opt.state_dict()),
+            "progress": {"rounds": self.rounds, "images_seen": self.images_seen,
+                         "d_steps": self.disc.d_steps},
+            "sampler": {"rank0": self.sampler.state_dict()},
+        }
+
+    def load_state(self, state: dict[str, Any], keep_hyper: bool = True) -> None:
+        """Restore from `state()`; with keep_hyper the current (possibly mutated) learning rates and
+        betas are re-applied over the restored optimizers (PBT exploit)."""
+        self.gen.G.load_state_dict(state["G"])
+        self.disc.D.load_state_dict(state["D"])
+        self.gen.G_ema.load_state_dict(state["G_ema"])
+        self.gen.opt.load_state_dict(state["opt_G"])
+        self.disc.opt.load_state_dict(state["opt_D"])
+        prog = state["progress"]
+        self.rounds, self.images_seen = int(prog["rounds"]), int(prog["images_seen"])
+        self.disc.d_steps = int(prog["d_steps"])
+        sampler_state = state.get("sampler", {})
+        mine = sampler_state.get(f"rank{self.rank}") or sampler_state.get("rank0")
+        if mine is not None:
+            self.sampler.load_state_dict(mine)
+        if keep_hyper:
+            self.gen.apply_hyper(self.images_seen / 1000.0)
+            self.disc.apply_hyper(self.images_seen / 1000.0)
+
+    def set_hyper(self, hyper: dict[str, Any]) -> None:
+        h = self.settings.hyper
+        for key, value in hyper.items():
+            if key == "betas":
+                value = (float(value[0]), float(value[1]))
+            setattr(h, key, value)
+        self.gen.apply_hyper(self.images_seen / 1000.0)
+        self.disc.apply_hyper(self.images_seen / 1000.0)
+
+    def scale_lr(self, factor: float) -> None:
+        self.set_hyper({"g_lr": self.settings.hyper.g_lr * factor, "d_lr": self.settings.hyper.d_lr * factor})
+
+    def param_checksum(self) -> float:
+        with torch.no_grad():
+            total = torch.zeros((), dtype=torch.float64)
+            for m in (self.gen.G, self.disc.D, self.gen.G_ema):
+                for p in m.parameters():
+                    total += p.detach().double().sum().cpu()
+            return float(total)
+
+
+def _cpu_tree(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_tree(v) for v in obj)
+    return obj
