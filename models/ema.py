@@ -45,6 +45,6 @@ def update_ema(ema_model: nn.Module, model: nn.Module, beta: float) -> None:
                          f"{len(ema_buffers)} vs {len(buffers)} buffers)")
     if params:
         # One fused call over all tensors instead of a Python loop of small kernels.
-        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - beta)
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
     if buffers:
         torch._foreach_copy_(ema_buffers, buffers)

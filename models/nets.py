@@ -140,7 +140,7 @@ class DCGANGenerator(nn.Module):
             _spectralize(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+        h = self.net(z.reshape(z.shape[0], self.z_dim, 1, 1))
         return torch.tanh(self.to_image(h))
 
 

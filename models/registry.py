@@ -162,7 +162,6 @@ def build_generator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, ...])
         G = _GENERATORS[name](cfg, shape)
     elif ":" in name:
         G = _construct(key, name, {"sample_shape": shape, "z_dim": z_dim}, cfg["kwargs"])
-        _probe(key, name, G, torch.zeros(2, z_dim), (2, *shape))
     else:
         raise ConfigError(f"unknown {key} '{name}': use one of {', '.join(sorted(_GENERATORS))} "
                           "or an import path 'pkg.module:Class'")
@@ -172,6 +171,8 @@ def build_generator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, ...])
     if tuple(getattr(G, "sample_shape", shape)) != shape:
         raise ConfigError(f"{key} '{name}' has sample_shape {tuple(G.sample_shape)} but the data's is {shape}")
     G.z_dim, G.sample_shape = z_dim, shape
+    if name not in _GENERATORS:
+        _probe(key, name, G, torch.zeros(2, z_dim), (2, *shape))
     return G
 
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 
 from ganray.models.errors import GanrayError
@@ -155,10 +154,17 @@ def evaluate(run: Optional[str] = typer.Option(None, "--run", help="MLflow run i
         _emit(key, f"{value:.6g}")
 
 
+_extensions_registered = False
+
+
 def _register_extensions() -> None:
     """Commands of later layers (tune, retrain, promote, bench) register themselves if present."""
     import importlib
 
+    global _extensions_registered
+    if _extensions_registered:
+        return
+    _extensions_registered = True
     for name in ("tune_cli", "retrain_cli", "bench_cli"):
         try:
             module = importlib.import_module(f"ganray.orchestrator.{name}")
@@ -181,17 +187,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     except GanrayError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
-    except click.exceptions.Exit as err:
-        return int(err.exit_code or 0)
-    except click.UsageError as err:
-        print(f"error: {err.format_message()}", file=sys.stderr, flush=True)
-        return 2
-    except click.Abort:
-        print("error: aborted", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print("error: interrupted; resume with --resume RUN_ID", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - click/typer control flow, matched by shape
+        # Recent typer vendors click, so its Exit/UsageError are not `click`'s classes: match
+        # them by their attributes instead of by type.
+        name = type(err).__name__
+        if name == "Exit":
+            return int(getattr(err, "exit_code", 0) or 0)
+        if name == "Abort":
+            print("error: aborted", file=sys.stderr)
+            return 130
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):
+            print(f"error: {err.format_message()}", file=sys.stderr, flush=True)
+            return int(err.exit_code)
+        raise
 
 
 def console_main() -> None:

@@ -243,7 +243,7 @@ class ImageFolderSource(SampleSource):
             entries = good
         test = holdout_mask([e[0] for e in entries], test_fraction)
         chosen = [e for e, is_test in zip(entries, test) if is_test == (split == "test")]
-        self._files = [self.root / e[0] for e in chosen]
+        self.files: list[Path] = [self.root / e[0] for e in chosen]
         self.labels = np.array([e[1] for e in chosen], dtype=np.int64)
         self.fingerprint = content_digest("imagefolder", split, test_fraction, skip_corrupt,
                                           self._resolution, self._mode, chosen)
@@ -251,13 +251,13 @@ class ImageFolderSource(SampleSource):
                      if not skip_corrupt else "it passed verification but does not decode; remove it")
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self.files)
 
     def get(self, indices: np.ndarray) -> torch.Tensor:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx), *self.sample_shape), dtype=np.uint8)
         for k, i in enumerate(idx):
-            path = self._files[i]
+            path = self.files[i]
             out[k] = decode_image(path, self._resolution, self._mode, f"'{path}'", self._fix)
         return uint8_to_unit(out)
 

@@ -1,0 +1,454 @@
+"""Image sample-quality metrics: FID and KID through torchmetrics, on any feature network.
+
+Nothing here downloads anything. Two feature networks are provided:
+
+- `DigitsFeatureNet`, a small CNN trained here on scikit-learn's 8x8 digits (the protocol of
+  BENCHMARKS.md: FID/KID on the features of a classifier that reaches >= 95% test accuracy,
+  cached on disk by the data's content hash so every evaluation reuses one network);
+- `inception_feature_net(path)`, Inception-v3 pool features from a *local* weights file.
+
+Convention: every feature network here takes images in [-1, 1] (the generators' tanh range)
+and returns (N, F) features. `FeatureExtractor` adapts such a network to what torchmetrics
+calls with `normalize=True` ([0, 1] floats). `image_scores` extracts features itself (so the
+real side can come from `RealStatsCache`) and hands them to torchmetrics' own FID/KID code
+through an identity module, so the numbers are exactly torchmetrics', in float64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from ganray.models.errors import ConfigError
+
+# Bump when DigitsFeatureNet or its training recipe changes: cached classifiers (and the real
+# features computed with them, whose key hashes the weights) then stop matching.
+DIGITS_CLASSIFIER_VERSION = 1
+INCEPTION_SIZE = 299
+_SAFE_KEY = re.compile(r"[0-9A-Za-z_.-]{1,128}")
+
+ImageSource = Tensor | Callable[[], Tensor]
+
+
+class DigitsFeatureNet(nn.Module):
+    """A small CNN for (1, 8, 8) digits in [-1, 1]: `forward` gives 10 class logits,
+    `features` the 64-d penultimate layer used for FID/KID."""
+
+    feature_dim = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 32 x 4 x 4
+            nn.Flatten(),
+        )
+        self.embed = nn.Linear(32 * 4 * 4, self.feature_dim)
+        # Standardises the embedding with the training data's statistics (frozen in eval), so
+        # features are O(1) per dimension like Inception's: KID's cubic kernel
+        # (x.y / F + 1)^3 assumes that scale and explodes on raw pre-activations.
+        self.norm = nn.BatchNorm1d(self.feature_dim, affine=False)
+        self.head = nn.Linear(self.feature_dim, 10)
+
+    def features(self, x: Tensor) -> Tensor:
+        # Taken before the ReLU: no dead, constant dimensions, so the feature covariances FID
+        # takes a matrix square root of stay well conditioned even for a few hundred samples.
+        return self.norm(self.embed(self.trunk(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.features(x)))
+
+
+def _as_tensor(x: Tensor | np.ndarray, dtype: torch.dtype) -> Tensor:
+    return x.detach().to("cpu", dtype) if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+@torch.no_grad()
+def classifier_accuracy(net: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Fraction of `x` (N, 1, 8, 8) that `net` labels as `y` (N,)."""
+    was_training = net.training
+    net.eval()
+    correct = 0
+    for start in range(0, x.shape[0], batch_size):
+        logits = net(x[start : start + batch_size])
+        correct += int((logits.argmax(dim=1) == y[start : start + batch_size]).sum())
+    net.train(was_training)
+    return correct / max(int(x.shape[0]), 1)
+
+
+def train_digits_classifier(
+    x_train: Tensor | np.ndarray,
+    y_train: Tensor | np.ndarray,
+    x_test: Tensor | np.ndarray,
+    y_test: Tensor | np.ndarray,
+    seed: int = 0,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+) -> tuple[DigitsFeatureNet, float]:
+    """Train `DigitsFeatureNet` on CPU, deterministically for a given seed (a few seconds).
+
+    Images are (N, 1, 8, 8) in [-1, 1], labels 0..9. Returns the net in eval mode and its
+    accuracy on the test split.
+    """
+    xtr, ytr = _as_tensor(x_train, torch.float32), _as_tensor(y_train, torch.long)
+    xte, yte = _as_tensor(x_test, torch.float32), _as_tensor(y_test, torch.long)
+    if xtr.shape[1:] != (1, 8, 8) or xte.shape[1:] != (1, 8, 8):
+        raise ValueError(f"digits images must be (N, 1, 8, 8), got {tuple(xtr.shape)} and {tuple(xte.shape)}")
+    # Seed the initialisation without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitsFeatureNet()
+    shuffle = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    n = xtr.shape[0]
+    # One intra-op thread: for a net this small, threads cost more than they save (and thrash
+    # on a busy machine), and the weights then do not depend on the machine's thread count,
+    # so one data hash names one classifier everywhere.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=shuffle)
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                if idx.numel() < 2:  # BatchNorm cannot train on a single sample
+                    continue
+                loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    net.eval()
+    return net, classifier_accuracy(net, xte, yte)
+
+
+def _check_key(data_hash: str) -> str:
+    # The hash becomes part of a file name: refuse anything that could escape the cache dir.
+    if not _SAFE_KEY.fullmatch(data_hash):
+        raise ValueError(f"data_hash must be 1-128 characters of [0-9A-Za-z_.-], got {data_hash!r}")
+    return data_hash
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename, so a concurrent reader (another Tune trial)
+    never sees a half-written cache entry."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_or_train_digits_classifier(
+    cache_dir: Path,
+    x_train: Tensor | np.ndarray,
+    y_train: Tensor | np.ndarray,
+    x_test: Tensor | np.ndarray,
+    y_test: Tensor | np.ndarray,
+    data_hash: str,
+) -> tuple[DigitsFeatureNet, float]:
+    """The digits classifier for the data identified by `data_hash`, trained at most once.
+
+    Stored as `<stem>.pt` (a state dict: tensors only, loaded with `weights_only=True`) and
+    `<stem>.json` (accuracy), the JSON written last so its presence marks a complete entry.
+    A missing, corrupt or mismatched entry is rebuilt: the cache only ever holds derived data.
+    """
+    cache_dir = Path(cache_dir)
+    stem = f"digits_classifier_v{DIGITS_CLASSIFIER_VERSION}_{_check_key(data_hash)}"
+    weights_path, meta_path = cache_dir / f"{stem}.pt", cache_dir / f"{stem}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("data_hash") != data_hash:
+            raise ValueError("cache entry belongs to other data")
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        net = DigitsFeatureNet()
+        net.load_state_dict(state)
+        return net.eval(), float(meta["accuracy"])
+    except Exception:  # any unreadable entry (missing, truncated, foreign) means: rebuild it
+        pass
+
+    net, accuracy = train_digits_classifier(x_train, y_train, x_test, y_test)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    _atomic_write(weights_path, lambda p: torch.save(state, p))
+    meta = {"data_hash": data_hash, "accuracy": accuracy, "version": DIGITS_CLASSIFIER_VERSION}
+    _atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta)))
+    return net, accuracy
+
+
+def _first_param(module: nn.Module) -> Tensor | None:
+    return next(iter(module.parameters()), None)
+
+
+class FeatureExtractor(nn.Module):
+    """Adapts a feature net (images in [-1, 1] -> (N, F)) to torchmetrics' `feature=` argument.
+
+    Use with `normalize=True`: torchmetrics then hands over floats in [0, 1] (uint8 in
+    [0, 255] is accepted too) and this maps them back to [-1, 1]. The net's `features(x)`
+    method is used when it has one (DigitsFeatureNet), else its forward. `num_features` is set
+    by probing once with the data's own shape, so torchmetrics never probes with its default
+    (3, 299, 299) dummy image. Output is float64; the module never leaves eval mode.
+    """
+
+    def __init__(self, net: nn.Module, sample_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.net = net
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.eval()
+        probe = self.embed(torch.zeros(2, *self.sample_shape))
+        if probe.dim() != 2:
+            raise ValueError(f"feature net must return (N, F) features, got shape {tuple(probe.shape)}")
+        self.num_features = int(probe.shape[1])
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        # Metric.train() would otherwise switch the feature net's BatchNorm/dropout to training.
+        return super().train(False)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Features (N, F) of images in [-1, 1], in the net's own dtype, on the images' device."""
+        param = _first_param(self.net)
+        device = param.device if param is not None else images.device
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        features_fn = getattr(self.net, "features", None)
+        # A submodule called `features` (torchvision's VGG, AlexNet) is a conv trunk, not this API.
+        use_method = callable(features_fn) and not isinstance(features_fn, nn.Module)
+        with torch.no_grad():
+            x = images.to(device=device, dtype=dtype)
+            out = features_fn(x) if use_method else self.net(x)
+        return out.reshape(out.shape[0], -1).to(images.device)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        unit = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs
+        return self.embed(unit * 2.0 - 1.0).double()
+
+
+def _check_images(images: Tensor, sample_shape: tuple[int, ...], what: str) -> None:
+    if images.dim() != len(sample_shape) + 1 or tuple(images.shape[1:]) != sample_shape:
+        raise ValueError(f"{what} images must have shape (N, {', '.join(map(str, sample_shape))}), got {tuple(images.shape)}")
+
+
+def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Features (N, F) of images in [-1, 1], batch by batch, gathered on the CPU."""
+    _check_images(images, extractor.sample_shape, "feature")
+    chunks = [extractor.embed(images[i : i + batch_size]).cpu() for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(chunks)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's class, its state dict and (for an extractor) the input shape:
+    two feature nets with equal fingerprints compute equal features."""
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    digest.update(repr(getattr(module, "sample_shape", None)).encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RealStatsCache:
+    """Real-image features cached on disk by (data hash, feature-net fingerprint).
+
+    The real side of FID/KID is the same for every evaluation of a job (and of every job on
+    the same data), so it is computed once: one `torch.save`d dict of tensors per key, loaded
+    with `weights_only=True`. `computed` counts how often features had to be extracted.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.computed = 0
+
+    def path(self, data_hash: str, extractor: FeatureExtractor) -> Path:
+        return self.root / f"real_features_{_check_key(data_hash)}_{module_fingerprint(extractor)[:16]}.pt"
+
+    def features(
+        self, data_hash: str, extractor: FeatureExtractor, real: ImageSource, batch_size: int = 256
+    ) -> Tensor:
+        """The real features for `data_hash`; `real` (images or a function loading them) is
+        only touched on a cache miss."""
+        path = self.path(data_hash, extractor)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            feats = stored["features"]
+            if isinstance(feats, Tensor) and feats.dim() == 2 and feats.shape[1] == extractor.num_features:
+                return feats
+        except Exception:  # missing or unreadable: recompute and overwrite
+            pass
+        images = real if isinstance(real, Tensor) else real()
+        feats = extract_features(extractor, images, batch_size)
+        self.computed += 1
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Stored in the net's own dtype (float32 for the built-ins): exact, half of float64's size.
+        _atomic_write(path, lambda p: torch.save({"features": feats}, p))
+        return feats
+
+
+class _Precomputed(nn.Module):
+    """Identity 'feature extractor': lets torchmetrics' FID/KID math run on features that
+    were extracted (or loaded from the cache) beforehand."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def feature_scores(
+    real_features: Tensor, fake_features: Tensor, kid_subset_size: int = 1000, kid_subsets: int = 100, seed: int = 0
+) -> dict[str, float]:
+    """FID, KID and KID's spread over subsets from (N, F) features, computed by torchmetrics
+    in float64. The KID subset size is capped at the smaller sample count; KID's random
+    subsets are drawn from `seed` without touching the caller's RNG."""
+    n_real, n_fake = int(real_features.shape[0]), int(fake_features.shape[0])
+    if n_real < 2 or n_fake < 2:
+        raise ValueError(f"FID/KID need at least 2 real and 2 generated samples, got {n_real} and {n_fake}")
+    if real_features.shape[1] != fake_features.shape[1]:
+        raise ValueError(f"feature widths differ: {real_features.shape[1]} vs {fake_features.shape[1]}")
+    real64, fake64 = real_features.double(), fake_features.double()
+    identity = _Precomputed(int(real64.shape[1]))
+
+    fid = FrechetInceptionDistance(feature=identity, normalize=True)
+    fid.update(real64, real=True)
+    fid.update(fake64, real=False)
+    fid_value = float(fid.compute())
+
+    with warnings.catch_warnings():
+        # KID warns that it keeps every feature in memory: that is what we hand it anyway.
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(
+            feature=identity, subsets=kid_subsets, subset_size=min(kid_subset_size, n_real, n_fake), normalize=True
+        )
+    kid.update(real64, real=True)
+    kid.update(fake64, real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {"fid": fid_value, "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def image_scores(
+    real: ImageSource,
+    fake: Tensor,
+    feature_net: nn.Module,
+    sample_shape: Sequence[int],
+    kid_subset_size: int = 1000,
+    *,
+    kid_subsets: int = 100,
+    seed: int = 0,
+    batch_size: int = 256,
+    cache: RealStatsCache | None = None,
+    data_hash: str | None = None,
+) -> dict[str, float]:
+    """`{"fid", "kid", "kid_std"}` of generated images against real ones, both (N, *sample_shape)
+    in [-1, 1], on the features of `feature_net` (or a ready `FeatureExtractor`).
+
+    With `cache` and `data_hash`, the real features come from the cache and `real` (which may
+    then be a function returning the images) is only used on a miss.
+    """
+    shape = tuple(int(s) for s in sample_shape)
+    extractor = feature_net if isinstance(feature_net, FeatureExtractor) else FeatureExtractor(feature_net, shape)
+    if extractor.sample_shape != shape:
+        raise ValueError(f"feature extractor expects {extractor.sample_shape}, images are {shape}")
+    if cache is not None:
+        if data_hash is None:
+            raise ValueError("image_scores: a RealStatsCache needs the real data's data_hash")
+        real_feats = cache.features(data_hash, extractor, real, batch_size)
+    else:
+        real_feats = extract_features(extractor, real if isinstance(real, Tensor) else real(), batch_size)
+    _check_images(fake, shape, "generated")
+    fake_feats = extract_features(extractor, fake, batch_size)
+    return feature_scores(real_feats, fake_feats, kid_subset_size, kid_subsets, seed)
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3 2048-d pool features of images in [-1, 1], (N, 1 or 3, H, W), any size."""
+
+    def __init__(self, backbone: nn.Module, uint8_input: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.uint8_input = uint8_input
+        self.eval()
+
+    def train(self, mode: bool = True) -> "InceptionFeatures":
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:  # grayscale sets: the usual channel repeat
+            x = x.expand(-1, 3, -1, -1)
+        if self.uint8_input:
+            # torch-fidelity's network resizes itself and takes uint8, converted the way
+            # torchmetrics does for normalize=True: (x01 * 255).byte(), i.e. truncation.
+            return self.backbone(((x + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0).to(torch.uint8))
+        x = F.interpolate(x.float(), size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        # The TF-ported Inception weights expect inputs in [-1, 1] (torchvision's
+        # transform_input=True only converts ImageNet-normalised inputs to that range).
+        return self.backbone(x)
+
+
+def inception_feature_net(weights_path: str) -> InceptionFeatures:
+    """Inception-v3 pool features from a LOCAL weights file; nothing is downloaded.
+
+    With torch-fidelity installed, the file is torch-fidelity's FID Inception weights and the
+    network is torchmetrics' own (`NoTrainInceptionV3`), so scores equal torchmetrics'
+    defaults. Without it, the file is a torchvision `inception_v3` state dict (any class count,
+    with or without the aux head) and the features are the 2048-d average-pool output.
+    """
+    path = Path(weights_path) if weights_path else None
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"Inception weights not found at {weights_path!r}: set eval.inception_weights to a local "
+            "weights file (ganray never downloads weights)"
+        )
+    try:
+        import torch_fidelity  # noqa: F401  (only its presence matters)
+    except ImportError:
+        return InceptionFeatures(_torchvision_inception(path), uint8_input=False)
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    try:
+        backbone = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
+        )
+    except Exception as exc:
+        raise ConfigError(f"cannot load Inception weights {path}: {str(exc)[:200]}; set eval.inception_weights to torch-fidelity's FID Inception weights file") from exc
+    return InceptionFeatures(backbone, uint8_input=True)
+
+
+def _torchvision_inception(path: Path) -> nn.Module:
+    from torchvision.models import inception_v3
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        num_classes = int(state["fc.weight"].shape[0])
+        aux_logits = any(k.startswith("AuxLogits.") for k in state)
+        net = inception_v3(
+            weights=None, aux_logits=aux_logits, init_weights=False, num_classes=num_classes, transform_input=False
+        )
+        net.load_state_dict(state)
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot load Inception weights {path} as a torchvision inception_v3 state dict "
+            f"({type(exc).__name__}: {str(exc)[:200]}); set eval.inception_weights to such a file"
+        ) from exc
+    net.fc = nn.Identity()  # the 2048-d pool features (dropout is inert in eval mode)
+    return net.eval()

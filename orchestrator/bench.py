@@ -1,0 +1,353 @@
+"""`ganray bench`: the harness shared by every suite (machine record, Ray, reports, cases).
+
+A suite is a function `suite(ctx: BenchContext) -> Report`; `run_suites` runs the asked ones in
+order, prints each report's Markdown table and writes `<suite>.json` (every raw figure, the
+machine, the date) and `<suite>.md` into `--out`. Timings are only ever compared side by side in
+one invocation (BENCHMARKS.md): every speed figure is a ratio of contenders measured in
+alternation, and ratios live under keys ending in `ratio`.
+
+The suites live in `bench_suites.py` (overhead, scaling, split, tracking, startup),
+`bench_peer.py` (Ray Train) and `bench_quality.py`; the plain reference loop and the timer in
+`bench_plain.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ganray.models.errors import GanrayError
+
+log = logging.getLogger("ganray")
+
+# name -> "module:function"; imported when run, so `ganray bench quality` never imports Ray Train.
+SUITES: dict[str, str] = {
+    "overhead": "ganray.orchestrator.bench_suites:overhead",
+    "scaling": "ganray.orchestrator.bench_suites:scaling",
+    "split": "ganray.orchestrator.bench_suites:split",
+    "peer": "ganray.orchestrator.bench_peer:peer",
+    "tracking": "ganray.orchestrator.bench_suites:tracking",
+    "startup": "ganray.orchestrator.bench_suites:startup",
+    "quality": "ganray.orchestrator.bench_quality:quality",
+}
+DEFAULT_SUITES = [s for s in SUITES if s != "quality"]
+MODELS = ("mlp", "dcgan32")
+
+# The benchmark networks. R1 is off so the plain loop's phase table is exactly ganray's round
+# (the lazy-R1 cost is the same in both and says nothing about orchestration).
+_BASE: dict[str, Any] = {
+    "seed": 0,
+    "loss": {"kind": "nonsaturating", "r1_gamma": 0.0},
+    "resources": {"threads_per_worker": 1, "cpus_per_worker": 1.0, "device": "cpu"},
+    "tracking": {"enabled": False},
+    "topology": {"kind": "local"},
+}
+CASES: dict[str, dict[str, Any]] = {
+    # The tiny MLP of the 2D recipes at batch 512: orchestration overhead shows here.
+    "mlp": {"data": {"name": "grid25", "size": 100_000},
+            "model": {"generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 128, "depth": 3},
+            "schedule": {"batch_size": 512, "n_critic": 1, "ema_half_life_kimg": 20.0}},
+    # DCGAN at 32x32 at batch 64: compute dominates.
+    "dcgan32": {"data": {"name": "ganray.orchestrator.bench_plain:random_images", "size": 2048, "resolution": 32},
+                "model": {"generator": "dcgan", "discriminator": "dcgan", "z_dim": 100, "base_width": 64},
+                "schedule": {"batch_size": 64, "n_critic": 1, "ema_half_life_kimg": 10.0}},
+    # DCGAN at 64x64 on a GPU (the `overhead` suite's GPU rows).
+    "dcgan64": {"data": {"name": "ganray.orchestrator.bench_plain:random_images", "size": 2048, "resolution": 64},
+                "model": {"generator": "dcgan", "discriminator": "dcgan", "z_dim": 100, "base_width": 64},
+                "schedule": {"batch_size": 64, "n_critic": 1, "ema_half_life_kimg": 10.0},
+                "resources": {"device": "cuda", "gpus_per_worker": 1.0}},
+}
+# Seconds one timed repetition should last (full, quick), per case: long enough to dwarf the
+# timer and the Ray call, short enough to alternate several times.
+REP_SECONDS = {"mlp": (2.0, 0.3), "dcgan32": (4.0, 0.5), "dcgan64": (3.0, 0.5)}
+
+
+def _merge(tree: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(tree)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def case_tree(case: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The config tree of a benchmark case with per-section overrides merged in."""
+    tree = _merge(_merge(_BASE, CASES[case]), sections)
+    if tree["topology"]["kind"] != "replicated":
+        tree["topology"].pop("num_workers", None)
+    return tree
+
+
+def case_config(case: str, **sections: dict[str, Any]) -> Any:
+    """A validated `TrainConfig` of a benchmark case (see `case_tree`)."""
+    from ganray.orchestrator.config import config_from_dict
+
+    return config_from_dict(case_tree(case, **sections))
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on; the load average says how shared the machine was."""
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
+        physical = None
+    return {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "physical_cores": physical,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "ray": _version("ray"), "mlflow": _version("mlflow"),
+        "ganray": _version("ganray"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Context and reports
+
+
+@dataclass
+class BenchOptions:
+    out: Path
+    quick: bool = False
+    reps: Optional[int] = None        # None: the suite's default (5, 2 with --quick)
+    seeds: Optional[int] = None       # quality: None means 10 (2 with --quick)
+    models: Optional[list[str]] = None
+    datasets: Optional[list[str]] = None
+    kimg: Optional[float] = None      # quality: total_kimg of each training run
+
+
+@dataclass
+class Report:
+    """What a suite returns: its JSON body (raw figures) and its Markdown table."""
+
+    data: dict[str, Any]
+    header: list[str]
+    rows: list[list[Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines + ([""] + self.notes if self.notes else []))
+
+
+def fmt(value: Any) -> str:
+    """Table cells: samples/s without decimals, ratios with two, None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+    return str(value)
+
+
+def spread(row: dict[str, Any], name: str) -> str:
+    """'median (min-max)' of a contender's samples/s in a `bench_plain.compare` row."""
+    s = row["summary"][name]
+    return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
+
+
+def ratio_cell(row: dict[str, Any], key: str) -> str:
+    lo, hi = row[f"{key}_range"]
+    return f"{row[key]:.2f} ({lo:.2f}-{hi:.2f})"
+
+
+class BenchContext:
+    """Options, the Ray instance (started once per invocation, on first need) and timing defaults."""
+
+    def __init__(self, options: BenchOptions) -> None:
+        self.options = options
+        self.quick = options.quick
+        self.out = options.out
+        self._owns_ray = False
+
+    @property
+    def reps(self) -> int:
+        return self.options.reps or (2 if self.quick else 5)
+
+    def models(self, allowed: tuple[str, ...] = MODELS) -> list[str]:
+        wanted = self.options.models or list(allowed)
+        return [m for m in wanted if m in allowed]
+
+    def config(self, case: str, **sections: dict[str, Any]) -> Any:
+        """`case_config`, shrunk under --quick: a narrow DCGAN on a small set proves the harness
+        without spending minutes on convolutions."""
+        if self.quick and case.startswith("dcgan"):
+            sections = _merge({"model": {"base_width": 16, "z_dim": 32}, "data": {"size": 256}}, sections)
+        if self.quick and case == "mlp":
+            sections = _merge({"data": {"size": 8192}}, sections)
+        return case_config(case, **sections)
+
+    def rep_seconds(self, case: str) -> float:
+        full, quick = REP_SECONDS[case]
+        return quick if self.quick else full
+
+    @property
+    def warmup_rounds(self) -> int:
+        return 1 if self.quick else 3
+
+    @staticmethod
+    def cores() -> int:
+        return os.cpu_count() or 1
+
+    def ensure_ray(self) -> None:
+        """A local Ray instance (no dashboard, explicit CPUs) unless one is already initialised.
+
+        Logical CPUs exceed the cores so that the largest topology here (split 1 G + 2 D, plus
+        Ray Train's workers) can be placed on a 2-core machine; contenders never run at once.
+        """
+        import ray
+
+        if ray.is_initialized():
+            return
+        ray.init(address="local", num_cpus=max(4, self.cores() + 2), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        self._owns_ray = True
+
+    def close(self) -> None:
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False
+
+
+class EngineContender:
+    """A ganray engine (`make_engine`) as a timing contender: images consumed per `run(n)`.
+
+    Also sums the engine's own time split (compute / comm / wait) so a report can say where the
+    time goes when a ratio misses its target.
+    """
+
+    def __init__(self, config: Any) -> None:
+        from ganray.orchestrator.engine import make_engine
+
+        self.threads = int(config.resources.threads_per_worker)
+        self.local = config.topology.kind == "local"
+        self.engine = make_engine(config)
+        self.images = self.engine.run(0).images_seen
+        self.split = {"wall_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0}
+
+    def run(self, n_rounds: int) -> int:
+        if self.local:
+            torch.set_num_threads(self.threads)  # LocalEngine sets it only when built
+        t0 = time.perf_counter()
+        res = self.engine.run(n_rounds)
+        self.split["wall_s"] += time.perf_counter() - t0
+        self.split["compute_s"] += res.time_compute_s
+        self.split["comm_s"] += res.time_comm_s
+        self.split["wait_s"] += res.time_wait_s
+        done, self.images = res.images_seen - self.images, res.images_seen
+        return done
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def plain_contender(config: Any, threads: int) -> Any:
+    """The plain loop on the same data, networks and batch as `config`."""
+    import numpy as np
+
+    from ganray.orchestrator.bench_plain import PlainGAN
+    from ganray.workers.data import load_dataset
+
+    cfg = config.model_dump()
+    source = load_dataset(cfg["data"], config.seed, "train")
+    return PlainGAN(cfg, source.get(np.arange(len(source))), threads)
+
+
+def add_ratio(row: dict[str, Any], key: str, num: str, den: str) -> None:
+    """row[key] = median of the per-repetition ratios num/den, row[key_range] = [min, max]."""
+    import statistics
+
+    from ganray.orchestrator.bench_plain import paired_ratios
+
+    ratios = paired_ratios(row["samples_per_s"][num], row["samples_per_s"][den])
+    row[key] = float(statistics.median(ratios))
+    row[f"{key}_range"] = [float(min(ratios)), float(max(ratios))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running suites
+
+
+def _resolve(name: str) -> Callable[[BenchContext], Report]:
+    module, _, func = SUITES[name].partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_suites(names: list[str], options: BenchOptions,
+               echo: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run the named suites in order; returns {suite: the JSON written to <out>/<suite>.json}."""
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise GanrayError(f"unknown benchmark suite '{unknown[0]}'; choose from {', '.join(SUITES)}")
+    options.out.mkdir(parents=True, exist_ok=True)
+    ctx = BenchContext(options)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for name in names:
+            t0 = time.perf_counter()
+            report = _resolve(name)(ctx)
+            body = {"suite": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": machine_info(), "quick": options.quick,
+                    "wall_s": round(time.perf_counter() - t0, 1), **report.data}
+            (options.out / f"{name}.json").write_text(json.dumps(body, indent=2, default=_json_default))
+            table = report.markdown()
+            (options.out / f"{name}.md").write_text(table + "\n")
+            echo(f"\n## {name}\n\n{table}\n")
+            results[name] = body
+    finally:
+        ctx.close()
+    return results
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,43 @@
+"""The `ganray bench` command, registered on the main typer app by `cli._register_extensions`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ganray.models.errors import GanrayError
+
+
+def _csv(value: Optional[str], allowed: tuple[str, ...], option: str) -> Optional[list[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise GanrayError(f"{option} '{value}': use a comma-separated list of {', '.join(allowed)}")
+    return items
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def bench(suites: Optional[list[str]] = typer.Argument(
+                  None, help="suites to run: overhead scaling split peer tracking startup quality "
+                             "(default: all but quality)"),
+              out: Path = typer.Option(Path("bench-results"), "--out", help="folder for <suite>.json and <suite>.md"),
+              quick: bool = typer.Option(False, "--quick", help="a short pass that proves the harness (tiny sizes, 2 seeds)"),
+              reps: Optional[int] = typer.Option(None, "--reps", min=1, help="timed repetitions per contender (default 5, 2 with --quick)"),
+              seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="quality: seeds per set (default 10, 2 with --quick)"),
+              models: Optional[str] = typer.Option(None, "--models", help="only these cases: mlp,dcgan32,dcgan64"),
+              datasets: Optional[str] = typer.Option(None, "--datasets", help="quality: only these sets: ring8,grid25,digits"),
+              kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="quality: total_kimg of each training run")) -> None:
+        """Measure ganray against a plain PyTorch loop and Ray Train; print Markdown tables, write JSON."""
+        from ganray.orchestrator.bench import DEFAULT_SUITES, BenchOptions, run_suites
+
+        options = BenchOptions(out=out, quick=quick, reps=reps, seeds=seeds,
+                               models=_csv(models, ("mlp", "dcgan32", "dcgan64"), "--models"),
+                               datasets=_csv(datasets, ("ring8", "grid25", "digits"), "--datasets"), kimg=kimg)
+        results = run_suites(list(suites or DEFAULT_SUITES), options)
+        for name in results:
+            print(f"json={out / (name + '.json')}", flush=True)

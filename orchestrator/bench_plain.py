@@ -1,0 +1,328 @@
+"""The zero-overhead reference of `ganray bench`: a minimal plain PyTorch GAN loop, and the timer.
+
+`PlainGAN` is what a careful user writes by hand: the same networks (built by
+`ganray.models.registry` from the same config), the same global batch, Adam for both, the
+non-saturating loss and the same phase table as a ganray round (`n_critic` D steps on fakes made
+without a graph, one G step with D frozen, an EMA update of G_ema), in one process, with nothing
+else: no gradient-norm checks, no per-round metrics, no noise streams. Any gap between it and
+an engine is ganray's overhead.
+
+This module needs only torch, `ganray.models` and `ganray.workers` (no pydantic, Ray or
+MLflow): configs arrive as plain dicts (`TrainConfig.model_dump()`), so the GPU rows can run on
+a machine that has nothing but PyTorch (`python -m ganray.orchestrator.bench_plain`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ganray.models.registry import build_discriminator, build_generator
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic image data (no download, no disk): the `data.name` loader of the image benchmarks
+
+
+def random_images(data_cfg: dict[str, Any], seed: int, split: str) -> torch.Tensor:
+    """`data.size` random images (C, R, R) in [-1, 1]: `data.resolution` (default 32) and
+    `data.channels` (default 3). Throughput does not depend on pixel values, so noise will do;
+    the train and test splits use different streams."""
+    resolution = int(data_cfg.get("resolution") or 32)
+    channels = int(data_cfg.get("channels") or 3)
+    size = int(data_cfg.get("size") or 1024)
+    gen = torch.Generator().manual_seed(int(seed) * 2 + (0 if split == "train" else 1))
+    return torch.rand((size, channels, resolution, resolution), generator=gen) * 2.0 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, autocast and memory format, resolved from the `resources` section
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the plain loop computes; must agree with `workers.steps.StepSettings`."""
+
+    device: torch.device
+    autocast_bf16: bool
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        # CUDA kernels run asynchronously: a timer must wait for them before it stops.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def resolve_runtime(resources: dict[str, Any]) -> Runtime:
+    """The device (`resources.device`: auto | cpu | cuda), bf16 autocast (`resources.precision`,
+    CUDA only) and channels_last (`resources.channels_last`, CUDA only) a job runs with.
+
+    Written out independently of the engine's resolution on purpose: the tests check the two agree
+    on every combination, so a benchmark never compares different numerics by accident.
+    """
+    requested = resources.get("device", "auto")
+    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("resources.device is 'cuda' but no GPU is visible; use resources.device: cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return Runtime(device=device,
+                   autocast_bf16=use_cuda and resources.get("precision", "fp32") == "bf16",
+                   channels_last=use_cuda and bool(resources.get("channels_last", False)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain loop
+
+
+class PlainGAN:
+    """The hand-written single-process loop; `run(n)` trains n rounds and returns images consumed."""
+
+    def __init__(self, cfg: dict[str, Any], data: torch.Tensor, threads: int) -> None:
+        self.threads = int(threads)
+        torch.set_num_threads(self.threads)
+        self.rt = resolve_runtime(cfg["resources"])
+        sched = cfg["schedule"]
+        self.batch = int(sched["batch_size"])
+        self.n_critic = int(sched["n_critic"])
+        betas = (float(sched["betas"][0]), float(sched["betas"][1]))
+        shape = tuple(int(s) for s in data.shape[1:])
+        torch.manual_seed(int(cfg["seed"]))
+        dev = self.rt.device
+        self.G = build_generator(cfg["model"], shape).to(dev)
+        self.D = build_discriminator(cfg["model"], shape).to(dev)
+        if self.rt.channels_last and len(shape) == 3:
+            self.G = self.G.to(memory_format=torch.channels_last)
+            self.D = self.D.to(memory_format=torch.channels_last)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=float(sched["g_lr"]), betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=float(sched["d_lr"]), betas=betas)
+        half_life = float(sched["ema_half_life_kimg"])
+        self.ema_beta = 0.5 ** (self.batch / (half_life * 1000.0)) if half_life > 0 else 0.0
+        self.z_dim = int(self.G.z_dim)
+        self.data = data
+        self._batches = self._epochs()
+
+    def _epochs(self) -> Iterator[torch.Tensor]:
+        """Shuffled batches, the last partial batch of each epoch dropped (as ganray's sampler)."""
+        n = self.data.shape[0]
+        while True:
+            perm = torch.randperm(n)
+            for start in range(0, n - self.batch + 1, self.batch):
+                yield self.data.index_select(0, perm[start:start + self.batch])
+
+    def _round(self) -> None:
+        dev, ac = self.rt.device, self.rt.autocast
+        for _ in range(self.n_critic):
+            real = next(self._batches).to(dev, non_blocking=True)
+            z = torch.randn(self.batch, self.z_dim, device=dev)
+            with torch.no_grad(), ac():
+                fake = self.G(z)
+            with ac():
+                loss_d = F.softplus(-self.D(real).float()).mean() + F.softplus(self.D(fake).float()).mean()
+            self.opt_D.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_D.step()
+        z = torch.randn(self.batch, self.z_dim, device=dev)
+        self.D.requires_grad_(False)  # G's step must not compute D's parameter gradients
+        with ac():
+            loss_g = F.softplus(-self.D(self.G(z)).float()).mean()
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_G.step()
+        self.D.requires_grad_(True)
+        with torch.no_grad():
+            for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
+                p_ema.lerp_(p, 1.0 - self.ema_beta)
+            for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+                b_ema.copy_(b)
+
+    def run(self, n_rounds: int) -> int:
+        torch.set_num_threads(self.threads)  # other contenders in this process may have changed it
+        for _ in range(n_rounds):
+            self._round()
+        self.rt.synchronize()
+        return n_rounds * self.n_critic * self.batch
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing side by side
+
+
+class Contender(Protocol):
+    """Anything that trains `n_rounds` rounds when asked and says how many images it consumed."""
+
+    def run(self, n_rounds: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class StepperContender:
+    """ganray's round in this process: the `ReplicaStepper` that `LocalEngine` and every replica run.
+
+    Used where no `TrainConfig` can be built (the GPU rows on a machine without pydantic/Ray); it
+    is exactly what `LocalEngine.run` does, minus packing the result into a `ChunkResult`.
+    """
+
+    def __init__(self, cfg: dict[str, Any], threads: int) -> None:
+        from ganray.workers.data import load_dataset
+        from ganray.workers.sharding import ShardSampler
+        from ganray.workers.steps import ReplicaStepper
+
+        self.threads = int(threads)
+        torch.set_num_threads(self.threads)
+        source = load_dataset(cfg["data"], int(cfg["seed"]), "train")
+        sampler = ShardSampler(len(source), int(cfg["schedule"]["batch_size"]), int(cfg["seed"]), 0, 1)
+        self.stepper = ReplicaStepper(cfg, source, sampler)
+        self.device = self.stepper.settings.device
+
+    def run(self, n_rounds: int) -> int:
+        torch.set_num_threads(self.threads)
+        before = self.stepper.images_seen
+        self.stepper.run_rounds(n_rounds)  # ends with .tolist() of the metrics: a device sync
+        return self.stepper.images_seen - before
+
+    def close(self) -> None:
+        pass
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median and spread (min, max) of repeated measurements."""
+    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def alternate(contenders: dict[str, Contender], reps: int, rounds: int, warmup_rounds: int,
+              on_rep: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, list[float]]:
+    """samples/s of each contender, `reps` times in alternation (each rep runs every contender
+    once, in a rotating order so none always follows the same neighbour); warm-up untimed."""
+    for c in contenders.values():
+        c.run(warmup_rounds)
+    names = list(contenders)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        this_rep: dict[str, float] = {}
+        for name in order:
+            t0 = time.perf_counter()
+            images = contenders[name].run(rounds)
+            dt = time.perf_counter() - t0
+            this_rep[name] = images / max(dt, 1e-9)
+            out[name].append(this_rep[name])
+        if on_rep is not None:
+            on_rep(rep, this_rep)
+    return out
+
+
+def paired_ratios(num: list[float], den: list[float]) -> list[float]:
+    """Per-repetition ratios: pairs measured moments apart cancel most of a shared machine's drift."""
+    return [a / b for a, b in zip(num, den) if b > 0]
+
+
+def rounds_for(contender: Contender, target_s: float, lo: int, hi: int) -> int:
+    """Rounds that take about `target_s` on `contender` (measured on a short untimed probe)."""
+    probe = max(1, lo)
+    t0 = time.perf_counter()
+    contender.run(probe)
+    dt = max(time.perf_counter() - t0, 1e-6)
+    return int(min(hi, max(lo, round(target_s * probe / dt))))
+
+
+def compare(cfg: dict[str, Any], contenders: dict[str, Contender], reps: int, target_s: float,
+            warmup_rounds: int, reference: str = "plain", max_rounds: int = 10_000) -> dict[str, Any]:
+    """One row of figures: every contender against `contenders[reference]`, side by side.
+
+    The number of rounds per repetition is sized on the reference so that it lasts `target_s`;
+    every contender then runs that same number of rounds.
+    """
+    rounds = rounds_for(contenders[reference], target_s, max(1, warmup_rounds), max_rounds)
+    samples = alternate(contenders, reps, rounds, warmup_rounds)
+    row: dict[str, Any] = {"batch": int(cfg["schedule"]["batch_size"]), "rounds_per_rep": rounds, "reps": reps,
+                           "samples_per_s": samples, "summary": {k: summary(v) for k, v in samples.items()}}
+    for name, values in samples.items():
+        if name == reference:
+            continue
+        ratios = paired_ratios(values, samples[reference])
+        row[f"{name}_ratio"] = float(statistics.median(ratios))
+        row[f"{name}_ratio_range"] = [float(min(ratios)), float(max(ratios))]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU rows: DCGAN 64x64, bf16 autocast on and off, channels_last on and off
+
+
+GPU_VARIANTS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
+
+
+def gpu_variant_cfg(base: dict[str, Any], precision: str, channels_last: bool) -> dict[str, Any]:
+    cfg = copy.deepcopy(base)
+    cfg["resources"].update({"device": "cuda", "precision": precision, "channels_last": channels_last})
+    return cfg
+
+
+def gpu_rows(base: dict[str, Any], reps: int, target_s: float, warmup_rounds: int,
+             engine_factory: Optional[Callable[[dict[str, Any]], Contender]] = None) -> dict[str, Any]:
+    """`dcgan64_<precision>[_cl]` rows: ganray against the plain loop on the same card, same settings.
+
+    `engine_factory(cfg)` makes ganray's contender (a Ray replica where Ray is available); the
+    default is the in-process `ReplicaStepper` (the `local` engine).
+    """
+    rows: dict[str, Any] = {}
+    threads = int(base["resources"]["threads_per_worker"])
+    for precision, cl in GPU_VARIANTS:
+        cfg = gpu_variant_cfg(base, precision, cl)
+        from ganray.workers.data import load_dataset
+
+        data = load_dataset(cfg["data"], int(cfg["seed"]), "train").get(np.arange(int(cfg["data"]["size"])))
+        ganray = engine_factory(cfg) if engine_factory is not None else StepperContender(cfg, threads)
+        try:
+            row = compare(cfg, {"plain": PlainGAN(cfg, data, threads), "ganray": ganray}, reps, target_s, warmup_rounds)
+        finally:
+            ganray.close()
+        row["ratio"] = row["ganray_ratio"]
+        row["settings"] = {"precision": precision, "channels_last": cl, "engine": type(ganray).__name__}
+        rows[f"dcgan64_{precision}{'_cl' if cl else ''}"] = row
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m ganray.orchestrator.bench_plain CONFIG.json --out DIR`: the GPU rows from a
+    resolved config dict (written by `ganray bench` where pydantic is installed)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="target time of one timed repetition")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("no GPU visible: the GPU rows need torch.cuda")
+    base = json.loads(args.config.read_text())
+    rows = gpu_rows(base, args.reps, args.seconds, warmup_rounds=5)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, **rows}
+    (args.out / "overhead_gpu.json").write_text(json.dumps(report, indent=2))
+    for name, row in rows.items():
+        s = row["summary"]
+        print(f"{name}: plain {s['plain']['median']:.0f}/s ganray {s['ganray']['median']:.0f}/s ratio {row['ratio']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

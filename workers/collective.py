@@ -1,0 +1,108 @@
+"""A torch.distributed process group among Ray actors: one flat-buffer all-reduce per phase.
+
+Each actor is its own process, so each joins the default process group of that process. Rank 0
+picks a free TCP port on its node; the coordinator passes (address, port) to every rank through
+Ray, and all ranks call `join` at once (init blocks until the whole world has arrived). gloo on
+CPU, nccl when the tensors live on a GPU.
+
+The gradients of a phase are packed into one contiguous buffer and all-reduced in a single call:
+on small models the per-call latency (about 2 ms for gloo on one host) dominates, so one call per
+phase instead of one per parameter tensor is what makes a per-step collective affordable.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def node_address() -> str:
+    """This node's IP as Ray knows it (reachable by the other actors of the job)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (the OS picks it; the store binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class Collective:
+    """This process's membership in the job's group: average-all-reduce and broadcast helpers."""
+
+    def __init__(self, rank: int, world: int, device: torch.device) -> None:
+        self.rank, self.world = int(rank), int(world)
+        self.device = device
+        self.backend = backend_for(device)
+        self.joined = False
+
+    def join(self, address: str, port: int, timeout_s: float) -> None:
+        """Join the group rank 0 hosts at (address, port); blocks until every rank has joined."""
+        if self.world == 1:
+            return  # nothing to synchronise: no group, so one worker is exactly `local`
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(self.backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
+                                world_size=self.world, timeout=timedelta(seconds=float(timeout_s)))
+        self.joined = True
+
+    def all_reduce_mean(self, tensors: list[Optional[torch.Tensor]]) -> None:
+        """Replace each tensor by its mean over the ranks, in place, with one collective call.
+
+        `None` entries (parameters without a gradient) are skipped; every rank runs the same
+        network, so the skipped set is the same on all of them.
+        """
+        if not self.joined:
+            return
+        present = [t for t in tensors if t is not None]
+        if not present:
+            return
+        flat = torch.cat([t.reshape(-1) for t in present])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world)
+        _unflatten_into(flat, present)
+
+    def broadcast(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Overwrite `tensors` on every rank with rank `src`'s values (one collective call)."""
+        if not self.joined:
+            return
+        present = list(tensors)
+        if not present:
+            return
+        flat = torch.cat([t.detach().reshape(-1) for t in present])
+        dist.broadcast(flat, src=src)
+        _unflatten_into(flat, present)
+
+    def leave(self) -> None:
+        if self.joined and dist.is_initialized():
+            dist.destroy_process_group()
+        self.joined = False
+
+
+@torch.no_grad()
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n
+
+
+def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    """Every parameter and floating buffer of `modules`, in a fixed order (what a broadcast covers)."""
+    out: list[torch.Tensor] = []
+    for module in modules:
+        out.extend(p.data for p in module.parameters())
+        out.extend(b for b in module.buffers() if b.is_floating_point())
+    return out

@@ -1,0 +1,98 @@
+"""Deterministic data sharding: which sample indices each worker reads at every step.
+
+One permutation of range(n) per (seed, epoch); global batch b of an epoch is slice
+[b * global_batch, (b + 1) * global_batch) of it, and rank i of `world` takes the i-th contiguous
+part of that slice. So N workers together read exactly the batch one worker would, the job's data
+order does not depend on the worker count, and the last partial global batch of an epoch is
+dropped so no sample is read twice in an epoch. The position (epoch, batch within the epoch) is
+rank-independent, which lets a job resume mid-epoch, even with a different worker count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ganray.models.errors import CheckpointError, DataError
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The int64 permutation of range(n) for (seed, epoch); independent streams per epoch."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n).astype(np.int64, copy=False)
+
+
+class ShardSampler:
+    """Hands rank `rank` of `world` its part of every global batch, epoch after epoch."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if n < 1:
+            raise DataError(f"the dataset is empty (n={n}); there is nothing to sample")
+        if global_batch < 1 or world < 1:
+            raise ValueError(f"global_batch ({global_batch}) and world ({world}) must be positive")
+        if global_batch % world != 0:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} workers; "
+                             "choose a batch size that is a multiple of the worker count")
+        if global_batch > n:
+            raise DataError(f"schedule.batch_size {global_batch} is larger than the dataset ({n} samples); "
+                            "lower the batch size or use more data")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative (got {seed})")
+        self.n = int(n)
+        self.global_batch = int(global_batch)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world = int(world)
+        self.local_batch = self.global_batch // self.world
+        self._epoch = 0
+        self._position = 0
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed: the epoch the next batch comes from."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Global batches already drawn in the current epoch (the next batch's index in it)."""
+        return self._position
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def _permutation(self) -> np.ndarray:
+        # Computed once per epoch: every step of the epoch slices the cached array.
+        if self._perm_epoch != self._epoch:
+            self._perm = epoch_permutation(self.n, self.seed, self._epoch)
+            self._perm_epoch = self._epoch
+        return self._perm
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's int64 indices for the next global batch; moves on to the next epoch at its end."""
+        start = self._position * self.global_batch + self.rank * self.local_batch
+        indices = self._permutation()[start:start + self.local_batch].copy()
+        self._position += 1
+        if self._position == self.batches_per_epoch:
+            self._epoch += 1
+            self._position = 0
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        """Plain ints: the position plus what must match for the position to mean the same."""
+        return {"epoch": self._epoch, "position": self._position, "n": self.n,
+                "global_batch": self.global_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue exactly where `state` left off (any rank / world with the same global batch)."""
+        for key in ("n", "global_batch", "seed"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise CheckpointError(f"sampler state was saved with {key}={int(state[key])} but this job has "
+                                      f"{key}={getattr(self, key)}; resume with the same data and batch size")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.batches_per_epoch:
+            raise CheckpointError(f"sampler state has epoch {epoch}, position {position}, outside "
+                                  f"0..{self.batches_per_epoch - 1} batches per epoch; the checkpoint is damaged")
+        self._epoch, self._position = epoch, position
