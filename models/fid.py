@@ -177,7 +177,10 @@ def load_or_train_digits_classifier(
         if meta.get("data_hash") != data_hash:
             raise ValueError("cache entry belongs to other data")
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        net = DigitsFeatureNet()
+        # An evaluation must not shift the trainer's RNG stream (resume reproducibility):
+        # the throwaway initialisation draws from a forked generator.
+        with torch.random.fork_rng(devices=[]):
+            net = DigitsFeatureNet()
         net.load_state_dict(state)
         return net.eval(), float(meta["accuracy"])
     except Exception:  # any unreadable entry (missing, truncated, foreign) means: rebuild it
@@ -201,9 +204,10 @@ class FeatureExtractor(nn.Module):
 
     Use with `normalize=True`: torchmetrics then hands over floats in [0, 1] (uint8 in
     [0, 255] is accepted too) and this maps them back to [-1, 1]. The net's `features(x)`
-    method is used when it has one (DigitsFeatureNet), else its forward. `num_features` is set
-    by probing once with the data's own shape, so torchmetrics never probes with its default
-    (3, 299, 299) dummy image. Output is float64; the module never leaves eval mode.
+    method is used when it has one (DigitsFeatureNet), else its forward. `num_features` is the
+    net's own int `num_features` if it declares one, else found by probing once with the data's
+    own shape, so torchmetrics never probes with its default (3, 299, 299) dummy image.
+    Output is float64; the module never leaves eval mode.
     """
 
     def __init__(self, net: nn.Module, sample_shape: Sequence[int]) -> None:
@@ -211,6 +215,10 @@ class FeatureExtractor(nn.Module):
         self.net = net
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.eval()
+        declared = getattr(net, "num_features", None)
+        if isinstance(declared, int):  # e.g. InceptionFeatures: spares a 299x299 probe
+            self.num_features = declared
+            return
         probe = self.embed(torch.zeros(2, *self.sample_shape))
         if probe.dim() != 2:
             raise ValueError(f"feature net must return (N, F) features, got shape {tuple(probe.shape)}")
@@ -240,7 +248,8 @@ class FeatureExtractor(nn.Module):
 
 def _check_images(images: Tensor, sample_shape: tuple[int, ...], what: str) -> None:
     if images.dim() != len(sample_shape) + 1 or tuple(images.shape[1:]) != sample_shape:
-        raise ValueError(f"{what} images must have shape (N, {', '.join(map(str, sample_shape))}), got {tuple(images.shape)}")
+        expected = ", ".join(map(str, sample_shape))
+        raise ValueError(f"{what} images must have shape (N, {expected}), got {tuple(images.shape)}")
 
 
 def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 256) -> Tensor:
@@ -381,6 +390,8 @@ def image_scores(
 class InceptionFeatures(nn.Module):
     """Inception-v3 2048-d pool features of images in [-1, 1], (N, 1 or 3, H, W), any size."""
 
+    num_features = 2048
+
     def __init__(self, backbone: nn.Module, uint8_input: bool) -> None:
         super().__init__()
         self.backbone = backbone
@@ -417,6 +428,13 @@ def inception_feature_net(weights_path: str) -> InceptionFeatures:
             f"Inception weights not found at {weights_path!r}: set eval.inception_weights to a local "
             "weights file (ganray never downloads weights)"
         )
+    # Building the network runs its (overwritten) random initialisation: keep that off the
+    # trainer's RNG stream, which an evaluation must not shift.
+    with torch.random.fork_rng(devices=[]):
+        return _inception_from_file(path)
+
+
+def _inception_from_file(path: Path) -> InceptionFeatures:
     try:
         import torch_fidelity  # noqa: F401  (only its presence matters)
     except ImportError:
@@ -428,7 +446,10 @@ def inception_feature_net(weights_path: str) -> InceptionFeatures:
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path)
         )
     except Exception as exc:
-        raise ConfigError(f"cannot load Inception weights {path}: {str(exc)[:200]}; set eval.inception_weights to torch-fidelity's FID Inception weights file") from exc
+        raise ConfigError(
+            f"cannot load Inception weights {path}: {str(exc)[:200]}; set eval.inception_weights "
+            "to torch-fidelity's FID Inception weights file"
+        ) from exc
     return InceptionFeatures(backbone, uint8_input=True)
 
 

@@ -335,7 +335,8 @@ def run_suites(names: list[str], options: BenchOptions,
             body = {"suite": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "machine": machine_info(), "quick": options.quick,
                     "wall_s": round(time.perf_counter() - t0, 1), **report.data}
-            (options.out / f"{name}.json").write_text(json.dumps(body, indent=2, default=_json_default))
+            (options.out / f"{name}.json").write_text(json.dumps(_finite(body), indent=2, default=_json_default,
+                                                                 allow_nan=False))
             table = report.markdown()
             (options.out / f"{name}.md").write_text(table + "\n")
             echo(f"\n## {name}\n\n{table}\n")
@@ -343,6 +344,17 @@ def run_suites(names: list[str], options: BenchOptions,
     finally:
         ctx.close()
     return results
+
+
+def _finite(obj: Any) -> Any:
+    """Non-finite floats (a KL with no high-quality sample is inf) become null: strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:

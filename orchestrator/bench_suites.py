@@ -82,16 +82,21 @@ def overhead(ctx: BenchContext) -> Report:
                          "replicated / plain", "local / plain", "target"], rows, notes)
 
 
-def _gpu_overhead(ctx: BenchContext) -> dict[str, Any]:
+def gpu_engine_config(cfg: dict[str, Any]) -> Any:
+    """The TrainConfig of ganray's contender in a GPU row: one replica holding one GPU, with the
+    row's precision and memory format (`cfg` is a `bench_plain.gpu_variant_cfg` dict)."""
     from ganray.orchestrator.config import config_from_dict
 
-    def engine(cfg: dict[str, Any]) -> EngineContender:
-        tree = {**cfg, "topology": {"kind": "replicated", "num_workers": 1}}
-        tree["resources"] = {**cfg["resources"], "gpus_per_worker": 1.0}
-        return EngineContender(config_from_dict(tree))
+    topology = {k: v for k, v in cfg["topology"].items() if v is not None and k == "kind"}
+    tree = {**cfg, "topology": {**topology, "kind": "replicated", "num_workers": 1},
+            "resources": {**cfg["resources"], "gpus_per_worker": 1.0}}
+    return config_from_dict(tree)
 
+
+def _gpu_overhead(ctx: BenchContext) -> dict[str, Any]:
     base = ctx.config("dcgan64").model_dump(mode="json")
-    return gpu_rows(base, ctx.reps, ctx.rep_seconds("dcgan64"), ctx.warmup_rounds, engine_factory=engine)
+    return gpu_rows(base, ctx.reps, ctx.rep_seconds("dcgan64"), ctx.warmup_rounds,
+                    engine_factory=lambda cfg: EngineContender(gpu_engine_config(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ class _TimedEngine:
 def _tracking_tree(quick: bool) -> dict[str, Any]:
     """The shipped ring8 recipe, with checkpoints and sample plots denser than shipped (harsher)."""
     tree = yaml.safe_load((REPO / "configs" / "ring8.yaml").read_text())
-    kimg = 20.0 if quick else 400.0
+    kimg = 10.0 if quick else 400.0
     tree["schedule"].update(total_kimg=kimg, checkpoint_kimg=kimg / 4, sample_kimg=kimg / 2,
                             sync_kimg=2.0 if quick else tree["schedule"]["sync_kimg"])
     tree["eval"].update(every_kimg=kimg / 2, num_samples=500 if quick else 2500)

@@ -247,9 +247,10 @@ def latest_checkpoint(client: "MlflowClient", run_id: str, dest: Path) -> tuple[
 class CheckpointManager:
     """Saves checkpoints off the training thread and keeps the last `keep` complete ones in the run."""
 
-    def __init__(self, logger: "RunLogger", keep: int, workdir: Path) -> None:
+    def __init__(self, logger: "RunLogger", keep: int, workdir: Path, max_waiting: int = 2) -> None:
         self.logger = logger
         self.keep = max(1, int(keep))
+        self.max_waiting = max(1, int(max_waiting))
         self.workdir = Path(workdir)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ganray-ckpt")
         self._lock = threading.Lock()
@@ -262,19 +263,24 @@ class CheckpointManager:
         """Copy `state` now; write, upload (manifest last) and prune in the background.
 
         The future resolves to the artifact path, or None when the upload did not complete.
-        A save still waiting behind a slow upload is superseded by a newer one.
+        When more than `max_waiting` saves wait behind a slow upload, the oldest waiting one is
+        superseded (cancelled, counted in `superseded`).
         """
         snapshot = snapshot_state(state)
         _check_state(snapshot)  # reject bad contents here, in the caller, not in the thread
         artifact_path = checkpoint_artifact_path(kimg)
         full_meta = {**meta, "kimg": float(kimg)}
         with self._lock:
-            for older in self._pending:
+            self._pending = [f for f in self._pending if not f.done()]
+            waiting = [f for f in self._pending if not f.running()]
+            # Bounded memory while the store is slow or away: beyond `max_waiting` snapshots the
+            # oldest waiting one gives way (a newer checkpoint holds strictly more progress).
+            for older in waiting[: max(0, len(waiting) + 1 - self.max_waiting)]:
                 if older.cancel():
                     self.superseded += 1
                     log.warning("checkpoint superseded before upload (tracking store slow); keeping the newer "
                                 "one at kimg %.1f", kimg)
-            self._pending = [f for f in self._pending if not f.done()]
+            self._pending = [f for f in self._pending if not f.cancelled()]
             future = self._executor.submit(self._write_and_upload, snapshot, full_meta, artifact_path)
             self._pending.append(future)
         if block:

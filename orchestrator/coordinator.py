@@ -71,10 +71,14 @@ def _kill(actors: list[Any]) -> None:
             log.debug("killing an actor failed: %s", err)
 
 
-def _form_group(actors: list[Any], timeout_s: float) -> list[float]:
-    """Form the torch.distributed group among `actors` (rank = position); returns their checksums."""
+def _form_group(actors: list[Any], gpus_each: float, timeout_s: float) -> list[float]:
+    """Form the torch.distributed group among `actors` (rank = position); returns their checksums.
+
+    Workers with a fraction of a GPU may share a device, which NCCL refuses: they use gloo."""
     address, port = get(actors[0].rendezvous.remote(), timeout_s, "group rendezvous")
-    return get([a.join_group.remote(address, port, timeout_s) for a in actors], timeout_s, "joining the group")
+    shared_gpu = 0 < gpus_each < 1
+    return get([a.join_group.remote(address, port, timeout_s, shared_gpu) for a in actors], timeout_s,
+               "joining the group")
 
 
 def _check_same(checksums: list[float], role: str) -> None:
@@ -102,7 +106,7 @@ class _ReplicatedJob:
             self.sample_shape = tuple(info[0]["sample_shape"])
             self.fingerprint = info[0]["fingerprint"]
             if n > 1:
-                _check_same(_form_group(self.workers, timeout_s), "replica")
+                _check_same(_form_group(self.workers, config.resources.gpus_per_worker, timeout_s), "replica")
         except BaseException:
             _kill(self.workers)
             raise
@@ -178,7 +182,8 @@ class _SplitJob:
             self.sample_shape = tuple(infos[0]["sample_shape"])
             self.fingerprint = infos[0]["fingerprint"]
             if self.m > 1:
-                _check_same(_form_group(self.gens, timeout_s), "generator")
+                gpus = config.resources.role("generator").gpus
+                _check_same(_form_group(self.gens, gpus, timeout_s), "generator")
             else:
                 get(self.gens[0].param_checksum.remote(), timeout_s, "starting the generator")
         except BaseException:

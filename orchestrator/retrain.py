@@ -338,8 +338,9 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
         start_tags[TAG + "run_schedule_key"] = schedule_key
 
     def started(run_id: str) -> None:
-        for key, value in start_tags.items():
-            client.set_tag(run_id, key, value)
+        from mlflow.entities import RunTag
+
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in start_tags.items()])
         if on_run_id is not None:
             on_run_id(run_id)
 
@@ -365,20 +366,24 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
 
 def _record(client: "MlflowClient", o: RetrainOutcome, images_seen: int) -> None:
     """Scores and decision on the run and the version, the alias, then the schedule key (last)."""
+    import time
+
+    from mlflow.entities import Metric, Param, RunTag
+
     assert o.run_id is not None and o.version is not None
     fmt = lambda v: "none" if v is None else f"{v:.6g}"  # noqa: E731
     tags = {TAG + "decision": o.decision, TAG + "reason": o.reason, TAG + "metric": o.metric,
             TAG + "mode": o.mode, TAG + "champion_version": o.champion_version or "",
             TAG + "champion_score": fmt(o.champion_score), TAG + "challenger_score": fmt(o.challenger_score),
             TAG + "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    client.log_param(o.run_id, "retrain/metric_used", o.metric)
-    client.log_param(o.run_id, "retrain/mode_used", o.mode)
-    client.log_param(o.run_id, "retrain/champion_version", o.champion_version or "none")
-    for key, value in (("retrain/challenger_score", o.challenger_score), ("retrain/champion_score", o.champion_score)):
-        if value is not None and math.isfinite(value):
-            client.log_metric(o.run_id, key, value, step=images_seen)
-    for key, value in {**tags, TAG + "version": o.version}.items():
-        client.set_tag(o.run_id, key, value)
+    now_ms = int(time.time() * 1000)
+    scores = (("retrain/challenger_score", o.challenger_score), ("retrain/champion_score", o.champion_score))
+    client.log_batch(
+        o.run_id,
+        metrics=[Metric(k, v, now_ms, images_seen) for k, v in scores if v is not None and math.isfinite(v)],
+        params=[Param("retrain/metric_used", o.metric), Param("retrain/mode_used", o.mode),
+                Param("retrain/champion_version", o.champion_version or "none")],
+        tags=[RunTag(k, v) for k, v in {**tags, TAG + "version": o.version}.items()])
     for key, value in tags.items():
         client.set_model_version_tag(o.model_name, o.version, key, value)
     client.set_registered_model_alias(o.model_name, CHAMPION if o.decision == "promoted" else CHALLENGER, o.version)

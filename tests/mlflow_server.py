@@ -7,11 +7,16 @@ The server runs in its own process group, so stopping it ends exactly the proces
 
 Use the module-scoped `mlflow_server` fixture (one server per test module: a start costs
 10-40 s on 2 busy cores) or build an `MlflowServer` yourself.
+
+`sqlite_store` is the embedded store without its set-up cost: MLflow's schema migrations take
+5-20 s per fresh database here, so one empty migrated database is made per test process and
+each test gets a copy of it as `<tmp_path>/mlflow.db`, with cwd at tmp_path.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -127,3 +132,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         yield server
     finally:
         server.stop()
+
+
+_TEMPLATE_DB: Path | None = None  # per process: shared by every test module that imports this
+
+
+def template_db(base: Path) -> Path:
+    """An empty MLflow sqlite database with the schema migrated (made once per process)."""
+    global _TEMPLATE_DB
+    if _TEMPLATE_DB is None or not _TEMPLATE_DB.is_file():
+        from mlflow import MlflowClient
+
+        folder = Path(base) / "mlflow-template"
+        folder.mkdir(parents=True, exist_ok=True)
+        db = folder / "mlflow.db"
+        MlflowClient(f"sqlite:///{db}").search_experiments(max_results=1)  # creates and migrates
+        _TEMPLATE_DB = db
+    return _TEMPLATE_DB
+
+
+@pytest.fixture()
+def sqlite_store(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+                 monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd = tmp_path holding a ready `mlflow.db`, so the default tracking URI points at it."""
+    shutil.copyfile(template_db(tmp_path_factory.getbasetemp()), tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

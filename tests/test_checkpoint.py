@@ -14,6 +14,11 @@ from ganray.models.errors import CheckpointError
 from ganray.orchestrator.checkpoint import (CheckpointManager, checkpoint_artifact_path, latest_checkpoint,
                                             list_checkpoints, read_checkpoint, write_checkpoint)
 
+try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
+    from tests.mlflow_server import sqlite_store  # noqa: F401
+except ImportError:
+    from mlflow_server import sqlite_store  # noqa: F401
+
 
 class NotATensor:
     """A custom class: torch.save pickles it by reference, which a weights-only load refuses."""
@@ -144,33 +149,31 @@ def test_artifact_path_format() -> None:
     assert checkpoint_artifact_path(123456) == "checkpoints/kimg-123456"
 
 
-def test_manager_keeps_last_n_and_latest_ignores_incomplete(mlflow_store: Path) -> None:
+def test_manager_keeps_last_n_and_latest_ignores_incomplete(sqlite_store: Path) -> None:
     from ganray.orchestrator.tracking import RunLogger, prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None, None)
     logger = RunLogger(uri, prepare_store(uri, "ckpt"))
-    manager = CheckpointManager(logger, keep=2, workdir=mlflow_store / "work")
+    manager = CheckpointManager(logger, keep=2, workdir=sqlite_store / "work")
     weights = torch.zeros(4)
-    futures = []
     for kimg in (1, 2, 3, 4):
         weights += 1
-        futures.append(manager.save({"G_ema": {"w": weights}, "progress": {"images_seen": kimg * 1000}},
-                                    {"images_seen": kimg * 1000}, kimg))
-        # The state was copied at save(): changing it now must not reach the file.
-    weights += 100
+        future = manager.save({"G_ema": {"w": weights}, "progress": {"images_seen": kimg * 1000}},
+                              {"images_seen": kimg * 1000}, kimg, block=kimg < 4)
+    weights += 100  # the state was copied at save(): changing it now must not reach the file
     assert manager.wait(timeout=60)
-    assert [f.result() for f in futures if not f.cancelled()][-1] == "checkpoints/kimg-000004"
+    assert future.result() == "checkpoints/kimg-000004" and manager.superseded == 0
     assert list_checkpoints(logger.client, logger.run_id) == ["checkpoints/kimg-000003", "checkpoints/kimg-000004"]
-    assert not any((mlflow_store / "work").iterdir())  # local staging cleaned up
+    assert not any((sqlite_store / "work").iterdir())  # local staging cleaned up
 
     # An interrupted save at a higher kimg: parts uploaded, no manifest.
-    stray = mlflow_store / "stray"
+    stray = sqlite_store / "stray"
     write_checkpoint({"G_ema": {"w": torch.full((4,), -1.0)}}, stray, {"images_seen": 9000})
     logger.log_artifact(stray / "G_ema.pt", "checkpoints/kimg-000009").result()
     assert logger.flush(30)
     assert "checkpoints/kimg-000009" in list_checkpoints(logger.client, logger.run_id, complete_only=False)
 
-    found = latest_checkpoint(logger.client, logger.run_id, mlflow_store / "dl")
+    found = latest_checkpoint(logger.client, logger.run_id, sqlite_store / "dl")
     assert found is not None
     state, meta = found
     assert meta["images_seen"] == 4000 and meta["kimg"] == 4.0
@@ -179,10 +182,10 @@ def test_manager_keeps_last_n_and_latest_ignores_incomplete(mlflow_store: Path) 
     logger.close()
 
 
-def test_latest_checkpoint_of_a_run_without_any(mlflow_store: Path) -> None:
+def test_latest_checkpoint_of_a_run_without_any(sqlite_store: Path) -> None:
     from ganray.orchestrator.tracking import RunLogger, prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None, None)
     logger = RunLogger(uri, prepare_store(uri, "empty"))
-    assert latest_checkpoint(logger.client, logger.run_id, mlflow_store / "dl") is None
+    assert latest_checkpoint(logger.client, logger.run_id, sqlite_store / "dl") is None
     logger.close()

@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from ganray.orchestrator.config import load_config
+
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,8 +342,6 @@ def _repo_path(image_path: str) -> Path:
 
 
 def _train_config() -> Any:
-    from ganray.orchestrator.config import load_config
-
     train = _entrypoint(_one("RayJob", "ganray-train-grid25"))
     assert train[:2] == ["ganray", "train"]
     return load_config(_repo_path(train[2]), [train[i + 1] for i, a in enumerate(train) if a == "--set"])
@@ -358,8 +358,6 @@ def test_train_entrypoint_loads_and_fits_its_cluster() -> None:
 
 
 def test_tune_entrypoint_names_shipped_files() -> None:
-    from ganray.orchestrator.config import load_config
-
     tune = _entrypoint(_one("RayJob", "ganray-tune-grid25-pbt"))
     assert tune[:2] == ["ganray", "tune"]
     load_config(_repo_path(tune[2]))
@@ -368,8 +366,6 @@ def test_tune_entrypoint_names_shipped_files() -> None:
 
 
 def test_retrain_entrypoint_targets_the_trained_model() -> None:
-    from ganray.orchestrator.config import load_config
-
     retrain = _entrypoint(_one("RayCronJob", "ganray-retrain"))
     assert retrain[:2] == ["ganray", "retrain"] and _arg(retrain, "--schedule-key")
     load_config(_repo_path(retrain[2]))

@@ -178,7 +178,9 @@ def test_classifier_cache_trains_once(tmp_path, monkeypatch, classifier, digits)
     monkeypatch.setattr(fid_mod, "train_digits_classifier", counting_train)
     args = (tmp_path, digits["xtr"], digits["ytr"], digits["xte"], digits["yte"])
     net1, acc1 = load_or_train_digits_classifier(*args, data_hash="abc123")
+    rng_before = torch.get_rng_state()
     net2, acc2 = load_or_train_digits_classifier(*args, data_hash="abc123")
+    assert torch.equal(torch.get_rng_state(), rng_before)  # evaluation leaves training's RNG alone
     assert len(calls) == 1
     assert acc2 == acc1 == classifier[1]
     assert not net2.training
@@ -231,7 +233,8 @@ def test_scores_equal_torchmetrics_with_the_extractor(classifier, digits) -> Non
 
 def test_small_sample_counts(classifier, digits) -> None:
     net, _ = classifier
-    scores = image_scores(digits["xte"][:20], digits["xtr"][:12], net, DIGITS_SHAPE, kid_subset_size=1000, kid_subsets=KID_SUBSETS)
+    real, fake = digits["xte"][:20], digits["xtr"][:12]  # fewer than the KID subset size
+    scores = image_scores(real, fake, net, DIGITS_SHAPE, kid_subset_size=1000, kid_subsets=KID_SUBSETS)
     assert all(math.isfinite(v) for v in scores.values())
     with pytest.raises(ValueError, match="at least 2"):
         image_scores(digits["xte"][:20], digits["xtr"][:1], net, DIGITS_SHAPE)
@@ -250,7 +253,9 @@ def test_real_stats_cache_computes_real_features_once(tmp_path, classifier, digi
     cache = RealStatsCache(tmp_path)
     fake = digits["xtr"][:300]
     kwargs = dict(kid_subsets=KID_SUBSETS, cache=cache, data_hash="digits-test")
+    rng_before = torch.get_rng_state()
     first = image_scores(load_real, fake, net, DIGITS_SHAPE, **kwargs)
+    assert torch.equal(torch.get_rng_state(), rng_before)
     second = image_scores(load_real, fake, net, DIGITS_SHAPE, **kwargs)
     assert len(loads) == 1 and cache.computed == 1
     assert first == second
@@ -289,11 +294,12 @@ def test_inception_features_from_a_local_torchvision_state_dict(tmp_path, monkey
     weights: Path = tmp_path / "inception.pth"
     torch.save(reference.state_dict(), weights)
 
-    extractor = FeatureExtractor(inception_feature_net(str(weights)), (3, 16, 16))
+    # Grey (1, 16, 16) images: the network repeats them to RGB and resizes them to 299.
+    rng_before = torch.get_rng_state()
+    extractor = FeatureExtractor(inception_feature_net(str(weights)), (1, 16, 16))
+    assert torch.equal(torch.get_rng_state(), rng_before)
     assert extractor.num_features == 2048
-    images = torch.rand(2, 3, 16, 16) * 2 - 1
-    feats = extractor((images + 1) / 2)
+    feats = extractor(torch.rand(2, 1, 16, 16))
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64
     assert torch.isfinite(feats).all() and feats.abs().sum() > 0
-    grey = inception_feature_net(str(weights))(torch.zeros(1, 1, 16, 16))
-    assert grey.shape == (1, 2048)
+    assert not torch.allclose(feats[0], feats[1])

@@ -34,8 +34,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+def backend_for(device: torch.device, shared_gpu: bool = False) -> str:
+    """gloo on CPU; nccl on CUDA unless ranks may share one GPU (fractional GPUs per worker),
+    which NCCL refuses ("duplicate GPU"): gloo all-reduces CUDA tensors too, through the host."""
+    return "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
 
 
 class Collective:
@@ -47,10 +49,11 @@ class Collective:
         self.backend = backend_for(device)
         self.joined = False
 
-    def join(self, address: str, port: int, timeout_s: float) -> None:
+    def join(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> None:
         """Join the group rank 0 hosts at (address, port); blocks until every rank has joined."""
         if self.world == 1:
             return  # nothing to synchronise: no group, so one worker is exactly `local`
+        self.backend = backend_for(self.device, shared_gpu)
         if dist.is_initialized():
             dist.destroy_process_group()
         dist.init_process_group(self.backend, init_method=f"tcp://{address}:{port}", rank=self.rank,

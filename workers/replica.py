@@ -42,13 +42,13 @@ class ReplicaWorker:
         """(address, free port) for the group's TCP store; asked of rank 0 only."""
         return node_address(), free_port()
 
-    def join_group(self, address: str, port: int, timeout_s: float) -> float:
+    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> float:
         """Join the replicas' group and take rank 0's parameters; returns this replica's checksum.
 
         The replicas are identical anyway (same seed), but the broadcast makes that a fact
         rather than an assumption (a custom model with unseeded init would otherwise diverge).
         """
-        self.group.join(address, port, timeout_s)
+        self.group.join(address, port, timeout_s, shared_gpu)
         gen, disc = self.stepper.gen, self.stepper.disc
         self.group.broadcast(module_tensors(gen.G, disc.D, gen.G_ema), src=0)
         return self.stepper.param_checksum()

@@ -100,8 +100,8 @@ class GeneratorWorker:
     def rendezvous(self) -> tuple[str, int]:
         return node_address(), free_port()
 
-    def join_group(self, address: str, port: int, timeout_s: float) -> float:
-        self.group.join(address, port, timeout_s)
+    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> float:
+        self.group.join(address, port, timeout_s, shared_gpu)
         self.group.broadcast(module_tensors(self.gen.G, self.gen.G_ema), src=0)
         return self.param_checksum()
 

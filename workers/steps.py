@@ -165,7 +165,8 @@ class GeneratorRole:
             self.G = self.G.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         h = settings.hyper
-        self.opt = torch.optim.Adam(self.G.parameters(), lr=h.g_lr, betas=h.betas)
+        # foreach: one kernel per op over all tensors; CPU defaults to a per-tensor loop.
+        self.opt = torch.optim.Adam(self.G.parameters(), lr=h.g_lr, betas=h.betas, foreach=True)
         self.params = list(self.G.parameters())
         self.z_dim = int(self.G.z_dim)
 
@@ -208,7 +209,7 @@ class DiscriminatorRole:
         if settings.channels_last and len(sample_shape) == 3:
             self.D = self.D.to(memory_format=torch.channels_last)
         h = settings.hyper
-        self.opt = torch.optim.Adam(self.D.parameters(), lr=h.d_lr, betas=h.betas)
+        self.opt = torch.optim.Adam(self.D.parameters(), lr=h.d_lr, betas=h.betas, foreach=True)
         self.params = list(self.D.parameters())
         self.d_steps = 0  # global D step count, drives the lazy R1 interval
 
@@ -246,12 +247,15 @@ class DiscriminatorRole:
 
     def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
         """G's loss on `fake` through this D, with D's parameters frozen (no D gradients)."""
-        self.D.requires_grad_(False)
+        # Toggle the parameter list directly: Module.requires_grad_ walks every submodule.
+        for p in self.params:
+            p.requires_grad_(False)
         try:
             with _autocast(self.settings):
                 return losses.g_loss(self.settings.loss_kind, self.D(fake).float())
         finally:
-            self.D.requires_grad_(True)
+            for p in self.params:
+                p.requires_grad_(True)
 
     def feedback(self, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G loss, dL_G/dx) for a detached fake batch: what a split D worker sends back to G."""
