@@ -310,10 +310,11 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
     evaluator = _evaluator(run_cfg, metric)
 
     champion = find_champion(client, name)
+    champion_version = str(champion.version) if champion is not None else None
     champion_score: Optional[float] = None
     factory: Callable[[TrainConfig], Engine] = make_engine
     if champion is not None:
-        what = f"champion '{name}' version {champion.version} (run {champion.run_id})"
+        what = f"champion '{name}' version {champion_version} (run {champion.run_id})"
         with tempfile.TemporaryDirectory(prefix="ganray-champion-") as tmp:
             try:
                 found = latest_checkpoint(client, champion.run_id, Path(tmp))
@@ -325,14 +326,14 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
         weights = {k: found[0][k] for k in ("G", "D", "G_ema") if k in found[0]}
         _check_fits(run_cfg, shape, weights, what)
         try:
-            champ_state, champ_cfg = load_released_state(client, f"models:/{name}/{champion.version}")
+            champ_state, champ_cfg = load_released_state(client, f"models:/{name}/{champion_version}")
         except GanrayError as err:
             raise type(err)(f"{what}: {err}") from None
         champion_score = _score(evaluator, champ_cfg, champ_state, shape, metric, what)
         factory = warm_start_factory(weights)
         del found
 
-    start_tags = {TAG + "model": name, TAG + "warm_start": champion.version if champion else "none",
+    start_tags = {TAG + "model": name, TAG + "warm_start": champion_version or "none",
                   TAG + "user": current_user()}
     if schedule_key is not None:
         start_tags[TAG + "run_schedule_key"] = schedule_key
@@ -356,7 +357,7 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
     promote_it, reason = decide(challenger_score, champion_score, mode, run_cfg.retrain.min_improvement)
     outcome = RetrainOutcome(
         decision="promoted" if promote_it else "kept", model_name=name, run_id=result.run_id, version=version,
-        metric=metric, mode=mode, champion_version=champion.version if champion else None,
+        metric=metric, mode=mode, champion_version=champion_version,
         champion_score=champion_score, challenger_score=challenger_score, reason=reason,
         schedule_key=schedule_key)
     lock.verify()  # never move an alias under a lock that someone else now holds

@@ -1,0 +1,225 @@
+"""`ganray bench`: the plain reference loop, the GPU settings logic, and a --quick pass of the CLI.
+
+No test asserts a timing threshold: speed is for the benchmark itself; here we check that the
+harness measures, compares and reports (JSON keys, positive finite ratios, sane quality figures).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ganray.orchestrator.bench import Report, case_config, case_tree, fmt, machine_info
+from ganray.orchestrator.bench_plain import (GPU_VARIANTS, PlainGAN, alternate, gpu_variant_cfg, paired_ratios,
+                                             random_images, resolve_runtime, summary)
+from ganray.orchestrator.bench_quality import first_time, stats
+from ganray.orchestrator.bench_suites import gpu_engine_config, worker_counts
+from ganray.workers.steps import StepSettings
+
+
+def _ratios(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every (dotted key, value) whose key ends in 'ratio', anywhere in a JSON tree."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if str(key).endswith("ratio"):
+                found.append((dotted, value))
+            found += _ratios(value, dotted)
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            found += _ratios(value, f"{path}[{i}]")
+    return found
+
+
+# -- settings: the plain loop and the engine must resolve device/autocast/memory format alike ----
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_runtime_matches_engine_settings_on_cpu(device: str, precision: str, channels_last: bool) -> None:
+    cfg = case_config("dcgan32", resources={"device": device, "precision": precision,
+                                            "channels_last": channels_last}).model_dump()
+    rt, st = resolve_runtime(cfg["resources"]), StepSettings.from_config(cfg)
+    assert (rt.device, rt.autocast_bf16, rt.channels_last) == (st.device, st.autocast_bf16, st.channels_last)
+    if not torch.cuda.is_available():
+        # No GPU: bf16 autocast and channels_last are CUDA-only and must both stay off.
+        assert rt.device.type == "cpu" and not rt.autocast_bf16 and not rt.channels_last
+
+
+@pytest.mark.parametrize("precision,channels_last", GPU_VARIANTS)
+def test_gpu_rows_resolve_identically_with_a_visible_gpu(monkeypatch: pytest.MonkeyPatch, precision: str,
+                                                         channels_last: bool) -> None:
+    """The GPU rows' configuration logic, on a CPU machine: pretend CUDA is visible and check that
+    the plain loop and ganray's step settings pick the same device, autocast and memory format."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    base = case_config("dcgan64").model_dump(mode="json")
+    cfg = gpu_variant_cfg(base, precision, channels_last)
+    engine_cfg = gpu_engine_config(cfg)
+    assert engine_cfg.topology.kind == "replicated" and engine_cfg.topology.workers == 1
+    assert engine_cfg.resources.gpus_per_worker == 1.0 and engine_cfg.data.resolution == 64
+    for tree in (cfg, engine_cfg.model_dump()):
+        rt, st = resolve_runtime(tree["resources"]), StepSettings.from_config(tree)
+        assert rt.device == st.device == torch.device("cuda", 0)
+        assert rt.autocast_bf16 == st.autocast_bf16 == (precision == "bf16")
+        assert rt.channels_last == st.channels_last == channels_last
+    assert base["resources"]["precision"] == "fp32"  # the variant is a copy, the base is untouched
+
+
+def test_cuda_requested_without_gpu_fails_in_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = case_config("dcgan64").model_dump()
+    with pytest.raises(RuntimeError, match="cuda"):
+        resolve_runtime(cfg["resources"])
+    with pytest.raises(RuntimeError, match="cuda"):
+        StepSettings.from_config(cfg)
+
+
+# -- the plain loop and the timer ---------------------------------------------------------------
+
+
+def test_random_images_shape_range_and_splits() -> None:
+    train = random_images({"resolution": 16, "channels": 3, "size": 20}, 0, "train")
+    test = random_images({"resolution": 16, "channels": 3, "size": 20}, 0, "test")
+    assert train.shape == (20, 3, 16, 16) and float(train.min()) >= -1.0 and float(train.max()) <= 1.0
+    assert not torch.equal(train, test)
+    assert torch.equal(train, random_images({"resolution": 16, "channels": 3, "size": 20}, 0, "train"))
+
+
+def test_plain_loop_trains_the_registry_networks() -> None:
+    cfg = case_config("mlp", data={"size": 2048}, model={"hidden": 16, "depth": 2},
+                      schedule={"batch_size": 64, "n_critic": 2, "ema_half_life_kimg": 0.1}).model_dump()
+    data = torch.randn(2048, 2)
+    loop = PlainGAN(cfg, data, threads=1)
+    g0 = [p.detach().clone() for p in loop.G.parameters()]
+    d0 = [p.detach().clone() for p in loop.D.parameters()]
+    ema0 = [p.detach().clone() for p in loop.G_ema.parameters()]
+    assert loop.run(3) == 3 * 2 * 64  # n_critic real batches per round, as ganray counts images
+    assert all(not torch.equal(a, p) for a, p in zip(g0, loop.G.parameters()))
+    assert all(not torch.equal(a, p) for a, p in zip(d0, loop.D.parameters()))
+    # G_ema moved from its start towards G, and D's gradients were re-enabled after G's step.
+    assert any(not torch.equal(a, p) for a, p in zip(ema0, loop.G_ema.parameters()))
+    assert all(p.requires_grad for p in loop.D.parameters())
+    assert not any(p.requires_grad for p in loop.G_ema.parameters())
+
+
+class _Fixed:
+    """A contender that reports a fixed number of images per round (timing-independent checks)."""
+
+    def __init__(self, per_round: int) -> None:
+        self.per_round = per_round
+        self.calls: list[int] = []
+
+    def run(self, n_rounds: int) -> int:
+        self.calls.append(n_rounds)
+        return n_rounds * self.per_round
+
+    def close(self) -> None:
+        pass
+
+
+def test_alternate_runs_every_contender_each_rep_after_an_untimed_warmup() -> None:
+    a, b = _Fixed(10), _Fixed(20)
+    seen: list[int] = []
+    out = alternate({"a": a, "b": b}, reps=3, rounds=4, warmup_rounds=2, on_rep=lambda rep, figs: seen.append(rep))
+    assert a.calls == [2, 4, 4, 4] and b.calls == [2, 4, 4, 4]
+    assert seen == [0, 1, 2] and len(out["a"]) == len(out["b"]) == 3
+    assert all(x > 0 and math.isfinite(x) for x in out["a"] + out["b"])
+
+
+def test_summary_and_paired_ratios() -> None:
+    assert summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert paired_ratios([2.0, 9.0], [1.0, 3.0]) == [2.0, 3.0]
+    assert paired_ratios([1.0], [0.0]) == []
+
+
+# -- reporting helpers ---------------------------------------------------------------------------
+
+
+def test_report_markdown_and_formatting() -> None:
+    table = Report({}, ["a", "b"], [[1234.5, 0.5], [None, True]], ["note"]).markdown().splitlines()
+    assert table[:4] == ["| a | b |", "|---|---|", "| 1,234 | 0.500 |", "| - | yes |"]
+    assert table[-1] == "note"
+    assert fmt(1.234) == "1.23" and fmt(float("inf")) == "inf"
+
+
+def test_machine_info_names_the_machine() -> None:
+    info = machine_info()
+    assert info["cores"] >= 1 and info["torch"] == torch.__version__ and info["ray"] and info["mlflow"]
+    assert (info["gpu"] is None) == (not torch.cuda.is_available())
+
+
+def test_cases_and_worker_counts() -> None:
+    assert worker_counts(2) == [1, 2] and worker_counts(1) == [1, 2] and worker_counts(9) == [1, 2, 4, 8]
+    tree = case_tree("mlp", topology={"kind": "replicated", "num_workers": 2})
+    assert tree["topology"] == {"kind": "replicated", "num_workers": 2}
+    assert case_tree("mlp")["loss"]["r1_gamma"] == 0.0  # the plain loop has no R1: neither may the engine
+    cfg = case_config("dcgan32")
+    assert cfg.data.resolution == 32 and cfg.model.generator == "dcgan" and cfg.schedule.batch_size == 64
+
+
+def test_quality_helpers() -> None:
+    timeline = [{"wall_s": 1.0, "modes": 7, "hq": 0.99, "kl": 0.1},
+                {"wall_s": 2.0, "modes": 8, "hq": 0.90, "kl": 0.02},
+                {"wall_s": 3.0, "modes": 8, "hq": 0.97, "kl": 0.01}]
+    assert first_time(timeline, 8) == 2.0
+    assert first_time(timeline, 8, hq=0.95, kl=0.03) == 3.0
+    assert first_time(timeline, 25) is None
+    s = stats([1.0, 3.0, None])
+    assert s["mean"] == 2.0 and s["n"] == 2 and s["of"] == 3 and s["min"] == 1.0
+    assert stats([None, float("inf")])["mean"] is None
+
+
+# -- the CLI, --quick ------------------------------------------------------------------------------
+
+
+def test_unknown_suite_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ganray.orchestrator.cli import main
+
+    assert main(["bench", "warp", "--out", str(tmp_path)]) == 2
+    assert "unknown benchmark suite 'warp'" in capsys.readouterr().err
+    assert main(["bench", "overhead", "--models", "resnet", "--out", str(tmp_path)]) == 2
+
+
+def test_bench_quick_writes_reports(ray_session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from ganray.orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    code = main(["bench", "overhead", "tracking", "quality", "--quick", "--models", "mlp", "--datasets", "ring8",
+                 "--kimg", "4", "--seeds", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "## overhead" in printed and "| mlp |" in printed and "## quality" in printed
+    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in ("overhead", "tracking", "quality")}
+    for name, body in reports.items():
+        assert body["suite"] == name and body["quick"] is True and body["date"][:2] == "20"
+        assert {"cpu", "cores", "torch", "ray", "mlflow", "gpu"} <= set(body["machine"])
+        assert (out / f"{name}.md").read_text().startswith("| ")
+    overhead = reports["overhead"]
+    assert set(overhead["mlp"]["samples_per_s"]) == {"plain", "replicated", "local"}
+    assert all(len(v) == 2 for v in overhead["mlp"]["samples_per_s"].values())  # --quick: 2 repetitions
+    assert "dcgan32" not in overhead  # --models mlp
+    assert reports["tracking"]["ring8"]["ratio"] > 0
+    ratios = _ratios(overhead) + _ratios(reports["tracking"])
+    assert {"mlp.ratio", "mlp.local_ratio", "ring8.ratio", "ring8.wall_ratio"} <= {k for k, _ in ratios}
+    for key, value in ratios:
+        assert isinstance(value, float) and value > 0 and math.isfinite(value), (key, value)
+    quality = reports["quality"]["ring8"]
+    assert [s["seed"] for s in quality["seeds"]] == [0, 1]
+    for seed in quality["seeds"]:
+        assert 3.9 <= seed["kimg"] <= 5.0
+        assert 0 <= seed["modes"] <= 8 and 0.0 <= seed["hq"] <= 1.0
+        assert 0 <= seed["vae"]["modes"] <= 8
+        assert seed["timeline"] and all(p["wall_s"] >= 0 for p in seed["timeline"])
+    assert quality["published"]["PacGAN4"]["modes"] == 7.8 and quality["ganray"]["modes"]["of"] == 2
+    assert "grid25" not in reports["quality"] and "digits" not in reports["quality"]
