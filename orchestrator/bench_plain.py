@@ -212,8 +212,9 @@ def alternate(contenders: dict[str, Contender], reps: int, rounds: int, warmup_r
               on_rep: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, list[float]]:
     """samples/s of each contender, `reps` times in alternation (each rep runs every contender
     once, in a rotating order so none always follows the same neighbour); warm-up untimed."""
-    for c in contenders.values():
-        c.run(warmup_rounds)
+    if warmup_rounds > 0:
+        for c in contenders.values():
+            c.run(warmup_rounds)
     names = list(contenders)
     out: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
@@ -236,11 +237,16 @@ def paired_ratios(num: list[float], den: list[float]) -> list[float]:
 
 
 def rounds_for(contender: Contender, target_s: float, lo: int, hi: int) -> int:
-    """Rounds that take about `target_s` on `contender` (measured on a short untimed probe)."""
+    """Rounds that take about `target_s` on `contender`, from an untimed probe that grows until it
+    lasts long enough (a fifth of the target) to be measured reliably."""
     probe = max(1, lo)
-    t0 = time.perf_counter()
-    contender.run(probe)
-    dt = max(time.perf_counter() - t0, 1e-6)
+    while True:
+        t0 = time.perf_counter()
+        contender.run(probe)
+        dt = max(time.perf_counter() - t0, 1e-6)
+        if dt >= target_s / 5 or probe >= hi:
+            break
+        probe = min(hi, probe * 4)
     return int(min(hi, max(lo, round(target_s * probe / dt))))
 
 
@@ -251,8 +257,10 @@ def compare(cfg: dict[str, Any], contenders: dict[str, Contender], reps: int, ta
     The number of rounds per repetition is sized on the reference so that it lasts `target_s`;
     every contender then runs that same number of rounds.
     """
+    for c in contenders.values():  # warm-up first: the probe below must not time a cold start
+        c.run(warmup_rounds)
     rounds = rounds_for(contenders[reference], target_s, max(1, warmup_rounds), max_rounds)
-    samples = alternate(contenders, reps, rounds, warmup_rounds)
+    samples = alternate(contenders, reps, rounds, warmup_rounds=0)
     row: dict[str, Any] = {"batch": int(cfg["schedule"]["batch_size"]), "rounds_per_rep": rounds, "reps": reps,
                            "samples_per_s": samples, "summary": {k: summary(v) for k, v in samples.items()}}
     for name, values in samples.items():

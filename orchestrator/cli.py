@@ -179,6 +179,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry function: returns the exit code (the console script exits with it)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("ganray").setLevel(logging.INFO)
+    # MLflow retries a failed request ~7 times over minutes inside each call; the RunLogger has
+    # its own bounded retry/backoff, so keep MLflow's short unless the user chose otherwise.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     _register_extensions()
     args = sys.argv[1:] if argv is None else list(argv)
     try:

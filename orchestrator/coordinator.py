@@ -102,7 +102,7 @@ class _ReplicatedJob:
         n = config.topology.workers
         self.workers = [ReplicaWorker.options(**placement.actor_options(r)).remote(cfg, r, n) for r in range(n)]
         try:
-            info = get([w.info.remote() for w in self.workers], timeout_s, "starting the replicas")
+            info = get([w.setup.remote() for w in self.workers], timeout_s, "starting the replicas")
             self.sample_shape = tuple(info[0]["sample_shape"])
             self.fingerprint = info[0]["fingerprint"]
             if n > 1:
@@ -171,21 +171,20 @@ class _SplitJob:
         # Placement order: the M generators first, then the K discriminators.
         self.discs = [DiscriminatorWorker.options(**placement.actor_options(self.m + i))
                       .remote(cfg, i, self.k, topo.swap_epochs) for i in range(self.k)]
-        info_ref = self.discs[0].info.remote()
-        # The generators take the sample shape from D_0's data through the object store (the ref
-        # resolves in their constructor), so all actors start in parallel and no data meets the driver.
         self.gens = [GeneratorWorker.options(**placement.actor_options(j))
-                     .remote(cfg, j, self.m, info_ref, topo.feedback_mode, topo.feedback_lambda)
-                     for j in range(self.m)]
+                     .remote(cfg, j, self.m, topo.feedback_mode, topo.feedback_lambda) for j in range(self.m)]
         try:
-            infos = get([info_ref, *[d.info.remote() for d in self.discs[1:]]], timeout_s, "starting the discriminators")
+            d_infos = [d.setup.remote() for d in self.discs]
+            # The generators take the sample shape from D_0's data info as an ObjectRef resolved
+            # on their side: all actors start in parallel and the driver waits once.
+            g_sums = [g.setup.remote(d_infos[0]) for g in self.gens]
+            infos = get(d_infos, timeout_s, "starting the discriminators")
+            get(g_sums, timeout_s, "starting the generators")
             self.sample_shape = tuple(infos[0]["sample_shape"])
             self.fingerprint = infos[0]["fingerprint"]
             if self.m > 1:
                 gpus = config.resources.role("generator").gpus
                 _check_same(_form_group(self.gens, gpus, timeout_s), "generator")
-            else:
-                get(self.gens[0].param_checksum.remote(), timeout_s, "starting the generator")
         except BaseException:
             _kill(self.actors)
             raise

@@ -192,8 +192,11 @@ def prepare_store(uri: str, experiment: str | None) -> str:
         if exc.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED", "CUSTOMER_UNAUTHORIZED") or " 401" in str(exc):
             raise TrackingError(f"the MLflow tracking server {redact(uri)} refused the credentials; set "
                                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)") from None
-        raise TrackingError(f"cannot reach the MLflow tracking store {redact(uri)} ({_first_line(exc)}); start "
-                            "the server or pass --tracking-uri (e.g. sqlite:///mlflow.db)") from None
+        if uri.startswith(("http://", "https://")):
+            raise TrackingError(f"cannot reach the MLflow tracking server {redact(uri)} ({_first_line(exc)}); "
+                                "start the server or pass --tracking-uri (e.g. sqlite:///mlflow.db)") from None
+        raise TrackingError(f"cannot use the MLflow tracking store {redact(uri)} ({_first_line(exc)}); "
+                            "pass --tracking-uri (e.g. sqlite:///mlflow.db)") from None
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/OS errors of a bad store all mean the same here
         raise TrackingError(f"cannot use the MLflow tracking store {redact(uri)} ({_first_line(exc)}); fix it "
                             "or pass --tracking-uri (e.g. sqlite:///mlflow.db)") from None

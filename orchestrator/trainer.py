@@ -27,6 +27,8 @@ from ganray.orchestrator.progress import Progress
 
 log = logging.getLogger("ganray")
 
+_FINAL_UPLOAD_TIMEOUT_S = 300.0
+
 METRIC_NAMES = {"loss_D": "loss/D", "loss_G": "loss/G", "real_score": "D/real_score",
                 "fake_score": "D/fake_score", "grad_norm_D": "grad_norm/D", "grad_norm_G": "grad_norm/G"}
 
@@ -263,8 +265,9 @@ class Trainer:
         version = None
         try:
             self._checkpoint(engine, images_seen, block=True)
-            if self.checkpoints is not None:
-                self.checkpoints.wait()
+            if self.checkpoints is not None and not self.checkpoints.wait(timeout=_FINAL_UPLOAD_TIMEOUT_S):
+                log.warning("the final checkpoint upload did not finish within %.0f s (tracking server away?); "
+                            "it is still queued until the logger gives up", _FINAL_UPLOAD_TIMEOUT_S)
             name = self.config.tracking.model_name
             if name and not interrupted:
                 from ganray.orchestrator.release import log_released_generator

@@ -14,7 +14,7 @@ import pytest
 import ray
 
 from conftest import small_config
-from ganray.models.errors import PlacementError
+from ganray.models.errors import DataError, PlacementError
 from ganray.orchestrator.coordinator import RayEngine
 from ganray.orchestrator.engine import LocalEngine
 
@@ -118,6 +118,13 @@ def test_unplaceable_workers_fail_fast_and_leave_no_group(ray_session) -> None:
     assert "\n" not in message
     assert live_groups() <= before
     assert ray.is_initialized()  # the engine never shuts down a Ray instance it did not start
+
+
+def test_a_workers_data_error_reaches_the_user_as_is(ray_session, tmp_path) -> None:
+    """Workers load their own data; a bad path must still be a one-line DataError (exit 2)."""
+    config = _replicated(1, data={"name": "parquet", "path": str(tmp_path / "missing")})
+    with pytest.raises(DataError, match="does not exist"):
+        RayEngine(config)
 
 
 def test_engine_inside_a_placement_group_uses_it(ray_session) -> None:

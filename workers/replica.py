@@ -9,7 +9,6 @@ hands it many rounds per call (`run_rounds`), so the Ray call cost is spread ove
 
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 import ray
@@ -26,9 +25,19 @@ class ReplicaWorker:
     """Rank `rank` of `world` replicas; created by the coordinator inside the job's placement group."""
 
     def __init__(self, config: dict[str, Any], rank: int, world: int) -> None:
-        # Threads first: the data loader and the networks below must already run with them.
+        # Threads first: the data loader and the networks built in `setup` run with them.
         torch.set_num_threads(int(config["resources"]["threads_per_worker"]))
+        self.config = config
         self.rank, self.world = int(rank), int(world)
+
+    def setup(self) -> dict[str, Any]:
+        """Load this replica's data and build its networks; returns `info()`.
+
+        Not in `__init__`: an error raised there reaches the driver as a bare "actor died",
+        while one raised in a method keeps its type, so a bad data path stays a one-line
+        DataError (exit 2) instead of a Ray traceback.
+        """
+        config = self.config
         seed = int(config["seed"])
         self.source = load_dataset(config["data"], seed, "train")
         sampler = ShardSampler(len(self.source), int(config["schedule"]["batch_size"]), seed, self.rank, self.world)
@@ -36,6 +45,7 @@ class ReplicaWorker:
         self.stepper = ReplicaStepper(config, self.source, sampler, self.rank, self.world,
                                       grad_sync=self._all_reduce if self.world > 1 else None)
         self.group = Collective(self.rank, self.world, self.stepper.settings.device)
+        return self.info()
 
     # -- group -------------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -87,6 +97,3 @@ class ReplicaWorker:
 
     def scale_lr(self, factor: float) -> None:
         self.stepper.scale_lr(factor)
-
-    def ping(self) -> float:
-        return time.time()

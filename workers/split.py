@@ -79,22 +79,29 @@ class _Timed:
 class GeneratorWorker:
     """Generator worker j of M: G, G_ema and opt_G (all-reduced among the M when M > 1)."""
 
-    def __init__(self, config: dict[str, Any], rank: int, world: int, data_info: dict[str, Any],
-                 feedback: str = "mean", softmax_lambda: float = 1.0) -> None:
-        """`data_info` is `DiscriminatorWorker.info()` (G needs the sample shape, not the data)."""
+    def __init__(self, config: dict[str, Any], rank: int, world: int, feedback: str = "mean",
+                 softmax_lambda: float = 1.0) -> None:
         torch.set_num_threads(int(config["resources"]["threads_per_worker"]))
         if feedback not in FEEDBACK_MODES:
             raise ValueError(f"feedback must be one of {FEEDBACK_MODES} (got {feedback!r})")
+        self.config = config
         self.rank, self.world = int(rank), int(world)
+        self.feedback_mode, self.softmax_lambda = feedback, float(softmax_lambda)
+
+    def setup(self, data_info: dict[str, Any]) -> float:
+        """Build G from `data_info` = `DiscriminatorWorker.setup()` (G needs the sample shape,
+        not the data); returns the parameter checksum. Errors raised here (not in `__init__`)
+        reach the driver with their type."""
+        config = self.config
         self.settings = StepSettings.from_config(config)
         self.gen = GeneratorRole(config, tuple(data_info["sample_shape"]), self.settings)
         self.noise = NoiseStreams(self.settings.seed, self.settings.device)
-        self.feedback_mode, self.softmax_lambda = feedback, float(softmax_lambda)
         self.group = Collective(self.rank, self.world, self.settings.device)
         self.images_seen = 0
         self.rounds = 0
         self.timer = _Timed()
         self._fake: Optional[torch.Tensor] = None  # G's output with its graph, between forward and apply
+        return self.param_checksum()
 
     # -- group -------------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -195,7 +202,14 @@ class DiscriminatorWorker:
 
     def __init__(self, config: dict[str, Any], index: int, count: int, swap_every_epochs: int = 0) -> None:
         torch.set_num_threads(int(config["resources"]["threads_per_worker"]))
+        self.config = config
         self.index, self.count = int(index), int(count)
+        self.swap_every_epochs = int(swap_every_epochs)
+
+    def setup(self) -> dict[str, Any]:
+        """Load the data, build D; returns `info()`. Errors raised here (a bad data path, say)
+        reach the driver with their type, unlike errors raised in `__init__`."""
+        config = self.config
         self.settings = StepSettings.from_config(config)
         seed = self.settings.seed
         self.source = load_dataset(config["data"], seed, "train")
@@ -203,11 +217,11 @@ class DiscriminatorWorker:
         # seed_offset = index: D_0 starts exactly like local's D; the others are independent critics.
         self.disc = DiscriminatorRole(config, self.shape, self.settings, seed_offset=self.index)
         self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
-        self.swap_every_epochs = int(swap_every_epochs)
         self.noise = NoiseStreams(seed, self.settings.device)
         self.images_seen = 0
         self.rounds = 0
         self.timer = _Timed()
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         return {"sample_shape": self.shape, "fingerprint": self.source.fingerprint,

@@ -1,0 +1,472 @@
+"""Ray Tune searches over GAN training: the trial (`trainable`) and the driver (`search`).
+
+A trial is one ganray job. It builds its config from the base config and the dotted keys Tune
+sampled, runs the engine of any topology in chunks, and at every `eval.every_kimg` reports the
+eval metrics with a `tune.Checkpoint` holding the full training state (the format of MLflow
+checkpoints, digests included). Its placement group, reserved by Tune through
+`tune.with_resources`, holds a small bundle for the trial's coordinator and one per worker
+actor; the coordinator finds that group and creates its actors inside it, so trials running
+side by side never oversubscribe the cluster.
+
+PBT exploits by restarting a trial from another trial's checkpoint with a mutated config. The
+trial then applies its *own* hyperparameters to the restored optimizers (Ray issue 36660): the
+checkpoint's are the donor's.
+
+MLflow: the driver makes the tracking URI absolute (Tune changes each trial's working
+directory), creates the store and the parent run before any trial starts, and each trial
+writes one nested child run (tag `mlflow.parentRunId`), found again by its trial id when PBT or
+`--resume` restarts it. A trial flushes its metrics before every report, so a trial that Tune
+stops right after a report has lost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from ganray.models.errors import CheckpointError, ConfigError, GanrayError, TrackingError
+from ganray.orchestrator.config import RESUME_ALLOWED, TrainConfig, load_config
+from ganray.orchestrator.tune_search import (MUTABLE_KEYS, SearchSpec, check_search, check_storage, hyper_of,
+                                             load_search, make_scheduler, param_space, parse_search, plain,
+                                             resolve_storage, trial_config)
+
+log = logging.getLogger("ganray")
+
+TRIAL_TAG = "ganray.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+SEARCH_TAG = "ganray.search.path"
+CONFIG_HASH_TAG = "ganray.search.config_hash"
+# The trial's coordinator only drives the workers (and evaluates): a sliver of a CPU.
+DRIVER_CPU = 0.01
+# A checkpoint from another trial fits this one when everything but these keys agrees.
+_FLEXIBLE_KEYS = tuple(MUTABLE_KEYS) + RESUME_ALLOWED
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+def worker_bundles(config: TrainConfig) -> list[dict[str, float]]:
+    """One bundle per worker actor, in the coordinator's placement order (generators first)."""
+    from ganray.orchestrator.placement import WorkerSpec
+
+    topo, res = config.topology, config.resources
+    if topo.kind == "split":
+        g, d = res.role("generator"), res.role("discriminator")
+        specs = ([WorkerSpec("generator", g.cpus, g.gpus)] * topo.generators
+                 + [WorkerSpec("discriminator", d.cpus, d.gpus)] * topo.discriminators)
+    else:
+        specs = [WorkerSpec("replica", res.cpus_per_worker, res.gpus_per_worker)] * topo.workers
+    return [s.bundle() for s in specs]
+
+
+def placement_factory(config: TrainConfig) -> Any:
+    """What one trial reserves: `local` trains in the trial itself (threads_per_worker CPUs);
+    Ray topologies get a sliver for the coordinator plus one bundle per worker actor."""
+    from ray import tune
+
+    res = config.resources
+    if config.topology.kind == "local":
+        bundle = {"CPU": float(res.threads_per_worker)}
+        if res.gpus_per_worker > 0:
+            bundle["GPU"] = float(res.gpus_per_worker)
+        return tune.PlacementGroupFactory([bundle])
+    return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}, *worker_bundles(config)], strategy=res.strategy)
+
+
+def make_trainable(base: TrainConfig, tracking_uri: Optional[str] = None,
+                   parent_run_id: Optional[str] = None) -> Any:
+    """`trainable` bound to a base config (and MLflow parent), with per-trial resources.
+
+    For a user's own Tune script: `tune.Tuner(make_trainable(cfg), param_space={"schedule.g_lr": ...})`.
+    """
+    from ray import tune
+
+    tree = base.model_dump(mode="json")
+    bound = tune.with_parameters(trainable, base=tree, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    return tune.with_resources(bound, lambda sampled: placement_factory(trial_config(tree, sampled)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+
+
+class _ChildRun:
+    """The trial's nested MLflow run: created once, continued when the trial restarts."""
+
+    def __init__(self, config: TrainConfig, uri: str, parent_run_id: str, trial_id: str, trial_name: str) -> None:
+        from mlflow import MlflowClient
+
+        from ganray.orchestrator import tracking
+
+        client = MlflowClient(uri)
+        experiment_id = _retrying(lambda: client.get_run(parent_run_id).info.experiment_id, "reading the parent run")
+        found = _retrying(lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and tags.`{PARENT_TAG}` = '{parent_run_id}'",
+            max_results=1), "looking up the trial's run")
+        tags = {**tracking.run_tags(config), PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id}
+        existing = found[0].info.run_id if found else None
+        self.logger = _retrying(lambda: tracking.RunLogger(uri, experiment_id, run_id=existing, run_name=trial_name,
+                                                           tags=tags, buffer_size=config.tracking.buffer_size),
+                                "opening the trial's run")
+        self.run_id = self.logger.run_id
+        self.logger.log_params(config.flat())  # a mutated value becomes a ganray.resumed.<key> tag
+        self.logger.log_text(config.to_yaml(), tracking.CONFIG_ARTIFACT)
+
+
+def _retrying(fn: Callable[[], Any], what: str, tries: int = 5) -> Any:
+    """Start-up calls of concurrent trials may meet a locked sqlite store: retry a few times."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - MLflow/sqlalchemy raise many types for "busy"
+            if attempt == tries - 1:
+                raise TrackingError(f"{what} in the MLflow store failed ({str(err).splitlines()[0][:200]})") from None
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _chunk_point(res: Any, dt: float, images_per_round: int) -> dict[str, float]:
+    from ganray.orchestrator.trainer import METRIC_NAMES
+
+    point = {METRIC_NAMES[k]: sum(v) / len(v) for k, v in res.metrics.items() if k in METRIC_NAMES and v}
+    point["perf/samples_per_s"] = res.rounds * images_per_round / max(dt, 1e-9)
+    point["kimg"] = res.images_seen / 1000.0
+    return point
+
+
+def _structure_hash(config: TrainConfig) -> str:
+    return config.config_hash(ignore=_FLEXIBLE_KEYS)
+
+
+def _restore(engine: Any, config: TrainConfig, trial_id: str) -> dict[str, Any]:
+    """Load Tune's checkpoint for this trial (its own, or a PBT donor's); the report fields to add."""
+    from ray import tune
+
+    from ganray.orchestrator.checkpoint import read_checkpoint
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as folder:
+        state, meta = read_checkpoint(Path(folder))  # digests verified, weights-only
+    if meta.get("structure_hash") != _structure_hash(config):
+        raise CheckpointError(f"the checkpoint of trial {meta.get('trial_id')} was written with another model/data "
+                              "config than this trial's; only schedule.g_lr/d_lr/betas/n_critic and loss.r1_gamma "
+                              "may differ")
+    engine.load_state(state, keep_hyper=True)
+    return {"restored_from": str(meta.get("trial_id")), "restored_kimg": float(meta.get("kimg", 0.0))}
+
+
+def trainable(config: dict[str, Any], base: dict[str, Any], tracking_uri: Optional[str] = None,
+              parent_run_id: Optional[str] = None) -> None:
+    """Tune function trainable: one ganray job whose config is `base` plus the sampled dotted keys.
+
+    Bind `base` (and the MLflow parent) with `tune.with_parameters`, or use `make_trainable`.
+    """
+    from ray import tune
+
+    from ganray.orchestrator.engine import make_engine
+
+    sampled = {str(k): plain(v) for k, v in config.items()}
+    cfg = trial_config(base, sampled)
+    context = tune.get_context()
+    trial_id = context.get_trial_id() or "trial"
+    run = None
+    if cfg.tracking.enabled and tracking_uri and parent_run_id:
+        run = _ChildRun(cfg, tracking_uri, parent_run_id, trial_id, context.get_trial_name() or trial_id)
+    engine = make_engine(cfg)
+    status = "FAILED"
+    try:
+        if run is not None:
+            run.logger.set_tags({"ganray.data_hash": engine.data_fingerprint})
+        _train(cfg, sampled, engine, run, trial_id)
+        status = "FINISHED"
+    except SystemExit:
+        # Tune stopped the trial after a report (ASHA cut it, PBT paused it): everything reported
+        # was already flushed; the run is reopened if the trial continues.
+        status = "FINISHED"
+        raise
+    finally:
+        if run is not None:
+            run.logger.close(status, timeout=30.0)
+        engine.close()
+
+
+def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional[_ChildRun], trial_id: str) -> None:
+    from ray import tune
+
+    from ganray.orchestrator.checkpoint import write_checkpoint
+    from ganray.orchestrator.engine import build_eval_generator
+    from ganray.orchestrator.evaluate import Evaluator
+
+    evaluator = Evaluator(cfg)
+    extra = _restore(engine, cfg, trial_id)
+    hyper = hyper_of(cfg)
+    engine.set_hyper(hyper)  # this trial's (possibly mutated) values, never the checkpoint's
+    logger = run.logger if run is not None else None
+    if logger is not None and extra:
+        logger.set_tags({"ganray.tune.restored_from": extra["restored_from"]})
+    images_seen = engine.run(0).images_seen
+    if logger is not None and extra:
+        logger.log_metrics({"pbt/restored_kimg": extra["restored_kimg"]}, step=images_seen)
+    images_per_round = cfg.schedule.n_critic * cfg.schedule.batch_size
+    total = int(round(cfg.schedule.total_kimg * 1000))
+    every = max(1, int(round(cfg.eval.every_kimg * 1000)))
+    chunk_rounds = max(1, int(round(cfg.schedule.sync_kimg * 1000 / images_per_round)))
+    while images_seen < total:
+        # One Tune iteration per eval interval, ending on its boundary (as a fresh run's would).
+        target = min(total, (images_seen // every + 1) * every)
+        while images_seen < target:
+            todo = min(chunk_rounds, math.ceil((target - images_seen) / images_per_round))
+            t0 = time.perf_counter()
+            res = engine.run(todo, target)
+            if res.rounds == 0:
+                raise RuntimeError(f"the engine made no progress at {images_seen} images (target {target})")
+            images_seen = res.images_seen
+            if logger is not None and res.metrics:
+                logger.log_metrics(_chunk_point(res, time.perf_counter() - t0, images_per_round), step=images_seen)
+        scores = evaluator.evaluate(build_eval_generator(cfg, engine.sample_shape, engine.generator_state()))
+        metrics: dict[str, Any] = {f"eval/{k}": float(v) for k, v in scores.items()}
+        if logger is not None:
+            logger.log_metrics(metrics, step=images_seen)
+        metrics.update({"kimg": images_seen / 1000.0, "images_seen": images_seen, **extra})
+        if run is not None:
+            metrics["mlflow_run_id"] = run.run_id
+        meta = {"trial_id": trial_id, "trial_config": sampled, "hyper": hyper, "images_seen": images_seen,
+                "kimg": images_seen / 1000.0, "sample_shape": [int(s) for s in engine.sample_shape],
+                "structure_hash": _structure_hash(cfg), "config_hash": cfg.config_hash(),
+                "mlflow_run_id": run.run_id if run is not None else None}
+        with tempfile.TemporaryDirectory(prefix="ganray-tune-ckpt-") as folder:
+            write_checkpoint(engine.state(), Path(folder), meta)
+            if logger is not None:
+                # Tune may stop this trial right after the report: nothing may be left queued.
+                if images_seen >= total:
+                    logger.close("FINISHED", timeout=120.0)
+                elif not logger.flush(timeout=120.0):
+                    log.warning("trial %s: MLflow did not take all metrics before the report", trial_id)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        extra = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class SearchResult:
+    parent_run_id: Optional[str]
+    metric: str
+    mode: str
+    best_trial: Optional[str]
+    best_score: Optional[float]
+    best_run_id: Optional[str]
+    best_config: dict[str, Any]
+    model_version: Optional[str]
+    experiment_path: str
+    num_trials: int
+    num_errors: int
+    interrupted: bool = False
+    results: Any = field(default=None, repr=False)  # Tune's ResultGrid
+
+
+def _as_spec(search_spec: Union[SearchSpec, dict, str, Path]) -> SearchSpec:
+    if isinstance(search_spec, SearchSpec):
+        return search_spec if search_spec.name else search_spec.model_copy(update={"name": "ganray-search"})
+    if isinstance(search_spec, dict):
+        return parse_search(search_spec)
+    return load_search(search_spec)
+
+
+def _parent_run(uri: str, experiment_id: str, config: TrainConfig, spec: SearchSpec, experiment_path: str,
+                resume: bool) -> Any:
+    """The search's parent run: a new one, or (with resume) the one tagged with this Tune experiment."""
+    from mlflow import MlflowClient
+
+    from ganray.orchestrator import tracking
+
+    config_hash = config.config_hash(ignore=RESUME_ALLOWED)
+    if resume:
+        found = MlflowClient(uri).search_runs([experiment_id], filter_string=f"tags.`{SEARCH_TAG}` = '{experiment_path}'",
+                                              max_results=1, order_by=["attributes.start_time DESC"])
+        if not found:
+            raise TrackingError(f"--resume: no parent run of the search at {experiment_path} in {tracking.redact(uri)}; "
+                                "pass the tracking URI the search was started with")
+        old_hash = found[0].data.tags.get(CONFIG_HASH_TAG)
+        if old_hash not in (None, config_hash):
+            raise ConfigError("--resume refuses a changed config: the search was started with another base config; "
+                              "resume with the same CONFIG and --set values")
+        return tracking.RunLogger(uri, experiment_id, run_id=found[0].info.run_id)
+    tags = {**tracking.run_tags(config), SEARCH_TAG: experiment_path, CONFIG_HASH_TAG: config_hash,
+            "ganray.tune.scheduler": spec.scheduler.kind, "ganray.tune.metric": spec.metric}
+    logger = tracking.RunLogger(uri, experiment_id, run_name=spec.name, tags=tags,
+                                buffer_size=config.tracking.buffer_size)
+    logger.log_params(config.flat())
+    logger.log_params({"search.scheduler": spec.scheduler.kind, "search.metric": spec.metric,
+                       "search.mode": spec.resolved_mode, "search.num_samples": spec.num_samples})
+    logger.log_text(config.to_yaml(), tracking.CONFIG_ARTIFACT)
+    logger.log_text(spec.model_dump_json(indent=1, exclude_none=True), "search.json")
+    return logger
+
+
+def search(config: Union[TrainConfig, str, Path], search_spec: Union[SearchSpec, dict, str, Path],
+           tracking_uri: Optional[str] = None, resume: bool = False, overrides: Optional[list[str]] = None,
+           on_parent_run_id: Optional[Callable[[str], None]] = None) -> SearchResult:
+    """Run (or with `resume`, continue) a Tune search over `config`; the Python face of `ganray tune`.
+
+    Every problem with the config, the search file, the storage or the tracking store is raised
+    before any trial starts.
+    """
+    import ray
+    from ray import tune
+
+    from ganray.orchestrator.placement import connect
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    spec = _as_spec(search_spec)
+    check_search(spec, cfg)
+    storage = resolve_storage(spec.storage_path)
+    experiment_path = f"{storage.rstrip('/')}/{spec.name}"
+    owns_ray = connect(cfg.resources)
+    parent = None
+    try:
+        check_storage(storage, len([n for n in ray.nodes() if n.get("Alive")]))
+        exists = tune.Tuner.can_restore(experiment_path)
+        if resume and not exists:
+            raise CheckpointError(f"--resume: no Tune search at {experiment_path}; start it without --resume "
+                                  "(or set the search file's storage_path/name to the interrupted one)")
+        if not resume and exists:
+            raise ConfigError(f"a search named '{spec.name}' already exists at {experiment_path}; continue it with "
+                              "--resume, or set another `name` in the search file")
+        uri = None
+        if cfg.tracking.enabled:
+            from ganray.orchestrator import tracking
+
+            uri = tracking.resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
+            experiment_id = tracking.prepare_store(uri, cfg.tracking.experiment)  # once, before any trial
+            parent = _parent_run(uri, experiment_id, cfg, spec, experiment_path, resume)
+            if on_parent_run_id is not None:
+                on_parent_run_id(parent.run_id)
+        fn = make_trainable(cfg, uri, parent.run_id if parent is not None else None)
+        if resume:
+            tuner = tune.Tuner.restore(experiment_path, trainable=fn, resume_errored=True)
+        else:
+            tuner = tune.Tuner(fn, param_space=param_space(spec), tune_config=_tune_config(spec, cfg),
+                               run_config=tune.RunConfig(
+                                   name=spec.name, storage_path=storage,
+                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep_checkpoints)))
+        # Tune prints its status tables on stdout; stdout carries ganray's key=value lines only.
+        with contextlib.redirect_stdout(sys.stderr):
+            grid = tuner.fit()
+        result = _conclude(grid, spec, cfg, uri, parent, experiment_path)
+        if parent is not None:
+            parent.close("KILLED" if result.interrupted else "FINISHED")
+        return result
+    except BaseException:
+        if parent is not None:
+            parent.close("FAILED")
+        raise
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _tune_config(spec: SearchSpec, config: TrainConfig) -> Any:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return tune.TuneConfig(
+        metric=spec.metric, mode=spec.resolved_mode, scheduler=make_scheduler(spec, config),
+        num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
+        search_alg=BasicVariantGenerator(random_state=spec.seed) if spec.seed is not None else None,
+        # PBT restarts trials often; reusing the trial actors saves a process start (imports) each time.
+        reuse_actors=True)
+
+
+def _trial_error(grid: Any) -> str:
+    for err in grid.errors:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, GanrayError):
+            return str(cause)
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        if lines:
+            return lines[-1].strip()[:300]
+    return "no trial reported it"
+
+
+def _conclude(grid: Any, spec: SearchSpec, base: TrainConfig, uri: Optional[str], parent: Any,
+              experiment_path: str) -> SearchResult:
+    """Pick the winner, register its EMA generator, record it in the parent run, settle child runs."""
+    metric, mode = spec.metric, spec.resolved_mode
+    interrupted = grid.num_terminated + grid.num_errors < len(grid)
+    scored = [r for r in grid if r.metrics and isinstance(r.metrics.get(metric), (int, float))
+              and math.isfinite(r.metrics[metric])]
+    if uri is not None and parent is not None:
+        _settle_child_runs(uri, parent.run_id, grid)
+    if not scored:
+        if interrupted:
+            return SearchResult(parent.run_id if parent else None, metric, mode, None, None, None, {}, None,
+                                experiment_path, len(grid), grid.num_errors, True, grid)
+        raise GanrayError(f"no trial reported a finite {metric} ({grid.num_errors} of {len(grid)} trials failed: "
+                          f"{_trial_error(grid)})")
+    best = grid.get_best_result(metric=metric, mode=mode, scope="last", filter_nan_and_inf=True)
+    trial_id = str(best.metrics.get("trial_id"))
+    score = float(best.metrics[metric])
+    run_id = best.metrics.get("mlflow_run_id")
+    version = None
+    if parent is not None:
+        parent.set_tags({"ganray.tune.best_trial": trial_id, "ganray.tune.best_run_id": str(run_id),
+                         "ganray.tune.best_score": f"{score:.6g}"})
+        parent.log_metrics({f"best/{metric}": score, "tune/num_trials": len(grid),
+                            "tune/num_errors": grid.num_errors}, step=0)
+        if base.tracking.model_name and run_id and best.checkpoint is not None and not interrupted:
+            version = _register(best, base, uri, str(run_id), parent.run_id, trial_id, metric, score)
+            parent.set_tags({"ganray.tune.model_version": version})
+    return SearchResult(parent.run_id if parent else None, metric, mode, trial_id, score, run_id,
+                        {k: plain(v) for k, v in best.config.items()}, version, experiment_path, len(grid),
+                        grid.num_errors, interrupted, grid)
+
+
+def _register(best: Any, base: TrainConfig, uri: Optional[str], run_id: str, parent_run_id: str, trial_id: str,
+              metric: str, score: float) -> str:
+    """The winner's EMA generator, from its last Tune checkpoint, as a new version of tracking.model_name."""
+    from mlflow import MlflowClient
+
+    from ganray.orchestrator.checkpoint import read_checkpoint
+    from ganray.orchestrator.engine import build_eval_generator
+    from ganray.orchestrator.release import log_released_generator
+
+    with best.checkpoint.as_directory() as folder:
+        state, meta = read_checkpoint(Path(folder))
+    cfg = trial_config(base, best.config)
+    G = build_eval_generator(cfg, tuple(meta["sample_shape"]), state["G_ema"])
+    mv = log_released_generator(MlflowClient(uri), run_id, G, cfg, base.tracking.model_name,
+                                images_seen=int(meta["images_seen"]),
+                                extra_tags={"ganray.tune.trial_id": trial_id, "ganray.tune.parent_run_id": parent_run_id,
+                                            "ganray.tune.metric": metric, "ganray.tune.score": f"{score:.6g}"})
+    return str(getattr(mv, "version", mv))
+
+
+def _settle_child_runs(uri: str, parent_run_id: str, grid: Any) -> None:
+    """Child runs whose trial process was gone before it could close them (killed after a stop,
+    or errored) get their final status; the trials are all over, so nothing else writes them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    failed = {str(r.metrics.get("trial_id")) for r in grid if r.error is not None and r.metrics}
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' "
+                                  "and attributes.status = 'RUNNING'")
+        for run in runs:
+            status = "FAILED" if run.data.tags.get(TRIAL_TAG) in failed else "FINISHED"
+            client.set_terminated(run.info.run_id, status=status)
+    except Exception as err:  # noqa: BLE001 - statuses are cosmetic; the search result stands
+        log.warning("could not settle the status of the trials' MLflow runs: %s", str(err).splitlines()[0][:200])
