@@ -243,8 +243,18 @@ class BenchContext:
 
         if ray.is_initialized():
             return
-        ray.init(address="local", num_cpus=max(4, self.cores() + 2), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        for attempt in range(3):
+            try:
+                ray.init(address="local", num_cpus=max(4, self.cores() + 2), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+                break
+            except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception here
+                # On a loaded machine the raylet can give up waiting for its agents (30 s); a
+                # second start usually succeeds, and a benchmark is not worth losing to it.
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(err):
+                    raise
+                log.warning("Ray did not start in time (%s); retrying", str(err).splitlines()[0])
         self._owns_ray = True
 
     def close(self) -> None:

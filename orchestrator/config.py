@@ -226,6 +226,10 @@ class TrainConfig(_Section):
         if self.schedule.batch_size % parts:
             raise ValueError(f"schedule.batch_size {self.schedule.batch_size} does not divide among "
                              f"{parts} workers; use a multiple of {parts}")
+        if self.topology.kind == "split" and self.schedule.batch_size % self.topology.generators:
+            g = self.topology.generators
+            raise ValueError(f"schedule.batch_size {self.schedule.batch_size} does not divide among "
+                             f"topology.num_generators={g} workers; use a multiple of {g}")
         return self
 
     def batch_parts(self) -> int:

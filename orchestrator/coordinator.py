@@ -11,7 +11,14 @@ metrics, and assembles the job state from the workers at checkpoints.
 - `split`: a round needs data to move between actors (fakes G -> D, dL/dx D -> G), so the driver
   submits each round as a chain of actor calls whose ObjectRefs feed each other; it never waits
   inside a chunk except to bound how many rounds are in flight, and fetches the small metric
-  dicts once per chunk.
+  dicts once per chunk. (Ray inlines objects under ~100 KiB in the caller's memory store, so tiny
+  2D batches do pass the driver; image batches travel through plasma from G's node to D's.)
+  With `topology.overlap` the fakes for round r+1 are made while the Ds step on round r; a
+  restore drops those pre-made fakes, so the first round after `load_state` uses fresh ones.
+
+Time split per chunk: compute = workers' busy time (mean over workers; in split, G's plus D's
+along the round), comm = gradient all-reduce time, wait = the rest of the wall time (Ray calls,
+object transfers, stragglers).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from ganray.workers.collective import Collective, free_port, module_tensors, nod
 from ganray.workers.data import load_dataset
 from ganray.workers.sharding import ShardSampler
 from ganray.workers.steps import (ALPHA_SLOT, G_SLOT, DiscriminatorRole, GeneratorRole, NoiseStreams, StepSettings,
-                                  _cpu_tree)
+                                  cpu_tree)
 
 FEEDBACK_MODES = ("mean", "max", "softmax")
 
@@ -173,8 +173,8 @@ class GeneratorWorker:
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"G": _cpu_tree(self.gen.G.state_dict()), "G_ema": _cpu_tree(self.gen.G_ema.state_dict()),
-                "opt_G": _cpu_tree(self.gen.opt.state_dict())}
+        return {"G": cpu_tree(self.gen.G.state_dict()), "G_ema": cpu_tree(self.gen.G_ema.state_dict()),
+                "opt_G": cpu_tree(self.gen.opt.state_dict())}
 
     def load_state(self, state: dict[str, Any], progress: dict[str, int], keep_hyper: bool = True) -> None:
         self.gen.G.load_state_dict(state["G"])
@@ -291,8 +291,8 @@ class DiscriminatorWorker:
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"D": _cpu_tree(self.disc.D.state_dict()),
-                "opt_D": _cpu_tree(self.disc.opt.state_dict()), "d_steps": self.disc.d_steps,
+        return {"D": cpu_tree(self.disc.D.state_dict()),
+                "opt_D": cpu_tree(self.disc.opt.state_dict()), "d_steps": self.disc.d_steps,
                 "sampler": self.sampler.state_dict()}
 
     def load_state(self, state: dict[str, Any], progress: dict[str, int], keep_hyper: bool = True) -> None:

@@ -358,8 +358,8 @@ class ReplicaStepper:
             "G": {k: v.detach().cpu().clone() for k, v in self.gen.G.state_dict().items()},
             "D": {k: v.detach().cpu().clone() for k, v in self.disc.D.state_dict().items()},
             "G_ema": {k: v.detach().cpu().clone() for k, v in self.gen.G_ema.state_dict().items()},
-            "opt_G": _cpu_tree(self.gen.opt.state_dict()),
-            "opt_D": _cpu_tree(self.disc.opt.state_dict()),
+            "opt_G": cpu_tree(self.gen.opt.state_dict()),
+            "opt_D": cpu_tree(self.disc.opt.state_dict()),
             "progress": {"rounds": self.rounds, "images_seen": self.images_seen,
                          "d_steps": self.disc.d_steps},
             "sampler": {"rank0": self.sampler.state_dict()},
@@ -405,11 +405,12 @@ class ReplicaStepper:
             return float(total)
 
 
-def _cpu_tree(obj: Any) -> Any:
+def cpu_tree(obj: Any) -> Any:
+    """A deep copy of a state tree with every tensor detached and on the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu().clone()
     if isinstance(obj, dict):
-        return {k: _cpu_tree(v) for k, v in obj.items()}
+        return {k: cpu_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_tree(v) for v in obj)
+        return type(obj)(cpu_tree(v) for v in obj)
     return obj
