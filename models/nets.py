@@ -38,13 +38,16 @@ def _as_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 class MLPGenerator(nn.Module):
-    """z -> `depth` x (Linear, ReLU) -> Linear -> reshape to `sample_shape`.
+    """z -> `depth` x (Linear, [BatchNorm1d], ReLU) -> Linear -> reshape to `sample_shape`.
 
-    No BatchNorm (replicated-vs-local equivalence must not depend on per-worker batch statistics)
-    and no output squashing: the 2D mixtures live on [-4, 4]^2, not [-1, 1].
+    No output squashing: the 2D mixtures live on [-4, 4]^2, not [-1, 1]. BatchNorm is off by
+    default because replicated-vs-local equivalence must not depend on per-worker batch
+    statistics; `batchnorm=True` is PacGAN's generator (it keeps every ReLU's kink inside the
+    batch's spread, which helps G fold the Gaussian latent onto many separate modes).
     """
 
-    def __init__(self, z_dim: int, hidden: int, depth: int, sample_shape: Sequence[int] = (2,)) -> None:
+    def __init__(self, z_dim: int, hidden: int, depth: int, sample_shape: Sequence[int] = (2,),
+                 batchnorm: bool = False) -> None:
         super().__init__()
         if z_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"z_dim, hidden and depth must be >= 1 (got {z_dim}, {hidden}, {depth})")
@@ -53,7 +56,11 @@ class MLPGenerator(nn.Module):
         layers: list[nn.Module] = []
         width_in = self.z_dim
         for _ in range(depth):
-            layers += [nn.Linear(width_in, hidden), nn.ReLU(inplace=True)]
+            # A Linear followed by BatchNorm needs no bias: BN's shift replaces it.
+            layers.append(nn.Linear(width_in, hidden, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.ReLU(inplace=True))
             width_in = hidden
         layers.append(nn.Linear(width_in, math.prod(self.sample_shape)))
         self.net = nn.Sequential(*layers)
@@ -63,16 +70,27 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """flatten -> `depth` x (Linear, LeakyReLU(0.2)) -> Linear -> logits (N,)."""
+    """flatten -> `depth` x (Linear, LeakyReLU(0.2)) -> Linear -> logits (N,).
+
+    `pack` > 1 is PacGAN (Lin et al. 2018): D judges `pack` samples at once, concatenated, so a
+    generator that repeats one mode is visible to it. Consecutive samples of the batch form a
+    pack, the batch size must be a multiple of `pack`, and each pack's logit is repeated for its
+    members so D still returns (N,) and a batch-mean loss equals the mean over packs. A packed
+    D is not per-sample (see the module docstring): R1 then acts on the packed input, and its
+    mean squared gradient per sample is `pack` times that of the packed logit.
+    """
 
     def __init__(self, hidden: int, depth: int, sample_shape: Sequence[int] = (2,),
-                 spectral_norm: bool = False) -> None:
+                 spectral_norm: bool = False, pack: int = 1) -> None:
         super().__init__()
         if hidden < 1 or depth < 1:
             raise ValueError(f"hidden and depth must be >= 1 (got {hidden}, {depth})")
+        if pack < 1:
+            raise ValueError(f"pack must be >= 1, got {pack}")
         self.sample_shape = _as_shape(sample_shape)
+        self.pack = int(pack)
         layers: list[nn.Module] = [nn.Flatten(1)]
-        width_in = math.prod(self.sample_shape)
+        width_in = math.prod(self.sample_shape) * self.pack
         for _ in range(depth):
             layers += [nn.Linear(width_in, hidden), nn.LeakyReLU(0.2)]
             width_in = hidden
@@ -82,7 +100,14 @@ class MLPDiscriminator(nn.Module):
             _spectralize(self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).view(-1)
+        if self.pack == 1:
+            return self.net(x).view(-1)
+        n = x.shape[0]
+        if n % self.pack:
+            raise ValueError(f"a packed discriminator (pack={self.pack}) needs a batch that is a "
+                             f"multiple of {self.pack}, got {n} samples")
+        logits = self.net(x.reshape(n // self.pack, -1)).view(-1)
+        return logits.repeat_interleave(self.pack)
 
 
 def _check_image_args(resolution: int, channels: int, base_width: int) -> int:

@@ -1,8 +1,9 @@
 """Build G and D from the `model` config section: built-in names or a user's import path.
 
 `model_cfg` is `TrainConfig.model.model_dump()` (keys generator, discriminator, z_dim, hidden,
-depth, base_width, spectral_norm, batchnorm, kwargs). A name is looked up in the registries
-(`mlp`, `dcgan`, plus anything added with `register_generator` / `register_discriminator`);
+depth, base_width, spectral_norm, batchnorm, mlp_batchnorm, pack, kwargs). A name is looked up
+in the registries (`mlp`, `dcgan`, plus anything added with `register_generator` /
+`register_discriminator`);
 a name with a colon is an import path `pkg.mod:Name`, constructed as
 `Name(sample_shape=..., z_dim=..., **kwargs)` for generators and `Name(sample_shape=..., **kwargs)`
 for discriminators. Every user mistake surfaces as a one-line `ConfigError`.
@@ -26,7 +27,8 @@ Builder = Callable[[Mapping[str, Any], tuple[int, ...]], nn.Module]
 # same networks as a full config; the config tree cannot be imported here (models is the bottom layer).
 _DEFAULTS: dict[str, Any] = {
     "generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 256, "depth": 3,
-    "base_width": 64, "spectral_norm": False, "batchnorm": True, "kwargs": {},
+    "base_width": 64, "spectral_norm": False, "batchnorm": True, "mlp_batchnorm": False, "pack": 1,
+    "kwargs": {},
 }
 
 _GENERATORS: dict[str, Builder] = {}
@@ -64,11 +66,13 @@ def _image_shape(key: str, sample_shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _mlp_generator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
-    return MLPGenerator(cfg["z_dim"], cfg["hidden"], cfg["depth"], sample_shape)
+    return MLPGenerator(cfg["z_dim"], cfg["hidden"], cfg["depth"], sample_shape,
+                        batchnorm=bool(cfg["mlp_batchnorm"]))
 
 
 def _mlp_discriminator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
-    return MLPDiscriminator(cfg["hidden"], cfg["depth"], sample_shape, spectral_norm=cfg["spectral_norm"])
+    return MLPDiscriminator(cfg["hidden"], cfg["depth"], sample_shape, spectral_norm=cfg["spectral_norm"],
+                            pack=int(cfg["pack"]))
 
 
 def _dcgan_generator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:

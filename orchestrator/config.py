@@ -53,6 +53,9 @@ class ModelConfig(_Section):
     base_width: int = Field(64, ge=4, le=1024, description="DCGAN channels at the finest layer")
     spectral_norm: bool = False
     batchnorm: bool = Field(True, description="BatchNorm in the DCGAN generator")
+    mlp_batchnorm: bool = Field(False, description="BatchNorm in the MLP generator (PacGAN's G)")
+    pack: int = Field(1, ge=1, le=64, description="MLP discriminator judges this many samples at once "
+                      "(PacGAN); the batch per worker must be a multiple of it")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for import-path models")
 
 

@@ -16,6 +16,13 @@ metrics, and assembles the job state from the workers at checkpoints.
   With `topology.overlap` the fakes for round r+1 are made while the Ds step on round r; a
   restore drops those pre-made fakes, so the first round after `load_state` uses fresh ones.
 
+Worker loss: a call that fails because a worker died (its process killed, its node lost) or hung
+(no answer within `resources.step_timeout_s`) is raised as `fault.WorkerLostError`, after a
+liveness probe of every worker tells a lost worker from a bug. `restart_workers` then kills
+what is left of the job, reserves the placement group again (waiting for capacity up to the
+given limit) and creates, sets up and groups a fresh set of workers; the training loop restores
+them from its snapshot (see `fault.py` and `trainer.py`).
+
 Time split per chunk: compute = workers' busy time (mean over workers; in split, G's plus D's
 along the round), comm = gradient all-reduce time, wait = the rest of the wall time (Ray calls,
 object transfers, stragglers).
@@ -31,8 +38,9 @@ from typing import Any, Optional, Sequence
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
-from ganray.models.errors import CheckpointError, ConfigError, GanrayError
+from ganray.models.errors import CheckpointError, ConfigError, DataError, GanrayError
 from ganray.orchestrator.engine import ChunkResult, restore_rng_state, rng_state
+from ganray.orchestrator.fault import WorkerLostError, is_worker_loss
 from ganray.orchestrator.placement import Placement, WorkerSpec, connect
 
 log = logging.getLogger("ganray")
@@ -56,6 +64,26 @@ def get(refs: Any, timeout_s: float, what: str) -> Any:
         if isinstance(cause, GanrayError):
             raise cause from None
         raise
+
+
+def lost_workers(actors: list[Any], timeout_s: float) -> dict[int, str]:
+    """Which of `actors` are dead or do not answer a probe within `timeout_s`: {index: why}.
+
+    A worker stuck in a collective whose peer died cannot answer either; it is lost too (its
+    group is broken and it would block until the collective's own timeout)."""
+    refs = [a.process_info.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    lost: dict[int, str] = {}
+    for i, ref in enumerate(refs):
+        if ref not in done:
+            lost[i] = f"no answer within {timeout_s:g} s"
+            continue
+        try:
+            ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - dead actors raise several Ray error types
+            lost[i] = type(err).__name__
+    return lost
 
 
 def check_split_batch(batch: int, generators: int, discriminators: int) -> None:
@@ -325,40 +353,80 @@ class RayEngine:
         else:
             specs = [WorkerSpec("replica", res.cpus_per_worker, res.gpus_per_worker)] * topo.workers
         self.config = config
+        self.restarts = 0
+        self._specs = specs
+        self._job_cls = _SplitJob if topo.kind == "split" else _ReplicatedJob
+        self._cfg = config.model_dump()
         self._closed = False
         self._job: Any = None
         self._placement: Optional[Placement] = None
         self._owns_ray = connect(res)
         try:
             self._placement = Placement(specs, res.strategy, res.placement_timeout_s)
-            cfg = config.model_dump()
-            job_cls = _SplitJob if topo.kind == "split" else _ReplicatedJob
-            self._job = job_cls(cfg, config, self._placement, res.step_timeout_s)
+            self._job = self._job_cls(self._cfg, config, self._placement, res.step_timeout_s)
         except BaseException:
             self.close()
             raise
         self.sample_shape: tuple[int, ...] = self._job.sample_shape
         self.data_fingerprint: str = self._job.fingerprint
 
+    def _guard(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a job call; a failure caused by a dead or hung worker becomes `WorkerLostError`."""
+        try:
+            return fn(*args)
+        except GanrayError:
+            raise
+        except Exception as err:
+            if self._job is None:
+                raise
+            probe_s = min(10.0, self.config.resources.step_timeout_s)
+            lost = lost_workers(self._job.actors, probe_s)
+            if not lost and not is_worker_loss(err):
+                raise  # every worker is alive: a real error, not a fault to recover from
+            roles = [s.role for s in self._specs]
+            who = ", ".join(f"{roles[i]} {i} ({why})" for i, why in sorted(lost.items())) or "a worker"
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise WorkerLostError(f"{what}: lost {who}: {type(err).__name__}: {first}") from err
+
     def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> ChunkResult:
-        return self._job.run(n_rounds, stop_at_images)
+        return self._guard(f"a chunk of {n_rounds} rounds", self._job.run, n_rounds, stop_at_images)
 
     def state(self) -> dict[str, Any]:
         """The job state in `LocalEngine`'s parts; checks the replicas agree before anything is saved."""
-        return {**self._job.state(), "rng": rng_state()}
+        return {**self._guard("gathering the state", self._job.state), "rng": rng_state()}
 
     def load_state(self, state: dict[str, Any], keep_hyper: bool = True) -> None:
-        self._job.load_state(state, keep_hyper)
+        self._guard("loading the state", self._job.load_state, state, keep_hyper)
         restore_rng_state(state.get("rng", {}))
 
     def generator_state(self) -> dict[str, Any]:
-        return self._job.generator_state()
+        return self._guard("fetching the generator", self._job.generator_state)
 
     def set_hyper(self, hyper: dict[str, Any]) -> None:
-        self._job.set_hyper(hyper)
+        self._guard("set_hyper", self._job.set_hyper, hyper)
 
     def scale_lr(self, factor: float) -> None:
-        self._job.scale_lr(factor)
+        self._guard("scale_lr", self._job.scale_lr, factor)
+
+    def restart_workers(self, wait_s: float) -> None:
+        """Replace every worker: kill what is left, reserve the bundles again (waiting up to
+        `wait_s` for capacity, e.g. a replacement node), create, set up and group fresh workers.
+
+        Survivors are replaced too: their collective group is broken and their state is about
+        to be overwritten from the snapshot anyway. The caller restores the state."""
+        res = self.config.resources
+        old, self._job = self._job, None
+        if old is not None:
+            _kill(old.actors)  # no leave_group: a peer is dead, a survivor may be stuck in a collective
+        if self._placement is not None:
+            self._placement.release()  # a Tune trial's own group is kept (release skips groups we do not own)
+        self._placement = None
+        self._placement = Placement(self._specs, res.strategy, wait_s)
+        self._job = self._job_cls(self._cfg, self.config, self._placement, res.step_timeout_s)
+        self.restarts += 1
+        if self._job.fingerprint != self.data_fingerprint:
+            raise DataError(f"the training data changed while the job ran (fingerprint {self._job.fingerprint[:12]}, "
+                            f"was {self.data_fingerprint[:12]}); restore the data and resume the run")
 
     @property
     def actors(self) -> list[Any]:

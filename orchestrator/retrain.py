@@ -235,13 +235,13 @@ def _check_fits(config: TrainConfig, shape: tuple[int, ...], weights: dict[str, 
 # The command
 
 
-def _evaluator(config: TrainConfig, metric: Optional[str]) -> "Evaluator":
+def _evaluator(config: TrainConfig, metric: str, test_source: Any) -> "Evaluator":
+    """One evaluator for both sides: the same held-out split, metric, sample count and seed."""
     from ganray.orchestrator.evaluate import Evaluator
 
     eval_cfg = config.model_copy(deep=True)
-    if metric is not None:
-        eval_cfg.eval.metrics = [metric]
-    return Evaluator(eval_cfg)
+    eval_cfg.eval.metrics = [metric]
+    return Evaluator(eval_cfg, test_source=test_source)
 
 
 def _score(evaluator: "Evaluator", config: TrainConfig, state: dict, shape: tuple[int, ...],
@@ -295,19 +295,24 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
     from ganray.orchestrator.checkpoint import latest_checkpoint
     from ganray.orchestrator.release import load_released_state
     from ganray.orchestrator.trainer import Trainer
+    from ganray.workers.data import load_dataset
 
-    # The new run: retrain.kimg from 0 images, registered under `name` at its end.
-    overrides = [f"schedule.total_kimg={config.retrain.kimg}", f"tracking.model_name={name}"]
+    # The new run: retrain.kimg from 0 images, registered under `name` at its end. Set in the
+    # tree, not through `--set` text, so a schedule key is never re-parsed as YAML.
+    tree = config.model_dump(mode="json")
+    tree["schedule"]["total_kimg"] = config.retrain.kimg
+    tree["tracking"]["model_name"] = name
     if not config.tracking.run_name:
-        overrides.append(f"tracking.run_name=retrain-{schedule_key or datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}")
-    run_cfg = config_from_dict(config.model_dump(mode="json"), overrides)
+        stamp = schedule_key or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        tree["tracking"]["run_name"] = f"retrain-{stamp}"
+    run_cfg = config_from_dict(tree)
 
     # Everything that can fail on bad input happens before a run or an alias is written.
-    probe = _evaluator(run_cfg, None)  # loads the held-out split: a missing snapshot fails here
-    kind, shape = probe.kind, tuple(probe.source.sample_shape)
+    source = load_dataset(run_cfg.data.model_dump(), run_cfg.seed, "test")  # a missing snapshot fails here
+    kind, shape = source.kind, tuple(source.sample_shape)
     metric, mode = resolve_metric(run_cfg, kind)
     _check_image_metric(run_cfg, kind)
-    evaluator = _evaluator(run_cfg, metric)
+    evaluator = _evaluator(run_cfg, metric, source)
 
     champion = find_champion(client, name)
     champion_version = str(champion.version) if champion is not None else None

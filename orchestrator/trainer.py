@@ -1,9 +1,17 @@
-"""The training loop: chunks of rounds, metric logging, evaluation, checkpoints, resume.
+"""The training loop: chunks of rounds, metric logging, evaluation, checkpoints, resume, faults.
 
 The loop is the same for every topology; only the engine differs (`engine.make_engine`). The
 coordinator process is the one MLflow writer of the job. Metric steps are images seen so far
 (global, counting the real images the discriminators consume), one point per sync interval
-holding the mean over its rounds.
+holding the mean over its rounds. Sync intervals are absolute (every `sync_kimg` worth of rounds
+from round 0), so a resumed run logs the very points an uninterrupted one would.
+
+Chunks (one engine call each) end at sync boundaries, at `fault.snapshot_rounds` boundaries and
+within a quarter of `fault.grace_s`; chunking never changes results, only how often the driver
+looks up. Fault handling (see `fault.py`): a snapshot of the job state every `snapshot_rounds`
+rounds; `fault.max_nonfinite` skipped rounds in a row roll back to it with lower learning rates;
+a lost or hung worker is recreated and every worker restored from it; SIGTERM finishes the chunk,
+writes a checkpoint and exits within `fault.grace_s`.
 """
 
 from __future__ import annotations
@@ -11,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -19,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ganray.models.errors import CheckpointError, ConfigError
+from ganray.models.errors import CheckpointError, ConfigError, GanrayError
 from ganray.orchestrator.config import TrainConfig, config_differences, load_config
-from ganray.orchestrator.engine import Engine, build_eval_generator, make_engine
+from ganray.orchestrator.engine import ChunkResult, Engine, build_eval_generator, make_engine
 from ganray.orchestrator.evaluate import Evaluator
+from ganray.orchestrator.fault import (ChunkClock, FaultError, FaultPolicy, SnapshotKeeper, SnapshotLostError,
+                                       is_worker_loss, plan_chunk, restart_workers)
 from ganray.orchestrator.progress import Progress
 
 log = logging.getLogger("ganray")
@@ -59,6 +68,54 @@ class _Interval:
         return False
 
 
+@dataclass
+class _LoopState:
+    """Where the loop stands: progress, per-round history, and the metric window of the next point."""
+
+    images_seen: int
+    rounds: int
+    start_round: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    window: dict[str, list[float]] = field(default_factory=dict)
+    window_rounds: int = 0   # rounds in `window` (the last ones before `rounds`)
+    exec_rounds: int = 0     # rounds executed since the last point, redone ones included (throughput)
+    dt: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    wait_s: float = 0.0
+    last_logged_step: int = -1
+
+    def absorb(self, res: ChunkResult, dt: float) -> None:
+        for key, values in res.metrics.items():
+            self.history.setdefault(key, []).extend(values)
+            self.window.setdefault(key, []).extend(values)
+        self.window_rounds += res.rounds
+        self.exec_rounds += res.rounds
+        self.dt += dt
+        self.compute_s += res.time_compute_s
+        self.comm_s += res.time_comm_s
+        self.wait_s += res.time_wait_s or max(0.0, dt - res.time_compute_s - res.time_comm_s)
+        self.images_seen, self.rounds = res.images_seen, res.round_index
+
+    def rewind(self, round_index: int, images_seen: int) -> None:
+        """Back to `round_index` (a restored snapshot): later rounds' records are dropped."""
+        keep = max(0, round_index - self.start_round)
+        for values in self.history.values():
+            del values[keep:]
+        keep_window = max(0, round_index - (self.rounds - self.window_rounds))
+        for values in self.window.values():
+            del values[keep_window:]
+        self.window_rounds = keep_window
+        self.rounds, self.images_seen = round_index, images_seen
+
+    def take_window(self) -> dict[str, Any]:
+        out = {"metrics": self.window, "rounds": self.window_rounds, "exec_rounds": self.exec_rounds, "dt": self.dt,
+               "compute_s": self.compute_s, "comm_s": self.comm_s, "wait_s": self.wait_s}
+        self.window, self.window_rounds, self.exec_rounds = {}, 0, 0
+        self.dt = self.compute_s = self.comm_s = self.wait_s = 0.0
+        return out
+
+
 class Trainer:
     """Runs one job: owns the engine, the MLflow run (through `RunLogger`) and the schedule."""
 
@@ -74,7 +131,13 @@ class Trainer:
         self.logger = None
         self.checkpoints = None
         self.run_id: Optional[str] = None
+        self.faults: Optional[FaultPolicy] = None
+        self.keeper = SnapshotKeeper(config.fault.snapshot_rounds)
         self._stop_requested = threading.Event()
+        self._sigterm_at: Optional[float] = None
+        self._resume_status = "KILLED"
+        self._progressed = False
+        self._last_ckpt_images = -1
         if config.tracking.enabled:
             from ganray.orchestrator import tracking
 
@@ -96,10 +159,12 @@ class Trainer:
 
         client = MlflowClient(self.tracking_uri)
         try:
-            client.get_run(run_id)
+            run = client.get_run(run_id)
         except Exception:
             raise CheckpointError(f"--resume {run_id}: no such run in {tracking.redact(self.tracking_uri)}; "
                                   "pass a run id printed by an earlier `ganray train`") from None
+        if run.info.status in ("FINISHED", "FAILED", "KILLED"):
+            self._resume_status = run.info.status  # put back if this resume fails before training
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 path = client.download_artifacts(run_id, "config.yaml", tmp)
@@ -113,7 +178,8 @@ class Trainer:
                               "from the run's; resume with the run's config (only schedule.total_kimg "
                               "and logging intervals may change)")
 
-    def _restore(self, engine: Engine) -> None:
+    def _fetch_resume_checkpoint(self) -> tuple[dict[str, Any], dict]:
+        """The run's latest complete checkpoint, digest-checked, before any worker is started."""
         from ganray.orchestrator.checkpoint import latest_checkpoint
 
         assert self.logger is not None and self.resume
@@ -125,18 +191,53 @@ class Trainer:
         state, meta = found
         if meta.get("config_hash") not in (None, self.config.config_hash(ignore=_RESUME_IGNORE)):
             raise CheckpointError("the checkpoint was written with another config; resume with the run's config")
-        engine.load_state(state)
+        return state, meta
+
+    def _load_resumed(self, engine: Engine, state: dict[str, Any], meta: dict) -> None:
+        try:
+            engine.load_state(state)
+        except GanrayError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+            if is_worker_loss(err):
+                raise
+            raise CheckpointError(f"the checkpoint of run {self.resume} at {meta.get('kimg', '?')} kimg does not fit "
+                                  f"this config ({_brief(err)}); resume with the run's config and topology") from None
         log.info("resumed run %s at %.1f kimg", self.resume, meta.get("images_seen", 0) / 1000)
+
+    def _logged_upto(self, images_seen: int) -> int:
+        """Resume: the highest loss step already stored (a killed driver may have logged past its
+        last checkpoint; those points are not logged twice)."""
+        assert self.logger is not None
+        try:
+            return max(images_seen, self.logger.max_logged_step(METRIC_NAMES["loss_D"]) or 0)
+        except GanrayError:
+            return images_seen
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg = self.config
         t_start = time.perf_counter()
-        engine = self.engine_factory(cfg)
         try:
-            return self._run(engine, t_start)
+            resumed = self._fetch_resume_checkpoint() if self.logger is not None and self.resume else None
+            engine = self.engine_factory(self.config)
+        except BaseException:
+            self._abort()
+            raise
+        restore_sigterm = self._install_sigterm()
+        try:
+            return self._run(engine, t_start, resumed)
+        except BaseException:
+            self._abort()
+            raise
         finally:
+            restore_sigterm()
             engine.close()
+
+    def _abort(self) -> None:
+        """Close the run after an error: FAILED once training ran, else as the run was before."""
+        if self.logger is not None:
+            status = "FAILED" if self._progressed or not self.resume else self._resume_status
+            self.logger.close(status, timeout=60.0)
 
     def _install_sigterm(self) -> Callable[[], None]:
         """SIGTERM (preemption, kubectl delete) asks for a checkpoint and a clean exit."""
@@ -145,96 +246,223 @@ class Trainer:
         previous = signal.getsignal(signal.SIGTERM)
 
         def handler(signum: int, frame: Any) -> None:
-            log.warning("SIGTERM: writing a checkpoint and stopping")
+            if self._sigterm_at is None:
+                self._sigterm_at = time.monotonic()
+                log.warning("SIGTERM: finishing the chunk, writing a checkpoint, exiting within fault.grace_s=%g s",
+                            self.config.fault.grace_s)
             self._stop_requested.set()
 
         signal.signal(signal.SIGTERM, handler)
         return lambda: signal.signal(signal.SIGTERM, previous)
 
-    def _run(self, engine: Engine, t_start: float) -> TrainResult:
+    def _run(self, engine: Engine, t_start: float, resumed: Optional[tuple[dict, dict]]) -> TrainResult:
         cfg = self.config
-        evaluator = Evaluator(cfg)
+        self._evaluator = Evaluator(cfg)
         if self.logger is not None:
             from ganray.orchestrator.checkpoint import CheckpointManager
 
             self.checkpoints = CheckpointManager(self.logger, cfg.schedule.keep_checkpoints,
                                                  Path(tempfile.mkdtemp(prefix="ganray-ckpt-")))
-            if self.resume:
-                self._restore(engine)
+            if resumed is not None:
+                self._load_resumed(engine, *resumed)
+                del resumed
             else:
                 self.logger.log_params(cfg.flat())
                 self.logger.log_text(cfg.to_yaml(), "config.yaml")
                 self.logger.set_tags({"ganray.data_hash": engine.data_fingerprint})
-        images_per_round = cfg.schedule.n_critic * cfg.schedule.batch_size
+        self._ipr = cfg.schedule.n_critic * cfg.schedule.batch_size
         total_images = int(round(cfg.schedule.total_kimg * 1000))
-        stop_images = total_images
+        self._stop_images = total_images
         if self.stop_at_kimg is not None:
-            stop_images = min(total_images, int(round(self.stop_at_kimg * 1000)))
-        state0 = engine.run(0)
-        images_seen = state0.images_seen
+            self._stop_images = min(total_images, int(round(self.stop_at_kimg * 1000)))
+        res0 = engine.run(0)
+        st = self._st = _LoopState(res0.images_seen, res0.round_index, res0.round_index)
+        self._last_ckpt_images = st.images_seen
         if self.logger is not None and self.resume:
-            self.logger.skip_steps_upto(images_seen)
-        chunk_rounds = max(1, int(round(cfg.schedule.sync_kimg * 1000 / images_per_round)))
-        ckpt_iv = _Interval(cfg.schedule.checkpoint_kimg, images_seen)
-        eval_iv = _Interval(cfg.eval.every_kimg, images_seen)
-        sample_iv = _Interval(cfg.schedule.sample_kimg, images_seen)
-        history: dict[str, list[float]] = {}
-        last_eval: dict[str, float] = {}
-        bar = Progress(total_images / 1000.0, enabled=self.progress_enabled)
-        bar.start(images_seen / 1000.0)
-        restore_sigterm = self._install_sigterm()
+            self.logger.skip_steps_upto(st.images_seen)
+            st.last_logged_step = self._logged_upto(st.images_seen)
+        self._sync_rounds = max(1, int(round(cfg.schedule.sync_kimg * 1000 / self._ipr)))
+        self.keeper.take(engine, st.rounds, st.images_seen)
+        self.faults = FaultPolicy(cfg.fault)
+        self._clock = ChunkClock(cfg.fault.grace_s)
+        self._ivs = {"ckpt": _Interval(cfg.schedule.checkpoint_kimg, st.images_seen),
+                     "eval": _Interval(cfg.eval.every_kimg, st.images_seen),
+                     "sample": _Interval(cfg.schedule.sample_kimg, st.images_seen)}
+        self._last_eval: dict[str, float] = {}
+        self._bar = Progress(total_images / 1000.0, enabled=self.progress_enabled)
+        self._bar.start(st.images_seen / 1000.0)
         stopped_early = False
-        rounds = state0.round_index
         try:
-            while images_seen < stop_images:
+            while st.images_seen < self._stop_images:
                 if self._stop_requested.is_set():
                     stopped_early = True
                     break
-                rounds_left = math.ceil((stop_images - images_seen) / images_per_round)
-                t0 = time.perf_counter()
-                res = engine.run(min(chunk_rounds, rounds_left), stop_images)
-                dt = time.perf_counter() - t0
-                if res.rounds == 0:
-                    break
-                images_seen, rounds = res.images_seen, res.round_index
-                for k, values in res.metrics.items():
-                    history.setdefault(k, []).extend(values)
-                self._log_chunk(res, dt, images_per_round)
-                bar.update(images_seen / 1000.0, res.rounds / max(dt, 1e-9), res.metrics)
-                if eval_iv.due(images_seen):
-                    last_eval = self._evaluate(engine, evaluator, images_seen)
-                    bar.note_eval(last_eval)
-                if sample_iv.due(images_seen):
-                    self._log_samples(engine, images_seen)
-                if ckpt_iv.due(images_seen) and images_seen < stop_images:
-                    self._checkpoint(engine, images_seen)
+                try:
+                    if not self._iteration(engine):
+                        break
+                except Exception as exc:  # noqa: BLE001 - only worker loss is handled here
+                    if not is_worker_loss(exc):
+                        raise
+                    self._recover(engine, exc)
         except KeyboardInterrupt:
-            stopped_early = True
             log.warning("interrupted: writing a checkpoint; resume with --resume %s", self.run_id)
-            self._finish(engine, images_seen, evaluator, interrupted=True)
+            self._finish(engine, st.images_seen, interrupted=True)
+            raise
+        except FaultError:
+            self._save_snapshot_checkpoint()
             raise
         finally:
-            bar.close()
-            restore_sigterm()
-        if images_seen < total_images:
+            self._bar.close()
+        if st.images_seen < total_images:
             stopped_early = True
-        last_eval = self._evaluate(engine, evaluator, images_seen) or last_eval
-        version = self._finish(engine, images_seen, evaluator, interrupted=stopped_early)
-        return TrainResult(run_id=self.run_id, images_seen=images_seen, rounds=rounds, history=history,
-                           eval=last_eval, wall_s=time.perf_counter() - t_start,
+        if self._sigterm_at is None:  # after SIGTERM the grace period is for the checkpoint
+            self._last_eval = self._evaluate(engine, self._evaluator, st.images_seen) or self._last_eval
+        version = self._finish(engine, st.images_seen, interrupted=stopped_early)
+        return TrainResult(run_id=self.run_id, images_seen=st.images_seen, rounds=st.rounds, history=st.history,
+                           eval=self._last_eval, wall_s=time.perf_counter() - t_start,
                            stopped_early=stopped_early, model_version=version)
 
-    # -- boundaries --------------------------------------------------------------------------
-    def _log_chunk(self, res: Any, dt: float, images_per_round: int) -> None:
-        if self.logger is None or not res.metrics:
+    def _iteration(self, engine: Engine) -> bool:
+        """One chunk and whatever boundaries it reaches; False when the engine made no progress."""
+        st, stop = self._st, self._stop_images
+        rounds_left = math.ceil((stop - st.images_seen) / self._ipr)
+        n = plan_chunk(st.rounds, self._sync_rounds, self.keeper.every, rounds_left, self._clock.cap())
+        t0 = time.perf_counter()
+        res = engine.run(n, stop)
+        dt = time.perf_counter() - t0
+        if res.rounds == 0:
+            return False
+        self._progressed = True
+        self._clock.observe(res.rounds, dt)
+        st.absorb(res, dt)
+        assert self.faults is not None
+        if self.faults.observe(res.rounds, res.metrics.get("skipped"), res.nonfinite_run):
+            self._rollback(engine, res)
+            return True
+        if self.keeper.due(st.rounds) and self.faults.streak == 0:
+            self.keeper.take(engine, st.rounds, st.images_seen)
+            self.faults.on_snapshot()
+        # A stop request logs the rounds since the last point now: the checkpoint follows.
+        if res.round_index % self._sync_rounds == 0 or res.images_seen >= stop or self._stop_requested.is_set():
+            self._log_window()
+            self._bar.update(st.images_seen / 1000.0, res.rounds / max(dt, 1e-9), res.metrics)
+            self._boundaries(engine)
+        return True
+
+    # -- faults ------------------------------------------------------------------------------
+    def _rollback(self, engine: Engine, res: ChunkResult) -> None:
+        st, keeper, faults = self._st, self.keeper, self.faults
+        assert faults is not None
+        redone = st.rounds - keeper.round_index
+        faults.note_rollback(keeper.round_index, redone)
+        log.warning("%d rounds in a row skipped a non-finite step (at %.1f kimg): rolling back %d rounds to the "
+                    "snapshot at %.1f kimg with learning rates x%g (rollback %d)", faults.streak,
+                    res.images_seen / 1000, redone, keeper.images_seen / 1000, self.config.fault.lr_backoff,
+                    faults.rollbacks)
+        keeper.restore(engine, keep_hyper=True)
+        engine.scale_lr(self.config.fault.lr_backoff)
+        faults.reset_streak()
+        st.rewind(keeper.round_index, keeper.images_seen)
+        self._fault_event("rollback", res.images_seen)
+
+    def _recover(self, engine: Engine, exc: BaseException) -> None:
+        """Recreate lost workers and restore them all from the snapshot (retried while workers keep dying)."""
+        st, faults = self._st, self.faults
+        assert faults is not None
+        while True:
+            redone = st.rounds - self.keeper.round_index
+            faults.note_restart(redone)
+            log.warning("worker lost at %.1f kimg (%s): recreating the workers (restart %d of %d) and restoring "
+                        "the snapshot at %.1f kimg", st.images_seen / 1000, _brief(exc), faults.restarts,
+                        self.config.fault.max_restarts, self.keeper.images_seen / 1000)
+            t0 = time.perf_counter()
+            try:
+                restart_workers(engine, self.config.fault.capacity_wait_s)
+                try:
+                    snap = self.keeper.restore(engine, keep_hyper=True)
+                    rounds, images = snap.round_index, snap.images_seen
+                except SnapshotLostError as lost:
+                    rounds, images = self._restore_from_checkpoint(engine, lost)
+                if faults.lr_scale != 1.0:  # fresh workers start from the config's learning rates
+                    engine.scale_lr(faults.lr_scale)
+            except Exception as again:  # noqa: BLE001 - a loss during recovery is another restart
+                if not is_worker_loss(again):
+                    raise FaultError(f"recovering from a lost worker failed ({_brief(again)}); the last snapshot "
+                                     "is saved as a checkpoint: continue with `ganray train CONFIG --resume RUN_ID`") from None
+                exc = again
+                continue
+            faults.reset_streak()
+            st.rewind(rounds, images)
+            log.warning("workers recreated in %.1f s; continuing from %.1f kimg (%d rounds redone)",
+                        time.perf_counter() - t0, images / 1000, redone)
+            self._fault_event("restart", images)
             return
-        point = {METRIC_NAMES.get(k, k): sum(v) / len(v) for k, v in res.metrics.items() if k in METRIC_NAMES}
-        point["perf/samples_per_s"] = res.rounds * images_per_round / max(dt, 1e-9)
-        point["time/compute_s"] = res.time_compute_s
-        point["time/comm_s"] = res.time_comm_s
-        point["time/wait_s"] = max(0.0, dt - res.time_compute_s - res.time_comm_s) if not res.time_wait_s else res.time_wait_s
-        point["kimg"] = res.images_seen / 1000.0
-        self.logger.log_metrics(point, step=res.images_seen)
+
+    def _restore_from_checkpoint(self, engine: Engine, lost: BaseException) -> tuple[int, int]:
+        """The snapshot is gone: fall back to the run's latest complete checkpoint in MLflow."""
+        if self.logger is None or self.checkpoints is None:
+            raise FaultError(f"{lost}; with tracking disabled there is no checkpoint to fall back to") from None
+        from ganray.orchestrator.checkpoint import latest_checkpoint
+
+        self.checkpoints.wait(timeout=_FINAL_UPLOAD_TIMEOUT_S)
+        with tempfile.TemporaryDirectory() as tmp:
+            found = latest_checkpoint(self.logger.client, self.logger.run_id, Path(tmp))
+        if found is None:
+            raise FaultError(f"{lost} and the run has no complete checkpoint yet; start the job again") from None
+        engine.load_state(found[0], keep_hyper=True)
+        res = engine.run(0)
+        self.keeper.take(engine, res.round_index, res.images_seen)
+        log.warning("%s: restored the checkpoint at %.1f kimg instead", lost, res.images_seen / 1000)
+        return res.round_index, res.images_seen
+
+    def _fault_event(self, kind: str, step: int) -> None:
+        if self.logger is None or self.faults is None:
+            return
+        self.logger.log_metrics(self.faults.metrics(), step=step)
+        self.logger.set_tags({"ganray.fault.last_event": f"{kind} at {step / 1000:.1f} kimg",
+                              "ganray.fault.rollbacks": str(self.faults.rollbacks),
+                              "ganray.fault.restarts": str(self.faults.restarts)})
+
+    def _save_snapshot_checkpoint(self) -> None:
+        """Giving up: make the last good snapshot a resumable checkpoint (when it is newer than the last one)."""
+        if self.checkpoints is None or self.keeper.latest is None or self.keeper.images_seen <= self._last_ckpt_images:
+            return
+        try:
+            state = self.keeper.state()
+        except SnapshotLostError as lost:
+            log.warning("%s; the last complete checkpoint stays the one to resume from", lost)
+            return
+        self._save(state, self.keeper.images_seen)
+        if not self.checkpoints.wait(timeout=_FINAL_UPLOAD_TIMEOUT_S):
+            log.warning("the checkpoint of the last snapshot was not uploaded in time; resume uses an earlier one")
+
+    # -- boundaries --------------------------------------------------------------------------
+    def _log_window(self) -> None:
+        st = self._st
+        window = st.take_window()
+        step = st.images_seen
+        if self.logger is None or not window["rounds"] or step <= st.last_logged_step:
+            return  # redone rounds of an interval already logged are not logged twice
+        point = {METRIC_NAMES[k]: sum(v) / len(v) for k, v in window["metrics"].items() if k in METRIC_NAMES and v}
+        point["perf/samples_per_s"] = window["exec_rounds"] * self._ipr / max(window["dt"], 1e-9)
+        point["time/compute_s"] = window["compute_s"]
+        point["time/comm_s"] = window["comm_s"]
+        point["time/wait_s"] = window["wait_s"]
+        point["kimg"] = step / 1000.0
+        self.logger.log_metrics(point, step=step)
+        st.last_logged_step = step
+
+    def _boundaries(self, engine: Engine) -> None:
+        if self._stop_requested.is_set():
+            return  # stopping: the final checkpoint follows, evaluation would eat the grace period
+        images_seen = self._st.images_seen
+        if self._ivs["eval"].due(images_seen):
+            self._last_eval = self._evaluate(engine, self._evaluator, images_seen)
+            self._bar.note_eval(self._last_eval)
+        if self._ivs["sample"].due(images_seen):
+            self._log_samples(engine, images_seen)
+        if self._ivs["ckpt"].due(images_seen) and images_seen < self._stop_images:
+            self._checkpoint(engine, images_seen)
 
     def _generator(self, engine: Engine) -> Any:
         return build_eval_generator(self.config, engine.sample_shape, engine.generator_state())
@@ -252,22 +480,32 @@ class Trainer:
 
         log_samples(self.logger, self.config, self._generator(engine), images_seen)
 
-    def _checkpoint(self, engine: Engine, images_seen: int, block: bool = False) -> None:
-        if self.checkpoints is None:
-            return
+    def _checkpoint(self, engine: Engine, images_seen: int) -> None:
+        if self.checkpoints is not None:
+            self._save(engine.state(), images_seen)
+
+    def _save(self, state: dict[str, Any], images_seen: int) -> None:
+        assert self.checkpoints is not None
         meta = {"config_hash": self.config.config_hash(ignore=_RESUME_IGNORE),
                 "images_seen": images_seen, "kimg": images_seen / 1000.0}
-        self.checkpoints.save(engine.state(), meta, images_seen / 1000.0, block=block)
+        self.checkpoints.save(state, meta, images_seen / 1000.0)
+        self._last_ckpt_images = images_seen
 
-    def _finish(self, engine: Engine, images_seen: int, evaluator: Evaluator, interrupted: bool) -> Optional[str]:
+    def _finish(self, engine: Engine, images_seen: int, interrupted: bool) -> Optional[str]:
         if self.logger is None:
             return None
+        # After SIGTERM everything left must fit in fault.grace_s (then the node is gone).
+        deadline = None if self._sigterm_at is None else self._sigterm_at + self.config.fault.grace_s - 1.0
+
+        def left(default: float) -> float:
+            return default if deadline is None else max(0.5, deadline - time.monotonic())
+
         version = None
         try:
-            self._checkpoint(engine, images_seen, block=True)
-            if self.checkpoints is not None and not self.checkpoints.wait(timeout=_FINAL_UPLOAD_TIMEOUT_S):
-                log.warning("the final checkpoint upload did not finish within %.0f s (tracking server away?); "
-                            "it is still queued until the logger gives up", _FINAL_UPLOAD_TIMEOUT_S)
+            self._checkpoint(engine, images_seen)
+            if self.checkpoints is not None and not self.checkpoints.wait(timeout=left(_FINAL_UPLOAD_TIMEOUT_S)):
+                log.warning("the final checkpoint upload did not finish in time (tracking server away?); "
+                            "resume will use the last complete checkpoint")
             name = self.config.tracking.model_name
             if name and not interrupted:
                 from ganray.orchestrator.release import log_released_generator
@@ -275,8 +513,17 @@ class Trainer:
                 mv = log_released_generator(self.logger, self.run_id, self._generator(engine), self.config, name)
                 version = str(getattr(mv, "version", mv))
         finally:
-            self.logger.close("KILLED" if interrupted and images_seen == 0 else "FINISHED")
+            self.logger.close("KILLED" if interrupted and images_seen == 0 else "FINISHED", timeout=left(300.0))
         return version
+
+
+def _brief(err: BaseException) -> str:
+    """The informative line of an exception (torch's load_state_dict puts it on the second line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    line = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 # Keys ignored by the checkpoint's config hash: those allowed to change on resume.

@@ -221,7 +221,11 @@ def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional
     total = int(round(cfg.schedule.total_kimg * 1000))
     every = max(1, int(round(cfg.eval.every_kimg * 1000)))
     chunk_rounds = max(1, int(round(cfg.schedule.sync_kimg * 1000 / images_per_round)))
-    while images_seen < total:
+    # A trial restored from a finished donor has nothing left to train but must still report
+    # once: otherwise Tune repeats the donor's last result (its trial id, its run) as this trial's.
+    must_report = bool(extra)
+    while images_seen < total or must_report:
+        must_report = False
         # One Tune iteration per eval interval, ending on its boundary (as a fresh run's would).
         target = min(total, (images_seen // every + 1) * every)
         while images_seen < target:
@@ -237,7 +241,10 @@ def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional
         metrics: dict[str, Any] = {f"eval/{k}": float(v) for k, v in scores.items()}
         if logger is not None:
             logger.log_metrics(metrics, step=images_seen)
-        metrics.update({"kimg": images_seen / 1000.0, "images_seen": images_seen, **extra})
+        # done=True ends the trial on its last report: a scheduler must not pause it there (PBT would
+        # restore it at the end of training and ask for more, over and over).
+        metrics.update({"kimg": images_seen / 1000.0, "images_seen": images_seen, "done": images_seen >= total,
+                        **extra})
         if run is not None:
             metrics["mlflow_run_id"] = run.run_id
         meta = {"trial_id": trial_id, "trial_config": sampled, "hyper": hyper, "images_seen": images_seen,
@@ -386,7 +393,8 @@ def _tune_config(spec: SearchSpec, config: TrainConfig) -> Any:
         metric=spec.metric, mode=spec.resolved_mode, scheduler=make_scheduler(spec, config),
         num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
         search_alg=BasicVariantGenerator(random_state=spec.seed) if spec.seed is not None else None,
-        reuse_actors=False)
+        # PBT restarts trials often; reusing the trial actors saves a process start (imports) each time.
+        reuse_actors=True)
 
 
 def _trial_error(grid: Any) -> str:

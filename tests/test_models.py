@@ -95,6 +95,51 @@ def test_mlp_flattens_any_shape() -> None:
     assert D(x).shape == (4,)
 
 
+def test_mlp_generator_batchnorm_option() -> None:
+    """`mlp_batchnorm` puts BatchNorm1d after each hidden Linear (bias-free); off by default."""
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in build_generator(_cfg(), (2,)).modules())
+    torch.manual_seed(0)
+    G = build_generator(_cfg(mlp_batchnorm=True), (2,))
+    norms = [m for m in G.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(norms) == 2 and all(n.num_features == 16 for n in norms)
+    hidden = [m for m in G.modules() if isinstance(m, nn.Linear)][:-1]
+    assert all(lin.bias is None for lin in hidden)
+    x = G(torch.randn(6, 8))
+    x.sum().backward()
+    assert x.shape == (6, 2) and _has_grads(G)
+    # Training mode normalises with batch statistics, so outputs depend on the batch...
+    z = torch.randn(6, 8)
+    assert not torch.allclose(G(z)[:3], G(z[:3]))
+    # ...while eval mode (how samples are drawn) uses the running statistics per sample.
+    G.eval()
+    assert torch.allclose(G(z)[:3], G(z[:3]), atol=1e-6)
+
+
+def test_mlp_discriminator_pack_option() -> None:
+    """`pack` m: D scores m consecutive samples jointly and repeats each pack's logit m times."""
+    torch.manual_seed(0)
+    D = build_discriminator(_cfg(pack=3), (2,))
+    assert isinstance(D, MLPDiscriminator) and D.pack == 3
+    assert D.net[1].in_features == 6  # three 2D samples concatenated
+    x = torch.randn(6, 2)
+    logits = D(x)
+    assert logits.shape == (6,)
+    assert torch.equal(logits[:3], logits[:1].expand(3)) and torch.equal(logits[3:], logits[3:4].expand(3))
+    assert logits[0] != logits[3]
+    # One pack's logit depends on every member of that pack and on no other sample.
+    y = x.clone()
+    y[1] += 1.0
+    moved = D(y)
+    assert moved[0] != logits[0] and torch.equal(moved[3:], logits[3:])
+    assert torch.allclose(D(x[3:]), logits[3:])
+    (logits.mean() + r1_penalty(D, x)).backward()
+    assert _has_grads(D)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        D(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="pack"):
+        MLPDiscriminator(16, 2, pack=0)
+
+
 def test_discriminator_is_per_sample() -> None:
     """No cross-sample coupling in D: a sample's logit does not depend on the rest of the batch."""
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ import yaml
 
 from ganray.models.errors import ConfigError, LockHeldError
 from ganray.orchestrator.cli import main
-from ganray.orchestrator.retrain import decide, resolve_metric
+from ganray.orchestrator.retrain import decide, resolve_metric, warm_start_factory
 from ganray.orchestrator.retrain_lock import RetrainLock, current_user, holder_id, lock_name
 
 from conftest import small_config
@@ -139,6 +139,33 @@ def test_resolve_metric_defaults_and_refusals():
     assert resolve_metric(small_config(data={"name": "digits"}), "image") == ("fid", "min")
     with pytest.raises(ConfigError, match="retrain.metric 'fid'.*use one of modes, hq, kl"):
         resolve_metric(small_config(retrain={"metric": "fid"}), "2d")
+
+
+def test_warm_start_loads_champion_nets_with_fresh_progress_and_optimizers():
+    import torch
+
+    from ganray.orchestrator.engine import make_engine
+
+    cfg = small_config()
+    donor = make_engine(small_config(seed=7))  # other seed: other initial weights
+    donor.run(8)  # trained a little, so its optimizers and progress are not fresh
+    champion = donor.state()
+    engine = warm_start_factory({k: champion[k] for k in ("G", "D", "G_ema")})(cfg)
+    state = engine.state()
+    for part in ("G", "D", "G_ema"):
+        assert all(torch.equal(state[part][k], champion[part][k]) for k in champion[part]), part
+    assert state["progress"]["images_seen"] == 0 and champion["progress"]["images_seen"] > 0
+    assert not state["opt_G"]["state"] and champion["opt_G"]["state"]  # Adam moments start afresh
+    assert engine.run(2).images_seen == 2 * cfg.schedule.batch_size
+
+
+def test_warm_start_refuses_weights_of_another_architecture():
+    from ganray.models.errors import CheckpointError
+    from ganray.orchestrator.engine import make_engine
+
+    other = make_engine(small_config(model={"hidden": 16})).state()
+    with pytest.raises(CheckpointError, match="do not fit this config's model"):
+        warm_start_factory({k: other[k] for k in ("G", "D", "G_ema")})(small_config())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ hands it many rounds per call (`run_rounds`), so the Ray call cost is spread ove
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import ray
@@ -46,6 +47,10 @@ class ReplicaWorker:
                                       grad_sync=self._all_reduce if self.world > 1 else None)
         self.group = Collective(self.rank, self.world, self.stepper.settings.device)
         return self.info()
+
+    def process_info(self) -> dict[str, Any]:
+        """This worker's process id and node: a liveness probe for the coordinator (and fault tests)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     # -- group -------------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:

@@ -17,6 +17,7 @@ for the global batch and sliced), so 1 G + 1 D with mean feedback reproduces `lo
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional
 
@@ -102,6 +103,10 @@ class GeneratorWorker:
         self.timer = _Timed()
         self._fake: Optional[torch.Tensor] = None  # G's output with its graph, between forward and apply
         return self.param_checksum()
+
+    def process_info(self) -> dict[str, Any]:
+        """This worker's process id and node: a liveness probe for the coordinator (and fault tests)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     # -- group -------------------------------------------------------------------------------
     def rendezvous(self) -> tuple[str, int]:
@@ -222,6 +227,10 @@ class DiscriminatorWorker:
         self.rounds = 0
         self.timer = _Timed()
         return self.info()
+
+    def process_info(self) -> dict[str, Any]:
+        """This worker's process id and node: a liveness probe for the coordinator (and fault tests)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def info(self) -> dict[str, Any]:
         return {"sample_shape": self.shape, "fingerprint": self.source.fingerprint,

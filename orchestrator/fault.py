@@ -1,0 +1,279 @@
+"""Fault tolerance for the training loop: state snapshots, divergence rollback, worker-loss recovery.
+
+A cluster-scale job runs for days on machines that fail; it may lose at most one snapshot
+interval of work and must never corrupt what it stored. The pieces here are driven by
+`trainer.Trainer`, through the `Engine` interface only, so every topology gets them alike:
+
+- `SnapshotKeeper`: every `fault.snapshot_rounds` rounds the loop keeps the latest good job state
+  (in the driver for `local`; in Ray's object store, owned by the driver, for Ray engines, where it
+  survives the loss of any worker or worker node). The loop ends chunks exactly at snapshot
+  boundaries (`plan_chunk`), so a failure redoes at most `snapshot_rounds` rounds.
+- `FaultPolicy`: `fault.max_nonfinite` rounds in a row with a skipped (non-finite) step roll the
+  job back to the last snapshot with learning rates scaled by `fault.lr_backoff`; lost workers are
+  recreated up to `fault.max_restarts` times. Past either budget the job stops with `FaultError`
+  (one line, exit 2) after saving a resumable checkpoint.
+- `is_worker_loss` / `restart_workers`: which exceptions mean "a worker is gone or hung" (Ray's
+  actor/node death errors, a step timeout, `WorkerLostError` raised by an engine), and the engine
+  hook that recreates the workers (`engine.restart_workers(wait_s)`), waiting for capacity up to
+  `fault.capacity_wait_s`.
+- `ChunkClock`: bounds a chunk's wall time, so a SIGTERM is noticed well within `fault.grace_s`.
+
+Ray is imported only when the engine already uses it: a `local` job never pays for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ganray.models.errors import GanrayError
+
+log = logging.getLogger("ganray")
+
+# Exception class names (Ray's, matched by name so `local` never imports Ray) that mean a worker
+# process or its node is gone: the work in flight is lost, the job itself is fine.
+_LOSS_NAMES = frozenset({
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError",
+    "NodeDiedError", "WorkerCrashedError", "OwnerDiedError", "ObjectLostError",
+    "ObjectReconstructionFailedError", "ObjectFetchTimedOutError", "GetTimeoutError",
+    "LocalRayletDiedError",
+})
+# Chunk wall time as a fraction of `fault.grace_s`: the rest of the grace period is for the
+# final checkpoint and its upload.
+_GRACE_SHARE = 0.25
+
+
+class WorkerLostError(RuntimeError):
+    """Raised by an engine when one of its workers died or hung (the job can be recovered)."""
+
+
+class FaultError(GanrayError):
+    """The job cannot continue (workers lost or divergence past the configured budget)."""
+
+
+def is_worker_loss(exc: BaseException) -> bool:
+    """True when `exc` means a worker died, its node went away or it hung (not a user/code error).
+
+    A `TimeoutError` is what the coordinator raises for a call slower than
+    `resources.step_timeout_s` (a hung worker). A `RayTaskError` counts when its cause is itself
+    a loss (a surviving worker whose collective broke because its peer died is reported by
+    the engine as `WorkerLostError`).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (WorkerLostError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _LOSS_NAMES for cls in type(exc).__mro__):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__  # RayTaskError keeps the original in .cause
+    return False
+
+
+def _uses_ray(engine: Any) -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized() and getattr(engine, "actors", None) is not None)
+
+
+@dataclass
+class Snapshot:
+    """One kept state: where it was taken, and the state itself (a dict, or an ObjectRef)."""
+
+    round_index: int
+    images_seen: int
+    handle: Any
+    in_object_store: bool
+    taken_at: float
+
+
+class SnapshotLostError(RuntimeError):
+    """The kept snapshot cannot be read back (its object was lost with the node that held it)."""
+
+
+class SnapshotKeeper:
+    """Keeps the latest good engine state every `every_rounds` rounds (one snapshot at a time).
+
+    Engines may provide `snapshot() -> handle` / `restore_snapshot(handle, keep_hyper)` to keep it
+    their own way (e.g. on the workers); otherwise the keeper calls `state()` / `load_state()` and
+    puts Ray engines' states into the object store with `ray.put` (owned by the driver, so they
+    outlive any worker), keeping `local` states as plain dicts in the driver.
+    """
+
+    def __init__(self, every_rounds: int) -> None:
+        self.every = max(1, int(every_rounds))
+        self.latest: Optional[Snapshot] = None
+        self.taken = 0
+        self.seconds = 0.0  # time spent taking snapshots (reported as an overhead)
+
+    @property
+    def round_index(self) -> int:
+        return self.latest.round_index if self.latest else 0
+
+    @property
+    def images_seen(self) -> int:
+        return self.latest.images_seen if self.latest else 0
+
+    def due(self, round_index: int) -> bool:
+        """A snapshot boundary (an absolute multiple of `every`) not yet snapshotted."""
+        return round_index % self.every == 0 and (self.latest is None or round_index != self.latest.round_index)
+
+    def take(self, engine: Any, round_index: int, images_seen: int) -> Snapshot:
+        t0 = time.perf_counter()
+        if hasattr(engine, "snapshot") and callable(engine.snapshot):
+            handle, in_store = engine.snapshot(), True
+        elif _uses_ray(engine):
+            import ray
+
+            handle, in_store = ray.put(engine.state()), True
+        else:
+            handle, in_store = engine.state(), False  # LocalEngine.state() already returns copies
+        # Dropping the previous handle frees its object-store copy (reference counting).
+        self.latest = Snapshot(round_index, images_seen, handle, in_store, time.time())
+        self.taken += 1
+        self.seconds += time.perf_counter() - t0
+        return self.latest
+
+    def state(self) -> dict[str, Any]:
+        """The kept state as a dict (e.g. to save it as a checkpoint)."""
+        if self.latest is None:
+            raise SnapshotLostError("no snapshot was taken")
+        handle = self.latest.handle
+        if not self.latest.in_object_store:
+            return handle
+        import ray
+
+        try:
+            return ray.get(handle, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - lost objects surface as several Ray errors
+            raise SnapshotLostError(f"the snapshot at round {self.latest.round_index} is lost "
+                                    f"({type(exc).__name__})") from exc
+
+    def restore(self, engine: Any, keep_hyper: bool = True) -> Snapshot:
+        """Load the kept state into `engine` (all workers); returns the snapshot restored."""
+        if self.latest is None:
+            raise SnapshotLostError("no snapshot was taken")
+        if hasattr(engine, "restore_snapshot") and callable(engine.restore_snapshot):
+            engine.restore_snapshot(self.latest.handle, keep_hyper)
+        else:
+            engine.load_state(self.state(), keep_hyper=keep_hyper)
+        return self.latest
+
+
+class FaultPolicy:
+    """Counts the job's fault events against `fault.*` budgets and keeps the learning-rate scale.
+
+    Rollbacks: `max_nonfinite` skipped rounds in a row trigger one. Rolling back to the same
+    snapshot again and again means the divergence is not a fluke the lower learning rate cures;
+    after `max_restarts + 1` rollbacks with no new good snapshot in between, the job stops.
+    Restarts (worker loss): at most `max_restarts` over the whole job.
+    """
+
+    def __init__(self, fault_cfg: Any) -> None:
+        self.cfg = fault_cfg
+        self.rollbacks = 0
+        self.restarts = 0
+        self.rounds_redone = 0
+        self.lr_scale = 1.0
+        self.streak = 0  # rounds in a row with a skipped (non-finite) step
+        self._rollbacks_here = 0
+        self._rollback_round: Optional[int] = None
+
+    def observe(self, rounds: int, skipped: Optional[list[float]], nonfinite_run: int) -> bool:
+        """Update the streak of rounds with a skipped step from one chunk; True when it diverged.
+
+        The streak is counted here from the per-round `skipped` metric (not the workers' own
+        counter) so that a restore resets it: the replayed rounds start a fresh count.
+        """
+        if skipped is None or len(skipped) != rounds:  # an engine without the per-round record
+            self.streak = nonfinite_run
+        else:
+            tail = 0
+            for value in reversed(skipped):
+                if not value:
+                    break
+                tail += 1
+            self.streak = self.streak + tail if tail == rounds else tail
+        return self.streak >= self.cfg.max_nonfinite
+
+    def reset_streak(self) -> None:
+        self.streak = 0
+
+    def on_snapshot(self) -> None:
+        """A new good snapshot: training got past whatever diverged."""
+        self._rollbacks_here = 0
+        self._rollback_round = None
+
+    def note_rollback(self, snapshot_round: int, redone: int) -> None:
+        if self._rollback_round != snapshot_round:
+            self._rollback_round, self._rollbacks_here = snapshot_round, 0
+        self._rollbacks_here += 1
+        if self._rollbacks_here > self.cfg.max_restarts + 1:
+            raise FaultError(
+                f"training diverged {self._rollbacks_here} times in a row from the snapshot at round {snapshot_round} "
+                f"even with learning rates scaled to {self.lr_scale:g}x; lower schedule.g_lr/d_lr, check the data "
+                f"for NaNs, or raise fault.max_restarts; resume from the last checkpoint with --resume")
+        self.rollbacks += 1
+        self.rounds_redone += redone
+        self.lr_scale *= self.cfg.lr_backoff
+
+    def note_restart(self, redone: int) -> None:
+        self.restarts += 1
+        if self.restarts > self.cfg.max_restarts:
+            raise FaultError(
+                f"workers were lost {self.restarts} times, more than fault.max_restarts={self.cfg.max_restarts}; "
+                "the last snapshot is saved as a checkpoint: fix the cluster and continue with "
+                "`ganray train CONFIG --resume RUN_ID`")
+        self.rounds_redone += redone
+
+    def metrics(self) -> dict[str, float]:
+        return {"fault/rollbacks": float(self.rollbacks), "fault/restarts": float(self.restarts),
+                "fault/rounds_redone": float(self.rounds_redone), "fault/lr_scale": float(self.lr_scale)}
+
+
+def restart_workers(engine: Any, wait_s: float) -> None:
+    """Recreate the engine's workers (in its placement group, waiting up to `wait_s` for capacity).
+
+    Engines without workers to lose (`local`) have no `restart_workers`: a loss there is a bug,
+    not a fault, and is re-raised by the caller.
+    """
+    restart = getattr(engine, "restart_workers", None)
+    if restart is None:
+        raise RuntimeError(f"{type(engine).__name__} cannot recreate workers")
+    restart(wait_s)
+
+
+class ChunkClock:
+    """Seconds per round, measured, to cap chunks at a share of `fault.grace_s`.
+
+    The loop can only notice a SIGTERM between chunks; keeping each chunk to a quarter of the
+    grace period leaves the rest for the final checkpoint. The first chunk is a single round
+    (nothing is measured yet); chunk sizes never change results (rounds are the same whatever
+    the chunking), only how often the driver looks up.
+    """
+
+    def __init__(self, grace_s: float, share: float = _GRACE_SHARE) -> None:
+        self.budget_s = max(1e-3, float(grace_s) * share)
+        self.per_round: Optional[float] = None
+
+    def observe(self, rounds: int, seconds: float) -> None:
+        if rounds <= 0:
+            return
+        now = seconds / rounds
+        self.per_round = now if self.per_round is None else 0.7 * self.per_round + 0.3 * now
+
+    def cap(self) -> int:
+        if self.per_round is None:
+            return 1
+        return max(1, int(self.budget_s / max(self.per_round, 1e-9)))
+
+
+def plan_chunk(round_index: int, sync_rounds: int, snapshot_rounds: int, rounds_left: int, cap: int) -> int:
+    """Rounds for the next chunk: up to the next sync boundary, the next snapshot boundary
+    (both absolute multiples, so a resumed run chunks like an uninterrupted one), the end of
+    the job and the time cap, whichever comes first; at least one."""
+    to_sync = sync_rounds - round_index % sync_rounds
+    to_snapshot = snapshot_rounds - round_index % snapshot_rounds
+    return max(1, min(to_sync, to_snapshot, rounds_left, cap))
