@@ -51,13 +51,13 @@ INFLIGHT_ROUNDS = 3
 METRIC_KEYS = ("loss_D", "loss_G", "real_score", "fake_score", "grad_norm_D", "grad_norm_G", "skipped")
 
 
-def get(refs: Any, timeout_s: float, what: str) -> Any:
+def get(refs: Any, timeout_s: float, what: str, limit: str = "resources.step_timeout_s") -> Any:
     """`ray.get` that turns a user error raised in a worker back into itself (one line, exit 2)
     and a hung worker into a TimeoutError naming the limit."""
     try:
         return ray.get(refs, timeout=timeout_s)
     except GetTimeoutError:
-        raise TimeoutError(f"{what} took longer than resources.step_timeout_s={timeout_s:g} s; "
+        raise TimeoutError(f"{what} took longer than {limit}={timeout_s:g} s; "
                            "a worker is hung or too slow (raise the limit for very large chunks)") from None
     except RayTaskError as err:
         cause = getattr(err, "cause", None)
@@ -92,6 +92,11 @@ def check_split_batch(batch: int, generators: int, discriminators: int) -> None:
         if batch % count:
             raise ConfigError(f"schedule.batch_size {batch} does not divide among {role}={count} workers; "
                               f"use a multiple of {count}")
+
+
+# Starting a worker (a process, a torch import, its data) is not a step: it may take as long as
+# placing it (or, when recovering, as long as the wait for capacity).
+_START_LIMIT = "max(resources.step_timeout_s, resources.placement_timeout_s)"
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -130,14 +135,16 @@ def _check_same(checksums: list[float], role: str) -> None:
 class _ReplicatedJob:
     """N `ReplicaWorker`s, one Ray call per chunk."""
 
-    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float) -> None:
+    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float,
+                 start_timeout_s: float) -> None:
         from ganray.workers.replica import ReplicaWorker
 
         self.timeout_s = timeout_s
         n = config.topology.workers
         self.workers = [ReplicaWorker.options(**placement.actor_options(r)).remote(cfg, r, n) for r in range(n)]
         try:
-            info = get([w.setup.remote() for w in self.workers], timeout_s, "starting the replicas")
+            info = get([w.setup.remote() for w in self.workers], start_timeout_s, "starting the replicas",
+                       _START_LIMIT)
             self.sample_shape = tuple(info[0]["sample_shape"])
             self.fingerprint = info[0]["fingerprint"]
             if n > 1:
@@ -193,7 +200,8 @@ class _ReplicatedJob:
 class _SplitJob:
     """M `GeneratorWorker`s and K `DiscriminatorWorker`s; rounds as chains of ObjectRefs."""
 
-    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float) -> None:
+    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float,
+                 start_timeout_s: float) -> None:
         from ganray.workers.split import DiscriminatorWorker, GeneratorWorker, g_parts_for
 
         topo = config.topology
@@ -213,8 +221,8 @@ class _SplitJob:
             # The generators take the sample shape from D_0's data info as an ObjectRef resolved
             # on their side: all actors start in parallel and the driver waits once.
             g_sums = [g.setup.remote(d_infos[0]) for g in self.gens]
-            infos = get(d_infos, timeout_s, "starting the discriminators")
-            get(g_sums, timeout_s, "starting the generators")
+            infos = get(d_infos, start_timeout_s, "starting the discriminators", _START_LIMIT)
+            get(g_sums, start_timeout_s, "starting the generators", _START_LIMIT)
             self.sample_shape = tuple(infos[0]["sample_shape"])
             self.fingerprint = infos[0]["fingerprint"]
             if self.m > 1:
@@ -363,7 +371,8 @@ class RayEngine:
         self._owns_ray = connect(res)
         try:
             self._placement = Placement(specs, res.strategy, res.placement_timeout_s)
-            self._job = self._job_cls(self._cfg, config, self._placement, res.step_timeout_s)
+            self._job = self._job_cls(self._cfg, config, self._placement, res.step_timeout_s,
+                                      max(res.step_timeout_s, res.placement_timeout_s))
         except BaseException:
             self.close()
             raise
@@ -422,7 +431,8 @@ class RayEngine:
             self._placement.release()  # a Tune trial's own group is kept (release skips groups we do not own)
         self._placement = None
         self._placement = Placement(self._specs, res.strategy, wait_s)
-        self._job = self._job_cls(self._cfg, self.config, self._placement, res.step_timeout_s)
+        self._job = self._job_cls(self._cfg, self.config, self._placement, res.step_timeout_s,
+                                  max(res.step_timeout_s, wait_s))
         self.restarts += 1
         if self._job.fingerprint != self.data_fingerprint:
             raise DataError(f"the training data changed while the job ran (fingerprint {self._job.fingerprint[:12]}, "

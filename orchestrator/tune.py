@@ -393,8 +393,9 @@ def _tune_config(spec: SearchSpec, config: TrainConfig) -> Any:
         metric=spec.metric, mode=spec.resolved_mode, scheduler=make_scheduler(spec, config),
         num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
         search_alg=BasicVariantGenerator(random_state=spec.seed) if spec.seed is not None else None,
-        # PBT restarts trials often; reusing the trial actors saves a process start (imports) each time.
-        reuse_actors=True)
+        # Reusing a trial actor needs the old trial's thread gone within 2 s of a stop; closing its
+        # MLflow run and worker actors can take longer, and Tune then fails the new trial.
+        reuse_actors=False)
 
 
 def _trial_error(grid: Any) -> str:

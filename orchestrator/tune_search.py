@@ -80,8 +80,10 @@ class Distribution(_Strict):
     def probes(self) -> list[Any]:
         """Values that stand for the whole distribution when checking it against the config."""
         if self.bounds is not None:
+            # The ends and a value between them (not a round number: an int key must refuse ranges).
             lo, hi = self.bounds
-            return [lo, hi]
+            inner = lo * (hi / lo) ** 0.37 if self.kind == "loguniform" else lo + 0.37 * (hi - lo)
+            return [lo, hi, inner]
         return list(getattr(self, self.kind))
 
     def tune_domain(self) -> Any:
@@ -108,6 +110,7 @@ class SchedulerSpec(_Strict):
     perturbation_interval: Optional[int] = Field(None, ge=1)
     quantile_fraction: Optional[float] = Field(None, ge=0.0, le=0.5)
     resample_probability: Optional[float] = Field(None, ge=0.0, le=1.0)
+    synch: Optional[bool] = Field(None, description="pbt: rank all trials together at each perturbation point")
     # asha
     grace_period: Optional[int] = Field(None, ge=1)
     reduction_factor: Optional[float] = Field(None, gt=1.0)
@@ -116,7 +119,7 @@ class SchedulerSpec(_Strict):
     @model_validator(mode="after")
     def _options_belong(self) -> "SchedulerSpec":
         owners = {"perturbation_interval": "pbt", "quantile_fraction": "pbt", "resample_probability": "pbt",
-                  "grace_period": "asha", "reduction_factor": "asha", "max_t": "asha"}
+                  "synch": "pbt", "grace_period": "asha", "reduction_factor": "asha", "max_t": "asha"}
         for key, owner in owners.items():
             if getattr(self, key) is not None and owner != self.kind:
                 raise ValueError(f"scheduler.{key} belongs to scheduler kind '{owner}', not '{self.kind}'; "
@@ -174,7 +177,10 @@ def _format(err: ValidationError) -> str:
         return f"{where} must be one of {(first.get('ctx') or {}).get('expected')} (got {first.get('input')!r})"
     if first.get("type") == "value_error":
         text = str((first.get("ctx") or {}).get("error", first.get("msg")))
-        return text if not loc else f"{where}: {text}"
+        return text if not loc or text.startswith(f"{loc[0]}.") else f"{where}: {text}"
+    if len(loc) == 2 and loc[0] == "space" and first.get("type") in ("model_type", "dict_type"):
+        return (f"{where} must be one distribution: {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+                f"{{choice: [...]}} or {{grid: [...]}} (got {first.get('input')!r})")
     if first.get("type") == "missing":
         return f"{where} is required in the search file"
     return f"{where}: {first.get('msg', 'invalid value').lower()} (got {first.get('input')!r})"
@@ -287,7 +293,7 @@ def check_search(spec: SearchSpec, base: TrainConfig) -> None:
         if not reported:
             raise ConfigError(f"metric '{spec.metric}': this job reports no eval metrics (data '{base.data.name}' "
                               "has no FID feature network); set eval.inception_weights")
-        hint = difflib.get_close_matches(spec.metric, reported, n=1, cutoff=0.4)
+        hint = difflib.get_close_matches(spec.metric, reported, n=1, cutoff=0.8)
         raise ConfigError(f"metric '{spec.metric}' is not reported by this job (data '{base.data.name}' reports "
                           f"{', '.join(reported)})" + (f"; did you mean '{hint[0]}'?" if hint else ""))
     if base.eval.every_kimg > base.schedule.total_kimg:
@@ -387,6 +393,9 @@ def make_scheduler(spec: SearchSpec, config: TrainConfig) -> Any:
             perturbation_interval=sched.perturbation_interval or 2,
             quantile_fraction=0.25 if sched.quantile_fraction is None else sched.quantile_fraction,
             resample_probability=0.25 if sched.resample_probability is None else sched.resample_probability,
+            # Asynchronous PBT ranks a trial against the others' last scores, which favours whoever
+            # reported last while the metric still improves; synch ranks everyone at the same point.
+            synch=bool(sched.synch),
             hyperparam_mutations={k: d.mutation() for k, d in mutable.items()},
             custom_explore_fn=ClipToSpace({k: d.bounds for k, d in mutable.items() if d.bounds is not None}))
     if sched.kind == "asha":

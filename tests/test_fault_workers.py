@@ -1,0 +1,228 @@
+"""Worker loss on real Ray: SIGKILLed and hung worker processes, a lost node, the restart budget.
+
+Jobs run through `Trainer` on the session's Ray instance; a chunk is started and, while it is in
+flight, one worker process (its PID from the actor's `process_info`) is killed with SIGKILL or
+frozen with SIGSTOP. The job must notice, recreate its workers, restore them from the snapshot
+and finish with exactly the history of an uninterrupted run, having redone at most
+`fault.snapshot_rounds` rounds. The multi-node case (`ray.cluster_utils.Cluster`) runs in a
+subprocess of its own: the session's Ray instance is one per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import ray
+
+from ganray.orchestrator.engine import make_engine
+from ganray.orchestrator.fault import FaultError
+from ganray.orchestrator.trainer import Trainer
+from tests.conftest import REPO, small_config
+from tests.mlflow_server import sqlite_store  # noqa: F401
+
+SNAPSHOT_ROUNDS = 8
+TOTAL_ROUNDS = 40  # 2.56 kimg at batch 64
+
+
+def _config(kind: str, tracking: bool = False, **fault: Any):
+    topology = ({"kind": "replicated", "num_workers": 2} if kind == "replicated"
+                else {"kind": "split", "num_generators": 1, "num_discriminators": 2})
+    return small_config(topology=topology, tracking={"enabled": tracking},
+                        schedule={"total_kimg": TOTAL_ROUNDS * 64 / 1000, "batch_size": 64, "sync_kimg": 0.64,
+                                  "checkpoint_kimg": 100},
+                        resources={"step_timeout_s": 20},
+                        fault={"snapshot_rounds": SNAPSHOT_ROUNDS, "capacity_wait_s": 60, **fault})
+
+
+class Saboteur:
+    """An engine wrapper that hurts worker `victim` while the first chunk after round `after` runs."""
+
+    def __init__(self, engine: Any, victim: int, after: int, sig: int) -> None:
+        self._engine = engine
+        self.victim, self.after, self.sig = victim, after, sig
+        self.rounds = 0
+        self.hit: Optional[dict[str, Any]] = None
+        self.chunks: list[tuple[int, int]] = []  # (start round, rounds) of every completed chunk
+
+    def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> Any:
+        if self.hit is None and n_rounds and self.rounds >= self.after:
+            actor = self._engine.actors[self.victim]
+            info = ray.get(actor.process_info.remote(), timeout=30)  # asked before the chunk keeps it busy
+            self.hit = {"pid": info["pid"], "round": self.rounds}
+            # Fire while the chunk is in flight: the worker dies (or hangs) mid-round.
+            threading.Timer(0.05, os.kill, (info["pid"], self.sig)).start()
+        res = self._engine.run(n_rounds, stop_at_images)
+        if n_rounds:
+            self.chunks.append((self.rounds, res.rounds))
+        self.rounds = res.round_index
+        return res
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def _sabotaged(box: list[Saboteur], victim: int, after: int, sig: int = signal.SIGKILL):
+    def factory(config: Any) -> Saboteur:
+        box.append(Saboteur(make_engine(config), victim, after, sig))
+        return box[-1]
+    return factory
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session) -> dict[str, Any]:
+    """Uninterrupted runs of both topologies (histories to compare with)."""
+    return {kind: Trainer(_config(kind), progress=False).run() for kind in ("replicated", "split")}
+
+
+def _assert_recovered(result: Any, trainer: Trainer, saboteur: Saboteur, reference: Any) -> None:
+    assert saboteur.hit is not None
+    assert result.images_seen == reference.images_seen == TOTAL_ROUNDS * 64 and not result.stopped_early
+    assert trainer.faults is not None and trainer.faults.restarts == 1
+    assert trainer.faults.rounds_redone <= SNAPSHOT_ROUNDS
+    assert result.history == reference.history  # restored exactly: the same losses, round by round
+    # The chunk in flight at the hit was the one lost; what ran before it was kept up to the snapshot.
+    assert sum(n for _, n in saboteur.chunks) - TOTAL_ROUNDS == trainer.faults.rounds_redone
+    pids = [ray.get(a.process_info.remote(), timeout=30)["pid"] for a in saboteur.actors]
+    assert saboteur.hit["pid"] not in pids  # the worker was recreated
+
+
+@pytest.mark.slow
+def test_replicated_worker_sigkilled_mid_run(reference: dict[str, Any], sqlite_store: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow import MlflowClient
+
+    caplog.set_level(logging.WARNING, logger="ganray")
+    box: list[Saboteur] = []
+    trainer = Trainer(_config("replicated", tracking=True), progress=False,
+                      engine_factory=_sabotaged(box, victim=1, after=17))
+    result = trainer.run()
+    _assert_recovered(result, trainer, box[0], reference["replicated"])
+    client = MlflowClient(f"sqlite:///{sqlite_store / 'mlflow.db'}")
+    assert [m.value for m in client.get_metric_history(result.run_id, "fault/restarts")] == [1.0]
+    assert client.get_run(result.run_id).data.tags["ganray.fault.last_event"].startswith("restart")
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss/D")]
+    assert steps == sorted(set(steps)) and len(steps) == 4  # one point per sync interval, none twice
+    assert any("worker lost" in r.getMessage() and "replica 1" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_split_discriminator_sigkilled_mid_run(reference: dict[str, Any]) -> None:
+    box: list[Saboteur] = []
+    trainer = Trainer(_config("split"), progress=False, engine_factory=_sabotaged(box, victim=2, after=20))
+    result = trainer.run()
+    _assert_recovered(result, trainer, box[0], reference["split"])
+
+
+@pytest.mark.slow
+def test_hung_worker_times_out_and_is_replaced(reference: dict[str, Any]) -> None:
+    config = _config("replicated")
+    config.resources.step_timeout_s = 4
+    box: list[Saboteur] = []
+    trainer = Trainer(config, progress=False, engine_factory=_sabotaged(box, victim=0, after=9, sig=signal.SIGSTOP))
+    try:
+        result = trainer.run()
+    finally:
+        if box and box[0].hit:  # never leave a frozen process behind, whatever happened
+            try:
+                os.kill(box[0].hit["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _assert_recovered(result, trainer, box[0], reference["replicated"])
+
+
+@pytest.mark.slow
+def test_restart_budget_spent_stops_with_a_resumable_checkpoint(ray_session, sqlite_store: Path) -> None:
+    from mlflow import MlflowClient
+
+    from ganray.orchestrator.checkpoint import latest_checkpoint
+
+    box: list[Saboteur] = []
+    config = _config("replicated", tracking=True, max_restarts=0)
+    trainer = Trainer(config, progress=False, engine_factory=_sabotaged(box, victim=0, after=20))
+    with pytest.raises(FaultError) as err:
+        trainer.run()
+    assert "fault.max_restarts=0" in str(err.value) and "--resume" in str(err.value)
+    client = MlflowClient(f"sqlite:///{sqlite_store / 'mlflow.db'}")
+    state, meta = latest_checkpoint(client, trainer.run_id, sqlite_store / "dl")
+    assert meta["images_seen"] == trainer.keeper.images_seen == 16 * 64  # the last snapshot before the kill
+    assert state["progress"]["rounds"] == 16 and client.get_run(trainer.run_id).info.status == "FAILED"
+    resumed = Trainer(config, resume=trainer.run_id, progress=False).run()
+    assert resumed.images_seen == TOTAL_ROUNDS * 64 and not resumed.stopped_early
+
+
+CLUSTER_SCRIPT = r'''
+import json, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+
+from ganray.orchestrator.config import config_from_dict
+from ganray.orchestrator.engine import make_engine
+from ganray.orchestrator.trainer import Trainer
+
+fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 4, "health_check_timeout_ms": 500}
+cluster = Cluster(initialize_head=True, connect=True,
+                  head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": fast})
+nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+tree = json.loads(sys.argv[1])
+config = config_from_dict(tree)
+events = {}
+
+class Watch:
+    """Removes the node of replica 1 while a chunk runs, then adds a fresh node."""
+    def __init__(self, engine):
+        self._engine, self.rounds = engine, 0
+    def run(self, n, stop=None):
+        if "removed" not in events and n and self.rounds >= 8:
+            node_id = ray.get(self._engine.actors[1].process_info.remote())["node_id"]
+            node = next(n_ for n_ in cluster.worker_nodes if n_.node_id == node_id)
+            def hurt():
+                cluster.remove_node(node, allow_graceful=False)
+                events["removed"] = time.monotonic()
+                time.sleep(2.0)
+                cluster.add_node(num_cpus=1)
+                events["added"] = time.monotonic()
+            threading.Timer(0.05, hurt).start()
+        res = self._engine.run(n, stop)
+        self.rounds = res.round_index
+        return res
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+engines = []
+trainer = Trainer(config, progress=False, engine_factory=lambda c: engines.append(Watch(make_engine(c))) or engines[-1])
+t0 = time.monotonic()
+result = trainer.run()
+print(json.dumps({"images_seen": result.images_seen, "restarts": trainer.faults.restarts,
+                  "rounds_redone": trainer.faults.rounds_redone, "removed": "removed" in events,
+                  "added": "added" in events, "wall_s": time.monotonic() - t0}))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_node_lost_then_replaced_on_a_cluster(tmp_path: Path) -> None:
+    config = _config("replicated")
+    tree = config.model_dump(mode="json")
+    tree["resources"].update({"strategy": "SPREAD", "cpus_per_worker": 1, "step_timeout_s": 30,
+                              "placement_timeout_s": 120})
+    tree["fault"]["capacity_wait_s"] = 120
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(tree)], capture_output=True, text=True,
+                          timeout=540, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["removed"] and report["added"]
+    assert report["images_seen"] == TOTAL_ROUNDS * 64
+    assert report["restarts"] >= 1 and report["rounds_redone"] <= SNAPSHOT_ROUNDS * report["restarts"]
