@@ -27,7 +27,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ganray.models.errors import GanrayError
 
@@ -231,6 +231,63 @@ class FaultPolicy:
     def metrics(self) -> dict[str, float]:
         return {"fault/rollbacks": float(self.rollbacks), "fault/restarts": float(self.restarts),
                 "fault/rounds_redone": float(self.rounds_redone), "fault/lr_scale": float(self.lr_scale)}
+
+
+def brief(err: BaseException) -> str:
+    """The informative line of an exception (torch's load_state_dict puts it on the second line)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    line = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def roll_back(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, backoff: float, rounds_now: int,
+              images_now: int) -> int:
+    """Divergence: restore the last good snapshot and scale the learning rates; returns rounds redone."""
+    redone = rounds_now - keeper.round_index
+    policy.note_rollback(keeper.round_index, redone)
+    log.warning("%d rounds in a row skipped a non-finite step (at %.1f kimg): rolling back %d rounds to the "
+                "snapshot at %.1f kimg with learning rates x%g (rollback %d)", policy.streak, images_now / 1000,
+                redone, keeper.images_seen / 1000, backoff, policy.rollbacks)
+    keeper.restore(engine, keep_hyper=True)
+    engine.scale_lr(backoff)
+    policy.reset_streak()
+    return redone
+
+
+def recover_workers(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, fault_cfg: Any, exc: BaseException,
+                    rounds_now: int, images_now: int,
+                    fallback: Callable[[BaseException], tuple[int, int]]) -> tuple[int, int]:
+    """Worker loss: recreate the workers, restore them all from the snapshot (or `fallback(lost)`,
+    the last checkpoint, when the snapshot itself is gone) and re-apply the learning-rate scale.
+    A loss during recovery counts as another restart. Returns (round_index, images_seen) restored."""
+    redone = rounds_now - keeper.round_index
+    while True:
+        policy.note_restart(redone)
+        log.warning("worker lost at %.1f kimg (%s): recreating the workers (restart %d of %d) and restoring "
+                    "the snapshot at %.1f kimg", images_now / 1000, brief(exc), policy.restarts,
+                    fault_cfg.max_restarts, keeper.images_seen / 1000)
+        t0 = time.perf_counter()
+        try:
+            restart_workers(engine, fault_cfg.capacity_wait_s)
+            try:
+                snap = keeper.restore(engine, keep_hyper=True)
+                rounds, images = snap.round_index, snap.images_seen
+            except SnapshotLostError as lost:
+                rounds, images = fallback(lost)
+            if policy.lr_scale != 1.0:  # fresh workers start from the config's learning rates
+                engine.scale_lr(policy.lr_scale)
+        except Exception as again:  # noqa: BLE001 - a loss during recovery is another restart
+            if not is_worker_loss(again):
+                raise FaultError(f"recovering from a lost worker failed ({brief(again)}); the last snapshot is "
+                                 "saved as a checkpoint: continue with `ganray train CONFIG --resume RUN_ID`") from None
+            exc, redone = again, 0
+            continue
+        policy.reset_streak()
+        log.warning("workers recreated in %.1f s; continuing from %.1f kimg (%d rounds redone)",
+                    time.perf_counter() - t0, images / 1000, rounds_now - rounds)
+        return rounds, images
 
 
 def restart_workers(engine: Any, wait_s: float) -> None:

@@ -30,8 +30,8 @@ from ganray.models.errors import CheckpointError, ConfigError, GanrayError
 from ganray.orchestrator.config import TrainConfig, config_differences, load_config
 from ganray.orchestrator.engine import ChunkResult, Engine, build_eval_generator, make_engine
 from ganray.orchestrator.evaluate import Evaluator
-from ganray.orchestrator.fault import (ChunkClock, FaultError, FaultPolicy, SnapshotKeeper, SnapshotLostError,
-                                       is_worker_loss, plan_chunk, restart_workers)
+from ganray.orchestrator.fault import (ChunkClock, FaultError, FaultPolicy, SnapshotKeeper, SnapshotLostError, brief,
+                                       is_worker_loss, plan_chunk, recover_workers, roll_back)
 from ganray.orchestrator.progress import Progress
 
 log = logging.getLogger("ganray")
@@ -202,7 +202,7 @@ class Trainer:
             if is_worker_loss(err):
                 raise
             raise CheckpointError(f"the checkpoint of run {self.resume} at {meta.get('kimg', '?')} kimg does not fit "
-                                  f"this config ({_brief(err)}); resume with the run's config and topology") from None
+                                  f"this config ({brief(err)}); resume with the run's config and topology") from None
         log.info("resumed run %s at %.1f kimg", self.resume, meta.get("images_seen", 0) / 1000)
 
     def _logged_upto(self, images_seen: int) -> int:
@@ -351,52 +351,19 @@ class Trainer:
 
     # -- faults ------------------------------------------------------------------------------
     def _rollback(self, engine: Engine, res: ChunkResult) -> None:
-        st, keeper, faults = self._st, self.keeper, self.faults
-        assert faults is not None
-        redone = st.rounds - keeper.round_index
-        faults.note_rollback(keeper.round_index, redone)
-        log.warning("%d rounds in a row skipped a non-finite step (at %.1f kimg): rolling back %d rounds to the "
-                    "snapshot at %.1f kimg with learning rates x%g (rollback %d)", faults.streak,
-                    res.images_seen / 1000, redone, keeper.images_seen / 1000, self.config.fault.lr_backoff,
-                    faults.rollbacks)
-        keeper.restore(engine, keep_hyper=True)
-        engine.scale_lr(self.config.fault.lr_backoff)
-        faults.reset_streak()
-        st.rewind(keeper.round_index, keeper.images_seen)
+        assert self.faults is not None
+        roll_back(engine, self.keeper, self.faults, self.config.fault.lr_backoff, self._st.rounds, res.images_seen)
+        self._st.rewind(self.keeper.round_index, self.keeper.images_seen)
         self._fault_event("rollback", res.images_seen)
 
     def _recover(self, engine: Engine, exc: BaseException) -> None:
-        """Recreate lost workers and restore them all from the snapshot (retried while workers keep dying)."""
-        st, faults = self._st, self.faults
-        assert faults is not None
-        while True:
-            redone = st.rounds - self.keeper.round_index
-            faults.note_restart(redone)
-            log.warning("worker lost at %.1f kimg (%s): recreating the workers (restart %d of %d) and restoring "
-                        "the snapshot at %.1f kimg", st.images_seen / 1000, _brief(exc), faults.restarts,
-                        self.config.fault.max_restarts, self.keeper.images_seen / 1000)
-            t0 = time.perf_counter()
-            try:
-                restart_workers(engine, self.config.fault.capacity_wait_s)
-                try:
-                    snap = self.keeper.restore(engine, keep_hyper=True)
-                    rounds, images = snap.round_index, snap.images_seen
-                except SnapshotLostError as lost:
-                    rounds, images = self._restore_from_checkpoint(engine, lost)
-                if faults.lr_scale != 1.0:  # fresh workers start from the config's learning rates
-                    engine.scale_lr(faults.lr_scale)
-            except Exception as again:  # noqa: BLE001 - a loss during recovery is another restart
-                if not is_worker_loss(again):
-                    raise FaultError(f"recovering from a lost worker failed ({_brief(again)}); the last snapshot "
-                                     "is saved as a checkpoint: continue with `ganray train CONFIG --resume RUN_ID`") from None
-                exc = again
-                continue
-            faults.reset_streak()
-            st.rewind(rounds, images)
-            log.warning("workers recreated in %.1f s; continuing from %.1f kimg (%d rounds redone)",
-                        time.perf_counter() - t0, images / 1000, redone)
-            self._fault_event("restart", images)
-            return
+        """Recreate lost workers and restore them all from the snapshot (or the last checkpoint)."""
+        assert self.faults is not None
+        st = self._st
+        rounds, images = recover_workers(engine, self.keeper, self.faults, self.config.fault, exc, st.rounds,
+                                         st.images_seen, fallback=lambda lost: self._restore_from_checkpoint(engine, lost))
+        st.rewind(rounds, images)
+        self._fault_event("restart", images)
 
     def _restore_from_checkpoint(self, engine: Engine, lost: BaseException) -> tuple[int, int]:
         """The snapshot is gone: fall back to the run's latest complete checkpoint in MLflow."""
@@ -515,15 +482,6 @@ class Trainer:
         finally:
             self.logger.close("KILLED" if interrupted and images_seen == 0 else "FINISHED", timeout=left(300.0))
         return version
-
-
-def _brief(err: BaseException) -> str:
-    """The informative line of an exception (torch's load_state_dict puts it on the second line)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    line = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 # Keys ignored by the checkpoint's config hash: those allowed to change on resume.

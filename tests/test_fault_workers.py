@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pytest
 import ray
 
@@ -88,7 +89,11 @@ def _assert_recovered(result: Any, trainer: Trainer, saboteur: Saboteur, referen
     assert result.images_seen == reference.images_seen == TOTAL_ROUNDS * 64 and not result.stopped_early
     assert trainer.faults is not None and trainer.faults.restarts == 1
     assert trainer.faults.rounds_redone <= SNAPSHOT_ROUNDS
-    assert result.history == reference.history  # restored exactly: the same losses, round by round
+    # Restored exactly: the same losses round by round. (Two Ray runs agree to float32 rounding
+    # only, not to the bit: tolerance at that level, far below what a wrong restore would give.)
+    assert result.history.keys() == reference.history.keys()
+    for key, values in reference.history.items():
+        np.testing.assert_allclose(result.history[key], values, rtol=1e-4, atol=1e-5, err_msg=key)
     # The chunk in flight at the hit was the one lost; what ran before it was kept up to the snapshot.
     assert sum(n for _, n in saboteur.chunks) - TOTAL_ROUNDS == trainer.faults.rounds_redone
     pids = [ray.get(a.process_info.remote(), timeout=30)["pid"] for a in saboteur.actors]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -77,3 +77,22 @@ def test_short_grid25_run_improves_quality():
     after = result.eval
     assert after["modes"] > before["modes"]
     assert after["kl"] < before["kl"]
+
+
+def test_nonfinite_step_is_skipped_without_touching_weights():
+    cfg = small_config()
+    engine = LocalEngine(cfg)
+    engine.run(2)
+    stepper = engine.stepper
+    before = {k: v.clone() for k, v in stepper.disc.D.state_dict().items()}
+    real_get = stepper.source.get
+    stepper._device_data = None
+    stepper.source.get = lambda idx: real_get(idx) * float("nan")  # a poisoned batch
+    out = engine.run(1)
+    assert out.metrics["skipped"][0] >= 1 and out.nonfinite_run == 1
+    after = stepper.disc.D.state_dict()
+    assert all(bool((before[k] == after[k]).all()) for k in before)
+    step_counts = [s["step"] for s in stepper.disc.opt.state_dict()["state"].values()]
+    assert all(float(c) == 2.0 for c in step_counts)  # the skipped step did not count
+    stepper.source.get = real_get
+    assert engine.run(1).nonfinite_run == 0

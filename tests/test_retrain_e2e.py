@@ -66,7 +66,7 @@ def stop_processes(temp_dir: str) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
     for proc in alive + started_processes(temp_dir):  # and anything respawned meanwhile
         with contextlib.suppress(psutil.Error):
             proc.kill()

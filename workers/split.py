@@ -162,13 +162,13 @@ class GeneratorWorker:
         self._fake.backward(grad.to(self._fake.device))
         self._fake = None
         comm_before = self.timer.comm
-        norm, ok = self.gen.step(self._timed_all_reduce if self.world > 1 else None)
+        norm, skipped = self.gen.step(self._timed_all_reduce if self.world > 1 else None)
         self.gen.update_ema()
         self.rounds += 1
         self.images_seen += int(n_images)
         self.timer.compute += time.perf_counter() - t0 - (self.timer.comm - comm_before)
         compute, comm = self.timer.take()
-        return {"loss_G": float((w * losses).sum()), "grad_norm_G": float(norm), "skipped_G": 0.0 if ok else 1.0,
+        return {"loss_G": float((w * losses).sum()), "grad_norm_G": float(norm), "skipped_G": float(skipped),
                 "compute_s": compute, "comm_s": comm}
 
     def _timed_all_reduce(self, grads: list[Optional[torch.Tensor]]) -> None:

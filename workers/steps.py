@@ -117,7 +117,9 @@ class NoiseStreams:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.seed = seed
         self.device = device
-        self._gen = torch.Generator(device="cpu")
+        # Draw on the worker's own device: a CPU draw plus a copy per step would stall a GPU.
+        # (CUDA and CPU streams differ, but every replica of a job shares one device type.)
+        self._gen = torch.Generator(device=device)
 
     def _seed_for(self, round_idx: int, slot: int) -> int:
         # A large odd multiplier keeps (seed, round, slot) triples from colliding in practice.
@@ -125,13 +127,11 @@ class NoiseStreams:
 
     def normal(self, round_idx: int, slot: int, shape: tuple[int, ...], part: int, parts: int) -> torch.Tensor:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
-        full = torch.randn(shape, generator=self._gen)
-        return _slice(full, part, parts).to(self.device, non_blocking=True)
+        return _slice(torch.randn(shape, generator=self._gen, device=self.device), part, parts)
 
     def uniform(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> torch.Tensor:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
-        full = torch.rand((n,), generator=self._gen)
-        return _slice(full, part, parts).to(self.device, non_blocking=True)
+        return _slice(torch.rand((n,), generator=self._gen, device=self.device), part, parts)
 
 
 def _slice(full: torch.Tensor, part: int, parts: int) -> torch.Tensor:
@@ -146,6 +146,24 @@ def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _adam(params: Any, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    # fused: one kernel for the whole update, and it honours `found_inf` on the device, so a
+    # non-finite step is skipped without a host sync (see `_guarded_step`).
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+
+
+def _guarded_step(opt: torch.optim.Adam, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step unless the (already all-reduced) gradient norm is non-finite, as AMP's GradScaler
+    does: the fused kernel reads `found_inf` and skips the update (and the step count) on the
+    device. Every replica sees the same reduced norm, so every replica skips together."""
+    norm = grad_norm(params)
+    found_inf = (~torch.isfinite(norm)).to(torch.float32)
+    opt.found_inf = found_inf
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, found_inf
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) -> None:
@@ -165,8 +183,7 @@ class GeneratorRole:
             self.G = self.G.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         h = settings.hyper
-        # foreach: one kernel per op over all tensors; CPU defaults to a per-tensor loop.
-        self.opt = torch.optim.Adam(self.G.parameters(), lr=h.g_lr, betas=h.betas, foreach=True)
+        self.opt = _adam(self.G.parameters(), h.g_lr, h.betas)
         self.params = list(self.G.parameters())
         self.z_dim = int(self.G.z_dim)
 
@@ -182,16 +199,12 @@ class GeneratorRole:
         with _autocast(self.settings):
             return self.G(z).float()
 
-    def step(self, sync: Optional[GradSync]) -> tuple[torch.Tensor, bool]:
-        """All-reduce G's gradients (when replicated), then step unless they are non-finite."""
+    def step(self, sync: Optional[GradSync]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-reduce G's gradients (when replicated), then step unless they are non-finite.
+        Returns (gradient norm, skipped) as tensors: no host sync on a GPU."""
         if sync is not None:
             sync([p.grad for p in self.params])
-        norm = grad_norm(self.params)
-        ok = bool(torch.isfinite(norm))
-        if ok:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return norm, ok
+        return _guarded_step(self.opt, self.params)
 
     def update_ema(self) -> None:
         update_ema(self.G_ema, self.G, ema_beta(self.settings.global_batch, self.settings.ema_half_life_kimg))
@@ -209,7 +222,7 @@ class DiscriminatorRole:
         if settings.channels_last and len(sample_shape) == 3:
             self.D = self.D.to(memory_format=torch.channels_last)
         h = settings.hyper
-        self.opt = torch.optim.Adam(self.D.parameters(), lr=h.d_lr, betas=h.betas, foreach=True)
+        self.opt = _adam(self.D.parameters(), h.d_lr, h.betas)
         self.params = list(self.D.parameters())
         self.d_steps = 0  # global D step count, drives the lazy R1 interval
 
@@ -235,15 +248,11 @@ class DiscriminatorRole:
         total.backward()
         if sync is not None:
             sync([p.grad for p in self.params])
-        norm = grad_norm(self.params)
-        ok = bool(torch.isfinite(norm))
-        if ok:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        norm, skipped = _guarded_step(self.opt, self.params)
         self.d_steps += 1
         return {"loss_D": loss.detach(), "real_score": real_logits.detach().mean(),
                 "fake_score": fake_logits.detach().mean(), "grad_norm_D": norm.detach(),
-                "skipped_D": torch.tensor(0.0 if ok else 1.0)}
+                "skipped_D": skipped}
 
     def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
         """G's loss on `fake` through this D, with D's parameters frozen (no D gradients)."""
@@ -286,6 +295,7 @@ class ReplicaStepper:
         self.gen = GeneratorRole(config, shape, self.settings)
         self.disc = DiscriminatorRole(config, shape, self.settings)
         self.noise = NoiseStreams(self.settings.seed, self.settings.device)
+        self._device_data = _device_copy(source, self.settings.device)
         self.rounds = 0          # rounds completed (global, same on every replica)
         self.images_seen = 0     # real images consumed by D, all replicas together
         self.nonfinite_run = 0   # consecutive rounds with a skipped step
@@ -308,12 +318,22 @@ class ReplicaStepper:
                                "round_index": self.rounds, "time_compute_s": elapsed - comm,
                                "time_comm_s": comm, "nonfinite_run": self.nonfinite_run}
         if records:
-            keys = records[0].keys()
-            stacked = {k: torch.stack([r[k].float().cpu() for r in records]).tolist() for k in keys}
+            # One device-to-host transfer per chunk, not per round.
+            keys = list(records[0].keys())
+            table = torch.stack([torch.stack([r[k].float() for k in keys]) for r in records]).cpu()
+            stacked = {k: table[:, i].tolist() for i, k in enumerate(keys)}
+            for skipped in stacked["skipped"]:
+                self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
             out["metrics"] = stacked
+            out["nonfinite_run"] = self.nonfinite_run
         else:
             out["metrics"] = {}
         return out
+
+    def _real_batch(self, indices: Any) -> torch.Tensor:
+        if self._device_data is not None:
+            return self._device_data[torch.as_tensor(indices).to(self.settings.device, non_blocking=True)]
+        return self.source.get(indices).to(self.settings.device, non_blocking=True)
 
     def _timed_sync(self, grads: list[torch.Tensor]) -> None:
         t = time.perf_counter()
@@ -331,7 +351,7 @@ class ReplicaStepper:
         zshape = (B, self.gen.z_dim)
         d_metrics: list[dict[str, torch.Tensor]] = []
         for k in range(h.n_critic):
-            real = self.source.get(self.sampler.next_indices()).to(s.device, non_blocking=True)
+            real = self._real_batch(self.sampler.next_indices())
             z = self.noise.normal(self.rounds, k, zshape, r, w)
             fake = self.gen.generate(z)
             alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
@@ -339,17 +359,16 @@ class ReplicaStepper:
         z = self.noise.normal(self.rounds, G_SLOT, zshape, r, w)
         loss_g = self.disc.g_loss(self.gen.forward_with_graph(z))
         loss_g.backward()
-        g_norm, g_ok = self.gen.step(sync)
+        g_norm, g_skipped = self.gen.step(sync)
         self.gen.update_ema()
         self.rounds += 1
         self.images_seen += h.n_critic * B
-        skipped = sum(float(m["skipped_D"]) for m in d_metrics) + (0.0 if g_ok else 1.0)
-        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+        skipped = torch.stack([m["skipped_D"] for m in d_metrics]).sum() + g_skipped
         last = d_metrics[-1]
         return {"loss_D": torch.stack([m["loss_D"] for m in d_metrics]).mean(),
                 "loss_G": loss_g.detach(), "real_score": last["real_score"],
                 "fake_score": last["fake_score"], "grad_norm_D": last["grad_norm_D"],
-                "grad_norm_G": g_norm.detach(), "skipped": torch.tensor(skipped)}
+                "grad_norm_G": g_norm.detach(), "skipped": skipped}
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -403,6 +422,20 @@ class ReplicaStepper:
                 for p in m.parameters():
                     total += p.detach().double().sum().cpu()
             return float(total)
+
+
+# In-memory data up to this size is kept on the GPU, so a step indexes it there instead of
+# copying a batch from host memory.
+DEVICE_DATA_MAX_BYTES = 2 * 1024**3
+
+
+def _device_copy(source: Any, device: torch.device) -> Optional[torch.Tensor]:
+    data = getattr(source, "data", None)
+    if device.type != "cuda" or not isinstance(data, torch.Tensor):
+        return None
+    if data.numel() * data.element_size() > DEVICE_DATA_MAX_BYTES:
+        return None
+    return data.to(device=device, dtype=torch.float32)
 
 
 def cpu_tree(obj: Any) -> Any:
