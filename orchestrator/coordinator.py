@@ -432,7 +432,7 @@ class RayEngine:
         self._placement = None
         self._placement = Placement(self._specs, res.strategy, wait_s)
         self._job = self._job_cls(self._cfg, self.config, self._placement, res.step_timeout_s,
-                                  max(res.step_timeout_s, wait_s))
+                                  max(res.step_timeout_s, res.placement_timeout_s, wait_s))
         self.restarts += 1
         if self._job.fingerprint != self.data_fingerprint:
             raise DataError(f"the training data changed while the job ran (fingerprint {self._job.fingerprint[:12]}, "

@@ -40,8 +40,8 @@ def _config(kind: str, tracking: bool = False, **fault: Any):
     return small_config(topology=topology, tracking={"enabled": tracking},
                         schedule={"total_kimg": TOTAL_ROUNDS * 64 / 1000, "batch_size": 64, "sync_kimg": 0.64,
                                   "checkpoint_kimg": 100},
-                        resources={"step_timeout_s": 20},
-                        fault={"snapshot_rounds": SNAPSHOT_ROUNDS, "capacity_wait_s": 60, **fault})
+                        resources={"step_timeout_s": 20, "placement_timeout_s": 180},
+                        fault={"snapshot_rounds": SNAPSHOT_ROUNDS, "capacity_wait_s": 180, **fault})
 
 
 class Saboteur:
@@ -61,6 +61,8 @@ class Saboteur:
             self.hit = {"pid": info["pid"], "round": self.rounds}
             # Fire while the chunk is in flight: the worker dies (or hangs) mid-round.
             threading.Timer(0.05, os.kill, (info["pid"], self.sig)).start()
+        elif self.hit is not None and "pids_after" not in self.hit:  # the first chunk after recovery
+            self.hit["pids_after"] = [ray.get(a.process_info.remote(), timeout=30)["pid"] for a in self._engine.actors]
         res = self._engine.run(n_rounds, stop_at_images)
         if n_rounds:
             self.chunks.append((self.rounds, res.rounds))
@@ -96,8 +98,7 @@ def _assert_recovered(result: Any, trainer: Trainer, saboteur: Saboteur, referen
         np.testing.assert_allclose(result.history[key], values, rtol=1e-4, atol=1e-5, err_msg=key)
     # The chunk in flight at the hit was the one lost; what ran before it was kept up to the snapshot.
     assert sum(n for _, n in saboteur.chunks) - TOTAL_ROUNDS == trainer.faults.rounds_redone
-    pids = [ray.get(a.process_info.remote(), timeout=30)["pid"] for a in saboteur.actors]
-    assert saboteur.hit["pid"] not in pids  # the worker was recreated
+    assert saboteur.hit["pid"] not in saboteur.hit["pids_after"]  # the worker was recreated
 
 
 @pytest.mark.slow
