@@ -33,8 +33,8 @@ from typing import Any, Callable, Optional, Union
 
 from ganray.models.errors import CheckpointError, ConfigError, GanrayError, TrackingError
 from ganray.orchestrator.config import RESUME_ALLOWED, TrainConfig, load_config
-from ganray.orchestrator.tune_search import (MUTABLE_KEYS, SearchSpec, check_search, check_storage, hyper_of,
-                                             load_search, make_scheduler, param_space, parse_search, plain,
+from ganray.orchestrator.tune_search import (MUTABLE_KEYS, SearchSpec, absolute_paths, check_search, check_storage,
+                                             hyper_of, load_search, make_scheduler, param_space, parse_search, plain,
                                              resolve_storage, trial_config)
 
 log = logging.getLogger("ganray")
@@ -182,9 +182,10 @@ def trainable(config: dict[str, Any], base: dict[str, Any], tracking_uri: Option
     run = None
     if cfg.tracking.enabled and tracking_uri and parent_run_id:
         run = _ChildRun(cfg, tracking_uri, parent_run_id, trial_id, context.get_trial_name() or trial_id)
-    engine = make_engine(cfg)
+    engine = None
     status = "FAILED"
     try:
+        engine = make_engine(cfg)
         if run is not None:
             run.logger.set_tags({"ganray.data_hash": engine.data_fingerprint})
         _train(cfg, sampled, engine, run, trial_id)
@@ -197,7 +198,8 @@ def trainable(config: dict[str, Any], base: dict[str, Any], tracking_uri: Option
     finally:
         if run is not None:
             run.logger.close(status, timeout=30.0)
-        engine.close()
+        if engine is not None:
+            engine.close()
 
 
 def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional[_ChildRun], trial_id: str) -> None:
@@ -336,7 +338,7 @@ def search(config: Union[TrainConfig, str, Path], search_spec: Union[SearchSpec,
 
     from ganray.orchestrator.placement import connect
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    cfg = absolute_paths(config if isinstance(config, TrainConfig) else load_config(config, overrides))
     spec = _as_spec(search_spec)
     check_search(spec, cfg)
     storage = resolve_storage(spec.storage_path)
@@ -389,10 +391,12 @@ def _tune_config(spec: SearchSpec, config: TrainConfig) -> Any:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    # Tune's default searcher, made here to seed it; it then also enforces the concurrency limit
+    # (TuneConfig's max_concurrent_trials is ignored when a search_alg instance is passed).
+    searcher = BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials or 0)
     return tune.TuneConfig(
         metric=spec.metric, mode=spec.resolved_mode, scheduler=make_scheduler(spec, config),
-        num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials,
-        search_alg=BasicVariantGenerator(random_state=spec.seed) if spec.seed is not None else None,
+        num_samples=spec.num_samples, search_alg=searcher,
         # Reusing a trial actor needs the old trial's thread gone within 2 s of a stop; closing its
         # MLflow run and worker actors can take longer, and Tune then fails the new trial.
         reuse_actors=False)

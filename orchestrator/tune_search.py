@@ -249,6 +249,17 @@ def trial_config(base: Union[TrainConfig, dict[str, Any]], sampled: dict[str, An
     return config_from_dict(tree)
 
 
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Relative local paths (data, Inception weights) made absolute against the driver's cwd:
+    Tune runs each trial in its own working directory, where they would point nowhere."""
+    tree = config.model_dump(mode="json")
+    for section, key in (("data", "path"), ("eval", "inception_weights")):
+        value = tree[section].get(key)
+        if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().is_absolute():
+            tree[section][key] = str(Path(value).expanduser().resolve())
+    return config_from_dict(tree)
+
+
 def hyper_of(config: TrainConfig) -> dict[str, Any]:
     """The engine hyperparameters (`Engine.set_hyper` keys) a config asks for."""
     s = config.schedule

@@ -96,6 +96,17 @@ def test_trial_config_applies_sampled_keys() -> None:
     assert cfg.schedule.g_lr == pytest.approx(3e-4) and cfg.model.hidden == 16 and cfg.schedule.betas == (0.0, 0.9)
 
 
+def test_relative_paths_are_made_absolute_for_the_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ganray.orchestrator.tune_search import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(small_config(data={"name": "imagefolder", "path": "images"},
+                                      eval={"inception_weights": "w/inception.pt"}))
+    assert cfg.data.path == str(tmp_path / "images") and cfg.eval.inception_weights == str(tmp_path / "w/inception.pt")
+    remote = absolute_paths(small_config(data={"name": "parquet", "path": "s3://bucket/set"}))
+    assert remote.data.path == "s3://bucket/set"
+
+
 def test_storage_on_a_multi_node_cluster_must_be_shared() -> None:
     with pytest.raises(ConfigError, match=r"3 nodes.*shared storage.*cloud URI"):
         check_storage("/home/me/ray_results", alive_nodes=3, fstype="ext4")
@@ -213,6 +224,9 @@ def test_asha_on_digits_nests_runs_and_registers_the_winner(ray_session: Any, st
     children = _children(client, parent_id)
     reports = _trial_reports(values["experiment_path"])
     assert len(children) == 2 and len(reports) == 2
+    # The two trials trained at the same time (each one's first report before the other's last).
+    spans = [(rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]) for rows in reports.values()]
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
     for child in children:
         rows = reports[child.data.tags["ganray.trial_id"]]
         assert {r["mlflow_run_id"] for r in rows} == {child.info.run_id}
