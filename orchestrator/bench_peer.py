@@ -9,21 +9,23 @@ fresh noise with D frozen, the EMA update). It is written carefully, not naively
 `D.module` with D's parameters frozen, so no D gradient is computed or all-reduced there.
 
 Throughput is measured inside the train loop: after a warm-up, rank 0 times `windows` spans of
-`rounds` rounds and reports global samples/s per span through `ray.train.report`. ganray's
-`replicated` engine with the same workers, threads and global batch is timed the same way in
-the driver, before and after the peer (so drift of a shared machine hits both).
+`rounds` rounds and reports global samples/s per span (to the driver through a small "baton"
+actor as each window ends, and at the end through `ray.train.report`). ganray's `replicated`
+engine with the same workers, threads and global batch, and the plain loop, are timed in the
+driver between the peer's windows: the three take turns, so drift of a shared machine hits all.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from ganray.orchestrator.bench import BenchContext, EngineContender, Report, plain_contender
+from ganray.orchestrator.bench import (BenchContext, EngineContender, Report, add_ratio, plain_contender,
+                                       ratio_cell, spread)
 from ganray.orchestrator.bench_plain import rounds_for, summary
 
 # BENCHMARKS.md: ganray replicated / Ray Train DDP, same GAN and workers.
@@ -105,17 +107,26 @@ def peer_train_loop(config: dict[str, Any]) -> None:
 
     for _ in range(int(config["warmup_rounds"])):
         one_round()
-    rates = []
+    baton = config["baton"]
+    rank = ctx.get_world_rank()
+    if rank == 0:
+        ray.get(baton.set.remote("ready"))
     images = int(config["rounds"]) * n_critic * int(sched["batch_size"])  # global images per window
-    for _ in range(int(config["windows"])):
+    rates = []
+    for i in range(int(config["windows"])):
+        # Every rank waits for the driver's go, so the peer is idle while the driver times ganray
+        # and the plain loop, and busy only inside its own window.
+        ray.get(baton.wait.remote(f"go{i}"))
         t0 = time.perf_counter()
         for _ in range(int(config["rounds"])):
             one_round()
         rates.append(images / (time.perf_counter() - t0))
+        if rank == 0:
+            ray.get(baton.put.remote(f"done{i}", rates[-1]))
     # Ray Train V2 keeps only metrics that come with a checkpoint in the Result: rank 0 attaches a
     # tiny one (after the timed windows, so it costs the measurement nothing).
     metrics = {"samples_per_s": rates, "world_size": world}
-    if ctx.get_world_rank() == 0:
+    if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "rates.json").write_text(json.dumps(metrics))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -123,34 +134,100 @@ def peer_train_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
 
-def run_peer(cfg: dict[str, Any], workers: int, rounds: int, windows: int, warmup_rounds: int,
-             storage: str) -> list[float]:
-    """samples/s of each timed window of the Ray Train peer (rank 0's clock; DDP keeps ranks in step)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _baton_class() -> Any:
+    import asyncio
 
-    threads = float(cfg["resources"]["threads_per_worker"])
-    trainer = TorchTrainer(
-        peer_train_loop,
-        train_loop_config={"cfg": cfg, "rounds": rounds, "windows": windows, "warmup_rounds": warmup_rounds},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(storage_path=storage, name=f"ganray-bench-peer-{workers}w-{int(time.time())}"),
-    )
-    result = trainer.fit()
-    return [float(x) for x in result.metrics["samples_per_s"]]
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Baton:
+        """Named one-shot events (with a value) between the driver and the peer's workers."""
+
+        def __init__(self) -> None:
+            self.events: dict[str, asyncio.Event] = {}
+            self.values: dict[str, float] = {}
+
+        def _event(self, key: str) -> asyncio.Event:
+            return self.events.setdefault(key, asyncio.Event())
+
+        async def set(self, key: str) -> None:
+            self._event(key).set()
+
+        async def put(self, key: str, value: float) -> None:
+            self.values[key] = value
+            self._event(key).set()
+
+        async def wait(self, key: str) -> Optional[float]:
+            await self._event(key).wait()
+            return self.values.get(key)
+
+    return Baton
 
 
-def _windows(contender: EngineContender, rounds: int, windows: int) -> list[float]:
-    out = []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        images = contender.run(rounds)
-        out.append(images / (time.perf_counter() - t0))
-    return out
+class PeerRun:
+    """The Ray Train peer in a background thread, timed window by window when the driver says go."""
+
+    def __init__(self, cfg: dict[str, Any], workers: int, rounds: int, windows: int, warmup_rounds: int,
+                 storage: str) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        self.baton = _baton_class().remote()
+        threads = float(cfg["resources"]["threads_per_worker"])
+        self.trainer = TorchTrainer(
+            peer_train_loop,
+            train_loop_config={"cfg": cfg, "rounds": rounds, "windows": windows, "warmup_rounds": warmup_rounds,
+                               "baton": self.baton},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": threads}),
+            run_config=RunConfig(storage_path=storage, name=f"ganray-bench-peer-{workers}w-{int(time.time())}"),
+        )
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._fit, name="ray-train-peer", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.result = self.trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver thread
+            self.error = err
+
+    def _await(self, key: str, timeout_s: float) -> Optional[float]:
+        import ray
+
+        ref = self.baton.wait.remote(key)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready, _ = ray.wait([ref], timeout=1.0)
+            if ready:
+                return ray.get(ref)
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the Ray Train peer stopped before '{key}': {self.error!r}")
+        raise TimeoutError(f"the Ray Train peer did not reach '{key}' within {timeout_s:g} s")
+
+    def ready(self, timeout_s: float = 900.0) -> None:
+        self._await("ready", timeout_s)
+
+    def window(self, i: int, timeout_s: float = 900.0) -> float:
+        import ray
+
+        ray.get(self.baton.set.remote(f"go{i}"))
+        value = self._await(f"done{i}", timeout_s)
+        assert value is not None
+        return float(value)
+
+    def finish(self, timeout_s: float = 300.0) -> None:
+        self.thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
 
 
 def peer(ctx: BenchContext) -> Report:
-    """ganray `replicated` against Ray Train TorchTrainer + DDP, 1 and 2 workers, MLP and DCGAN-32."""
+    """ganray `replicated` against Ray Train TorchTrainer + DDP, 1 and 2 workers, MLP and DCGAN-32.
+
+    ganray, the peer and the plain loop take turns window by window (the peer waits on a baton
+    actor between its windows), so a shared machine's drift hits all three alike.
+    """
     ctx.ensure_ray()
     data: dict[str, Any] = {}
     rows: list[list[Any]] = []
@@ -159,38 +236,39 @@ def peer(ctx: BenchContext) -> Report:
         for case in ctx.models():
             for workers in (1, 2):
                 cfg = ctx.config(case, topology={"kind": "replicated", "num_workers": workers})
-                plain = plain_contender(ctx.config(case), workers)
-                ganray = EngineContender(cfg)
+                contenders = {"plain": plain_contender(ctx.config(case), workers), "ganray": EngineContender(cfg)}
+                rates: dict[str, list[float]] = {"ganray": [], "peer": [], "plain": []}
                 try:
-                    ganray.run(ctx.warmup_rounds)
-                    rounds = rounds_for(ganray, ctx.rep_seconds(case), max(1, ctx.warmup_rounds), 10_000)
-                    # ganray, then the peer, then ganray again: the peer sits between two samples.
-                    before = _windows(ganray, rounds, (windows + 1) // 2)
-                    peer_rates = run_peer(cfg.model_dump(), workers, rounds, windows, ctx.warmup_rounds, storage)
-                    after = _windows(ganray, rounds, windows // 2 or 1)
-                    plain.run(ctx.warmup_rounds)
-                    plain_rates = []
-                    for _ in range(windows):
-                        t0 = time.perf_counter()
-                        plain_rates.append(plain.run(rounds) / (time.perf_counter() - t0))
+                    for c in contenders.values():
+                        c.run(ctx.warmup_rounds)
+                    rounds = rounds_for(contenders["ganray"], ctx.rep_seconds(case), max(1, ctx.warmup_rounds), 10_000)
+                    run = PeerRun(cfg.model_dump(), workers, rounds, windows, ctx.warmup_rounds, storage)
+                    run.ready()
+                    for i in range(windows):
+                        for name in ("ganray", "peer", "plain")[i % 3:] + ("ganray", "peer", "plain")[:i % 3]:
+                            if name == "peer":
+                                rates["peer"].append(run.window(i))
+                            else:
+                                t0 = time.perf_counter()
+                                rates[name].append(contenders[name].run(rounds) / (time.perf_counter() - t0))
+                    run.finish()
                 finally:
-                    ganray.close()
-                ganray_rates = before + after
-                g_med, p_med = statistics.median(ganray_rates), statistics.median(peer_rates)
-                plain_med = statistics.median(plain_rates)
-                row = {"workers": workers, "threads_per_worker": 1, "batch": cfg.schedule.batch_size,
-                       "rounds_per_window": rounds,
-                       "samples_per_s": {"ganray": ganray_rates, "peer": peer_rates, f"plain_{workers}t": plain_rates},
-                       "summary": {"ganray": summary(ganray_rates), "peer": summary(peer_rates),
-                                   f"plain_{workers}t": summary(plain_rates)},
-                       "ratio": g_med / p_med, "peer_plain_ratio": p_med / plain_med,
-                       "ganray_plain_ratio": g_med / plain_med, "target": PEER_TARGETS[(case, workers)]}
+                    for c in contenders.values():
+                        c.close()
+                row: dict[str, Any] = {"workers": workers, "threads_per_worker": 1, "batch": cfg.schedule.batch_size,
+                                       "rounds_per_window": rounds, "samples_per_s": rates,
+                                       "summary": {k: summary(v) for k, v in rates.items()},
+                                       "target": PEER_TARGETS[(case, workers)]}
+                add_ratio(row, "ratio", "ganray", "peer")
+                add_ratio(row, "peer_plain_ratio", "peer", "plain")
+                add_ratio(row, "ganray_plain_ratio", "ganray", "plain")
                 data[f"{case}_{workers}w"] = row
-                rows.append([case, workers, f"{p_med:,.0f}", f"{g_med:,.0f}", f"{plain_med:,.0f}",
-                             f"{row['ratio']:.2f}", f"{row['peer_plain_ratio']:.2f}",
+                rows.append([case, workers, spread(row, "peer"), spread(row, "ganray"), spread(row, "plain"),
+                             ratio_cell(row, "ratio"), ratio_cell(row, "peer_plain_ratio"),
                              f">= {PEER_TARGETS[(case, workers)]}"])
-    return Report(data, ["model", "workers", "Ray Train DDP", "ganray replicated", f"plain loop (N threads)",
+    return Report(data, ["model", "workers", "Ray Train DDP", "ganray replicated", "plain loop (N threads)",
                          "ganray / Ray Train", "Ray Train / plain", "target"], rows,
-                  ["Medians of timed windows after warm-up; the peer measures inside its train loop (rank 0), "
-                   "ganray in the driver around engine.run (Ray call included). 1 thread per worker; the plain "
-                   "loop runs with as many threads as there are workers."])
+                  ["samples/s: median (min-max) of timed windows after warm-up, ganray, the peer and the plain "
+                   "loop taking turns; the peer times inside its train loop (rank 0), ganray in the driver around "
+                   "engine.run (the Ray call included). 1 thread per worker; the plain loop runs with as many "
+                   "threads as there are workers."])

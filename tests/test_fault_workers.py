@@ -226,8 +226,9 @@ thread.join(timeout=480)
 if "error" in box:
     raise box["error"]
 result = box["result"]
-print(json.dumps({"images_seen": result.images_seen, "restarts": trainer.faults.restarts,
-                  "rounds_redone": trainer.faults.rounds_redone, "wall_s": time.monotonic() - t0, **events}))
+print("RESULT", json.dumps({"images_seen": result.images_seen, "restarts": trainer.faults.restarts,
+                  "rounds_redone": trainer.faults.rounds_redone, "wall_s": time.monotonic() - t0, **events}),
+      flush=True)
 ray.shutdown()
 cluster.shutdown()
 '''
@@ -245,7 +246,7 @@ def test_node_lost_then_replaced_on_a_cluster(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(tree)], capture_output=True, text=True,
                           timeout=540, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert report["removed_at"] < report["added_at"]
     assert report["images_seen"] == TOTAL_ROUNDS * 64
     assert report["restarts"] >= 1 and report["rounds_redone"] <= SNAPSHOT_ROUNDS * report["restarts"]
