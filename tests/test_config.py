@@ -41,7 +41,7 @@ def test_override_parses_yaml_scalars():
     (["topology.kind=split", "topology.num_workers=2"], "belongs to topology.kind 'replicated'"),
     (["topology.kind=replicated", "topology.overlap=true"], "belongs to topology.kind 'split'"),
     (["topology.kind=replicated", "topology.num_workers=3", "schedule.batch_size=64"], "does not divide"),
-    (["schedule.lr_decay=cosine"], "lr_decay_kimg is required"),
+    (["schedule.lr_decay=cosine", "schedule.lr_decay_kimg=null"], "lr_decay_kimg is required"),
     (["data.resolution=12"], "data.resolution must be one of"),
     (["schedule.betas=[1.5, 0.9]"], "schedule.betas"),
     (["nokey"], "not of the form"),
