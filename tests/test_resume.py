@@ -1,0 +1,43 @@
+"""Exact resume (issue 4): a run to K kimg equals a run stopped at K/2 and resumed to K."""
+
+from __future__ import annotations
+
+import pytest
+
+from ganray.orchestrator.trainer import Trainer
+from tests.conftest import small_config
+
+
+def _config(kind: str):
+    topology = {"kind": kind} if kind == "local" else {"kind": kind, "num_workers": 2}
+    return small_config(topology=topology,
+                        schedule={"total_kimg": 4, "batch_size": 64, "sync_kimg": 0.5,
+                                  "checkpoint_kimg": 100, "sample_kimg": 100},
+                        resources={"num_cpus": None})
+
+
+@pytest.mark.parametrize("kind", ["local", "replicated"])
+def test_stop_and_resume_gives_identical_losses(kind, mlflow_store, request):
+    if kind == "replicated":
+        request.getfixturevalue("ray_session")
+    cfg = _config(kind)
+    full = Trainer(cfg, progress=False).run()
+    first = Trainer(cfg, progress=False, stop_at_kimg=2).run()
+    assert first.stopped_early and first.images_seen == 2048
+    rest = Trainer(cfg, progress=False, resume=first.run_id).run()
+    assert rest.run_id == first.run_id and rest.images_seen == full.images_seen
+    done = len(first.history["loss_D"])
+    assert done == 32
+    assert rest.history["loss_D"] == full.history["loss_D"][done:]
+    assert rest.history["loss_G"] == full.history["loss_G"][done:]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(rest_uri(mlflow_store))
+    steps = [m.step for m in client.get_metric_history(rest.run_id, "loss/D")]
+    assert steps == sorted(set(steps)), "a metric step was logged twice after resume"
+    assert steps[-1] == full.images_seen
+
+
+def rest_uri(store):
+    return f"sqlite:///{store}/mlflow.db"
