@@ -61,9 +61,10 @@ def test_discriminator_slices_come_from_the_right_generator_parts() -> None:
 
 
 def test_batch_must_divide_among_generators() -> None:
-    config = _split(3, 2)  # batch 64: divides by K=2 (validated by the config) but not by M=3
+    # batch 64 divides by K=2 but not by M=3: refused when the config is read (so --dry-run and
+    # validate catch it too), before any Ray call.
     with pytest.raises(ConfigError, match="batch_size 64 .*num_generators=3"):
-        RayEngine(config)
+        _split(3, 2)
 
 
 # --- real Ray -----------------------------------------------------------------------------------
