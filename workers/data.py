@@ -114,15 +114,14 @@ class TensorSource(SampleSource):
 
 
 def mixture_geometry(name: str) -> tuple[np.ndarray, float]:
-    """(modes (M, 2), std) of the PacGAN/VEEGAN mixtures `ring8` and `grid25`."""
-    if name == "ring8":
-        angles = 2.0 * np.pi * np.arange(8) / 8
-        return np.stack([np.cos(angles), np.sin(angles)], axis=1), 0.01
-    if name == "grid25":
-        axis = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
-        xs, ys = np.meshgrid(axis, axis, indexing="ij")
-        return np.stack([xs.ravel(), ys.ravel()], axis=1), 0.05
-    raise ConfigError(f"'{name}' is not a 2D mixture; use ring8 or grid25")
+    """(modes (M, 2), std) of the PacGAN/VEEGAN mixtures `ring8` and `grid25`: the geometry the
+    2D metrics score against (`ganray.models.metrics2d`), so data and metrics cannot disagree."""
+    from ganray.models.metrics2d import mixture_modes
+
+    try:
+        return mixture_modes(name)
+    except ValueError:
+        raise ConfigError(f"'{name}' is not a 2D mixture; use ring8 or grid25") from None
 
 
 def _mixture_source(name: str, size: int, test_fraction: float, seed: int, split: str) -> TensorSource:
