@@ -125,6 +125,8 @@ def _quality_2d(ctx: BenchContext, name: str, seeds: int) -> dict[str, Any]:
     per_seed: list[dict[str, Any]] = []
     for seed in range(seeds):
         cfg = _trainer_config(name, seed, kimg, probe)
+        if cfg.topology.kind != "local":
+            ctx.ensure_ray()  # once for all seeds, not a Ray start inside every timed run
         trainer = ProbedTrainer(cfg, progress=False)
         result = trainer.run()
         final = result.eval
@@ -152,7 +154,10 @@ def _quality_digits(ctx: BenchContext, seeds: int) -> dict[str, Any]:
         if kimg is not None:
             sets += [f"schedule.total_kimg={kimg}", f"schedule.sync_kimg={min(kimg, 5.0)}",
                      f"eval.every_kimg={kimg}"]
-        result = Trainer(load_config(REPO / "configs" / "digits.yaml", sets), progress=False).run()
+        cfg = load_config(REPO / "configs" / "digits.yaml", sets)
+        if cfg.topology.kind != "local":
+            ctx.ensure_ray()
+        result = Trainer(cfg, progress=False).run()
         per_seed.append({"seed": seed, "kimg": result.images_seen / 1000.0, "wall_s": result.wall_s, **result.eval})
     keys = sorted({k for s in per_seed for k in s if k not in ("seed",)})
     return {"config": "configs/digits.yaml", "seeds": per_seed,

@@ -4,8 +4,8 @@ A trial is one ganray job. It builds its config from the base config and the dot
 sampled, runs the engine of any topology in chunks, and at every `eval.every_kimg` reports the
 eval metrics with a `tune.Checkpoint` holding the full training state (the format of MLflow
 checkpoints, digests included). Its placement group, reserved by Tune through
-`tune.with_resources`, holds a small bundle for the trial's coordinator and one per worker
-actor; the coordinator finds that group and creates its actors inside it, so trials running
+`tune.with_resources`, holds one bundle per worker actor (a `local` trial: the trial's own
+threads); the coordinator finds that group and creates its actors inside it, so trials running
 side by side never oversubscribe the cluster.
 
 PBT exploits by restarting a trial from another trial's checkpoint with a mutated config. The
@@ -43,8 +43,6 @@ TRIAL_TAG = "ganray.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 SEARCH_TAG = "ganray.search.path"
 CONFIG_HASH_TAG = "ganray.search.config_hash"
-# The trial's coordinator only drives the workers (and evaluates): a sliver of a CPU.
-DRIVER_CPU = 0.01
 # A checkpoint from another trial fits this one when everything but these keys agrees.
 _FLEXIBLE_KEYS = tuple(MUTABLE_KEYS) + RESUME_ALLOWED
 
@@ -69,7 +67,11 @@ def worker_bundles(config: TrainConfig) -> list[dict[str, float]]:
 
 def placement_factory(config: TrainConfig) -> Any:
     """What one trial reserves: `local` trains in the trial itself (threads_per_worker CPUs);
-    Ray topologies get a sliver for the coordinator plus one bundle per worker actor."""
+    Ray topologies reserve one bundle per worker actor and nothing for the coordinator.
+
+    The coordinator only drives the workers and evaluates. Tune runs a trial whose head bundle
+    is empty inside the group with no resources of its own; even a sliver (0.01 CPU) would keep
+    two 1-worker trials from sharing a 2-CPU machine."""
     from ray import tune
 
     res = config.resources
@@ -78,7 +80,7 @@ def placement_factory(config: TrainConfig) -> Any:
         if res.gpus_per_worker > 0:
             bundle["GPU"] = float(res.gpus_per_worker)
         return tune.PlacementGroupFactory([bundle])
-    return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}, *worker_bundles(config)], strategy=res.strategy)
+    return tune.PlacementGroupFactory([{}, *worker_bundles(config)], strategy=res.strategy)
 
 
 def make_trainable(base: TrainConfig, tracking_uri: Optional[str] = None,

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -171,6 +172,9 @@ def _format(err: ValidationError) -> str:
         if names is None and len(parent) == 2 and parent[0] == "space":
             names = Distribution
         hint = difflib.get_close_matches(loc[-1], list(names.model_fields) if names else [], n=1, cutoff=0.5)
+        if names is Distribution and "." not in parent[1]:
+            return (f"space.{parent[1]}: space keys are dotted config keys with one distribution each, "
+                    f"e.g. '{parent[1]}.{loc[-1]}: {{loguniform: [1.0e-4, 1.0e-3]}}'")
         return (f"unknown key '{where}' in the search file"
                 + (f"; did you mean '{'.'.join([*parent, hint[0]])}'?" if hint else "; remove it"))
     if first.get("type") == "literal_error":
@@ -220,9 +224,9 @@ def load_search(path: Union[str, Path]) -> SearchSpec:
 
 def plain(value: Any) -> Any:
     """Tune hands out numpy scalars; pydantic, JSON and MLflow want plain Python values."""
-    if hasattr(value, "item") and not isinstance(value, (list, tuple, dict)):
+    if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, np.ndarray)):
         return [plain(v) for v in value]
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}

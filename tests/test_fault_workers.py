@@ -99,6 +99,8 @@ def _assert_recovered(result: Any, trainer: Trainer, saboteur: Saboteur, referen
     # The chunk in flight at the hit was the one lost; what ran before it was kept up to the snapshot.
     assert sum(n for _, n in saboteur.chunks) - TOTAL_ROUNDS == trainer.faults.rounds_redone
     assert saboteur.hit["pid"] not in saboteur.hit["pids_after"]  # the worker was recreated
+    print(f"fault report: hit at round {saboteur.hit['round']}, {trainer.faults.metrics()}, "
+          f"wall {result.wall_s:.1f} s vs {reference.wall_s:.1f} s uninterrupted")
 
 
 @pytest.mark.slow
@@ -247,6 +249,7 @@ def test_node_lost_then_replaced_on_a_cluster(tmp_path: Path) -> None:
                           timeout=540, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    print(f"fault report: {report}")
     assert report["removed_at"] < report["added_at"]
     assert report["images_seen"] == TOTAL_ROUNDS * 64
     assert report["restarts"] >= 1 and report["rounds_redone"] <= SNAPSHOT_ROUNDS * report["restarts"]

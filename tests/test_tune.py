@@ -120,11 +120,14 @@ def test_placement_reserves_the_trials_workers() -> None:
 
     local = placement_factory(small_config(resources={"threads_per_worker": 2}))
     assert local.bundles == [{"CPU": 2.0}]
+    assert not local.head_bundle_is_empty  # a local trial trains in its own process
+    # Ray topologies: the coordinator takes no resources, every worker actor one bundle.
     replicated = placement_factory(small_config(topology={"kind": "replicated", "num_workers": 2}))
-    assert replicated.bundles == [{"CPU": 0.01}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert replicated.head_bundle_is_empty and replicated.bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert replicated.required_resources == {"CPU": 2.0}
     split = placement_factory(small_config(topology={"kind": "split", "num_generators": 1, "num_discriminators": 2},
                                            resources={"generator": {"cpus": 2}, "discriminator": {"cpus": 1}}))
-    assert split.bundles == [{"CPU": 0.01}, {"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    assert split.head_bundle_is_empty and split.bundles == [{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -262,8 +265,8 @@ def test_replicated_trial_uses_its_own_placement_group_and_resumes(ray_session: 
     rows = _trial_reports(first.experiment_path)[first.best_trial]
     assert [r["images_seen"] for r in rows] == [1024, 2048]
     new = [g for gid, g in placement_group_table().items() if gid not in groups_before]
-    # Only the trial's group (coordinator sliver + two workers): the coordinator made none of its own.
-    assert [sorted(g["bundles"].values(), key=str) for g in new] == [[{"CPU": 0.01}, {"CPU": 1.0}, {"CPU": 1.0}]]
+    # One group: the trial's (its two workers' bundles); the coordinator reserved none of its own.
+    assert [list(g["bundles"].values()) for g in new] == [[{"CPU": 1.0}, {"CPU": 1.0}]]
 
     with pytest.raises(ConfigError, match="already exists.*--resume"):
         search(base, spec)
