@@ -346,7 +346,7 @@ def time_to_first_metric(config_path: Path, sets: list[str], store: Path, log_pa
 
 def startup(ctx: BenchContext) -> Report:
     """`ganray train configs/ring8.yaml` to its first logged metric, local and replicated, run
-    twice each; the second run (warm file cache) is the figure."""
+    twice each in the same folder; the second run (warm file cache, existing store) is the figure."""
     config_path = REPO / "configs" / "ring8.yaml"
     topologies = {"local": ["topology.kind=local", "topology.num_workers=null"],
                   "replicated": ["topology.kind=replicated", "topology.num_workers=1"]}
@@ -357,9 +357,11 @@ def startup(ctx: BenchContext) -> Report:
     with tempfile.TemporaryDirectory(prefix="ganray-bench-startup-") as tmp:
         for name, sets in topologies.items():
             times: list[Optional[float]] = []
+            # One store (and cwd) for both runs: the first creates the sqlite schema, the second
+            # finds it, as a user's next `ganray train` in the same folder does.
+            store = Path(tmp) / name
+            store.mkdir()
             for i in range(2):
-                store = Path(tmp) / f"{name}{i}"
-                store.mkdir()
                 times.append(time_to_first_metric(config_path, sets + common, store, ctx.out / f"startup-{name}-{i}.log"))
             second = times[-1]
             data[name] = {"runs_s": times, "seconds": second, "target_s": STARTUP_TARGET_S,
@@ -367,4 +369,5 @@ def startup(ctx: BenchContext) -> Report:
             rows.append([name, fmt(times[0]), fmt(second), f"<= {STARTUP_TARGET_S:g} s"])
     return Report(data, ["topology", "first run (s)", "second run (s)", "target"], rows,
                   ["From launching the `ganray` console script (a fresh process; replicated starts its own Ray) "
-                   "to the first `loss/D` point readable from the sqlite store."])
+                   "to the first `loss/D` point readable from the sqlite store; the first run also creates the "
+                   "store's schema."])
