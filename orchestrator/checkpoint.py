@@ -34,7 +34,7 @@ from ganray.models.errors import CheckpointError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.tracking import RunLogger
+    from ganray.orchestrator.run_logger import RunLogger
 
 log = logging.getLogger("ganray.checkpoint")
 

@@ -33,7 +33,8 @@ from ganray.models.errors import TrackingError
 from ganray.orchestrator.checkpoint import (MANIFEST, latest_checkpoint, list_checkpoints, read_checkpoint, snapshot_state,
                                            write_checkpoint)
 from ganray.orchestrator.config import TrainConfig, config_from_dict
-from ganray.orchestrator.tracking import CONFIG_ARTIFACT, RunLogger, ganray_version, redact, scrub
+from ganray.orchestrator.run_logger import RunLogger
+from ganray.orchestrator.tracking import CONFIG_ARTIFACT, ganray_version, redact, scrub
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

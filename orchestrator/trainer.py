@@ -140,15 +140,16 @@ class Trainer:
         self._last_ckpt_images = -1
         if config.tracking.enabled:
             from ganray.orchestrator import tracking
+            from ganray.orchestrator.run_logger import RunLogger
 
             self.tracking_uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
             experiment_id = tracking.prepare_store(self.tracking_uri, config.tracking.experiment)
             if resume:
                 self._check_resume_config(tracking, resume)
-            self.logger = tracking.RunLogger(self.tracking_uri, experiment_id, run_id=resume,
-                                             run_name=config.tracking.run_name,
-                                             tags=tracking.run_tags(config),
-                                             buffer_size=config.tracking.buffer_size)
+            self.logger = RunLogger(self.tracking_uri, experiment_id, run_id=resume,
+                                    run_name=config.tracking.run_name,
+                                    tags=tracking.run_tags(config),
+                                    buffer_size=config.tracking.buffer_size)
             self.run_id = self.logger.run_id
             if on_run_id is not None:
                 on_run_id(self.run_id)

@@ -107,6 +107,7 @@ class _ChildRun:
         from mlflow import MlflowClient
 
         from ganray.orchestrator import tracking
+        from ganray.orchestrator.run_logger import RunLogger
 
         client = MlflowClient(uri)
         experiment_id = _retrying(lambda: client.get_run(parent_run_id).info.experiment_id, "reading the parent run")
@@ -115,8 +116,8 @@ class _ChildRun:
             max_results=1), "looking up the trial's run")
         tags = {**tracking.run_tags(config), PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id}
         existing = found[0].info.run_id if found else None
-        self.logger = _retrying(lambda: tracking.RunLogger(uri, experiment_id, run_id=existing, run_name=trial_name,
-                                                           tags=tags, buffer_size=config.tracking.buffer_size),
+        self.logger = _retrying(lambda: RunLogger(uri, experiment_id, run_id=existing, run_name=trial_name,
+                                                  tags=tags, buffer_size=config.tracking.buffer_size),
                                 "opening the trial's run")
         self.run_id = self.logger.run_id
         self.logger.log_params(config.flat())  # a mutated value becomes a ganray.resumed.<key> tag
@@ -302,6 +303,7 @@ def _parent_run(uri: str, experiment_id: str, config: TrainConfig, spec: SearchS
     from mlflow import MlflowClient
 
     from ganray.orchestrator import tracking
+    from ganray.orchestrator.run_logger import RunLogger
 
     config_hash = config.config_hash(ignore=RESUME_ALLOWED)
     if resume:
@@ -314,11 +316,11 @@ def _parent_run(uri: str, experiment_id: str, config: TrainConfig, spec: SearchS
         if old_hash not in (None, config_hash):
             raise ConfigError("--resume refuses a changed config: the search was started with another base config; "
                               "resume with the same CONFIG and --set values")
-        return tracking.RunLogger(uri, experiment_id, run_id=found[0].info.run_id)
+        return RunLogger(uri, experiment_id, run_id=found[0].info.run_id)
     tags = {**tracking.run_tags(config), SEARCH_TAG: experiment_path, CONFIG_HASH_TAG: config_hash,
             "ganray.tune.scheduler": spec.scheduler.kind, "ganray.tune.metric": spec.metric}
-    logger = tracking.RunLogger(uri, experiment_id, run_name=spec.name, tags=tags,
-                                buffer_size=config.tracking.buffer_size)
+    logger = RunLogger(uri, experiment_id, run_name=spec.name, tags=tags,
+                       buffer_size=config.tracking.buffer_size)
     logger.log_params(config.flat())
     logger.log_params({"search.scheduler": spec.scheduler.kind, "search.metric": spec.metric,
                        "search.mode": spec.resolved_mode, "search.num_samples": spec.num_samples})

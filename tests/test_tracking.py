@@ -12,8 +12,8 @@ import pytest
 
 from conftest import small_config
 from ganray.models.errors import TrackingError
-from ganray.orchestrator.tracking import (RunLogger, default_artifact_root, prepare_store, redact,
-                                          resolve_tracking_uri, run_tags)
+from ganray.orchestrator.run_logger import RunLogger
+from ganray.orchestrator.tracking import default_artifact_root, prepare_store, redact, resolve_tracking_uri, run_tags
 
 try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
     from tests.mlflow_server import free_port, mlflow_server, sqlite_store  # noqa: F401
@@ -87,6 +87,15 @@ def test_unreachable_server_fails_fast_with_one_line() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Run logger on the embedded store
+
+
+def test_run_logger_is_reexported_from_tracking() -> None:
+    from ganray.orchestrator import tracking
+    from ganray.orchestrator.tracking import RunLogger as FromTracking
+
+    assert FromTracking is RunLogger and tracking.RunLogger is RunLogger
+    with pytest.raises(AttributeError):
+        tracking.NoSuchName  # noqa: B018
 
 
 def test_logger_logs_and_reopens_a_run(sqlite_store: Path) -> None:
