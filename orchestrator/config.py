@@ -182,7 +182,8 @@ class TrackingConfig(_Section):
     run_name: Optional[str] = None
     enabled: bool = Field(True, description="false: no MLflow at all (benchmarks)")
     buffer_size: int = Field(100_000, ge=10, description="metric points buffered while the server is away")
-    log_system_metrics: bool = False
+    log_system_metrics: bool = Field(True, description="system/* metrics (CPU, memory, disk) of the coordinator's "
+                                     "machine at each sync point, when psutil is installed")
 
 
 class EvalConfig(_Section):

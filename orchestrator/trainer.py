@@ -33,6 +33,7 @@ from ganray.orchestrator.evaluate import Evaluator
 from ganray.orchestrator.fault import (ChunkClock, FaultError, FaultPolicy, SnapshotKeeper, SnapshotLostError, brief,
                                        is_worker_loss, plan_chunk, recover_workers, roll_back)
 from ganray.orchestrator.progress import Progress
+from ganray.orchestrator.system_metrics import SystemMetrics
 
 log = logging.getLogger("ganray")
 
@@ -138,6 +139,7 @@ class Trainer:
         self._resume_status = "KILLED"
         self._progressed = False
         self._last_ckpt_images = -1
+        self._system: Optional[SystemMetrics] = None
         if config.tracking.enabled:
             from ganray.orchestrator import tracking
             from ganray.orchestrator.run_logger import RunLogger
@@ -271,6 +273,8 @@ class Trainer:
                 self.logger.log_params(cfg.flat())
                 self.logger.log_text(cfg.to_yaml(), "config.yaml")
                 self.logger.set_tags({"ganray.data_hash": engine.data_fingerprint})
+            if cfg.tracking.log_system_metrics:
+                self._system = SystemMetrics()  # the CPU figure of the first point covers its interval
         self._ipr = cfg.schedule.n_critic * cfg.schedule.batch_size
         total_images = int(round(cfg.schedule.total_kimg * 1000))
         self._stop_images = total_images
@@ -417,6 +421,8 @@ class Trainer:
         point["time/comm_s"] = window["comm_s"]
         point["time/wait_s"] = window["wait_s"]
         point["kimg"] = step / 1000.0
+        if self._system is not None:
+            point.update(self._system.sample())  # same writer, same step as the training point
         self.logger.log_metrics(point, step=step)
         st.last_logged_step = step
 

@@ -263,3 +263,59 @@ def test_credentials_never_reach_params_tags_or_logs(mlflow_server, monkeypatch:
                      out.out, out.err, caplog.text])
     assert "127.0.0.1" in seen  # the checks below look at real text
     assert env_secret not in seen and uri_secret not in seen
+
+
+# ---------------------------------------------------------------------------------------------
+# System metrics
+
+
+def _metric_steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_short_run_logs_system_metrics_at_the_training_steps(sqlite_store: Path) -> None:
+    pytest.importorskip("psutil")
+    from mlflow import MlflowClient
+
+    from ganray.orchestrator.system_metrics import NAMES
+    from ganray.orchestrator.trainer import Trainer
+
+    config = small_config(schedule={"total_kimg": 2})
+    assert config.tracking.log_system_metrics is True  # on by default
+    result = Trainer(config, progress=False).run()
+    client = MlflowClient(resolve_tracking_uri(None, None))
+    run = client.get_run(result.run_id)
+    loss_steps = _metric_steps(client, result.run_id, "loss/D")
+    assert loss_steps and loss_steps[-1] == result.images_seen
+    for name in NAMES:
+        assert name in run.data.metrics, name
+        assert _metric_steps(client, result.run_id, name) == loss_steps, name
+    for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_percentage",
+                 "system/disk_usage_percentage"):
+        assert 0.0 <= run.data.metrics[name] <= 100.0
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_system_metrics_off_logs_none(sqlite_store: Path) -> None:
+    from mlflow import MlflowClient
+
+    from ganray.orchestrator.trainer import Trainer
+
+    result = Trainer(small_config(schedule={"total_kimg": 1}, tracking={"log_system_metrics": False}),
+                     progress=False).run()
+    run = MlflowClient(resolve_tracking_uri(None, None)).get_run(result.run_id)
+    assert "loss/D" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
+
+
+def test_system_metrics_without_psutil_are_empty(monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    from ganray.orchestrator.system_metrics import SystemMetrics
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
+    caplog.set_level(logging.DEBUG, logger="ganray")
+    sampler = SystemMetrics()
+    assert not sampler.available and sampler.sample() == {}
+    assert sum("psutil is not installed" in r.getMessage() for r in caplog.records) == 1
