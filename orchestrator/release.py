@@ -172,6 +172,76 @@ def _checkpoint_images_seen(client: "MlflowClient", run_id: str) -> int:
 _MODEL_URI = re.compile(r"models:/(?P<name>[^@]+?)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))")
 
 
+def _model_names(client: "MlflowClient") -> list[str]:
+    """Registered model names in the store (retrain locks left out); [] when they cannot be listed."""
+    from ganray.orchestrator.retrain_lock import LOCK_SUFFIX
+
+    try:
+        models = client.search_registered_models(max_results=1000)
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return []
+    return sorted(m.name for m in models if not m.name.endswith(LOCK_SUFFIX))
+
+
+def _version_numbers(client: "MlflowClient", name: str) -> list[int]:
+    """The model's version numbers, ascending; [] when it has none or they cannot be listed."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return []
+    return sorted(int(v.version) for v in versions if str(v.version).isdigit())
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:3]) + ", ..., " + ", ".join(items[-3:]) + f" ({len(items)} in all)"
+
+
+def _no_model_error(client: "MlflowClient", name: str, where: str) -> TrackingError:
+    """Unknown registered model: what the store does have, and how to point at the right one."""
+    import difflib
+
+    names = _model_names(client)
+    if not names:
+        return TrackingError(f"no registered model '{name}' in {where}, which has no registered models; check the "
+                             "name or pass --tracking-uri of the store the model was registered in (a run registers "
+                             "its generator when trained with --set tracking.model_name=NAME)")
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        return TrackingError(f"no registered model '{name}' in {where}; did you mean '{close[0]}'? Use "
+                             f"models:/{close[0]}/VERSION, or check the name or --tracking-uri")
+    return TrackingError(f"no registered model '{name}' in {where} (it has {_listing(names)}); check the name or "
+                         "pass --tracking-uri of the store the model was registered in")
+
+
+def _no_versions_error(name: str, where: str) -> TrackingError:
+    return TrackingError(f"registered model '{name}' has no versions in {where}; release one by training with "
+                         f"--set tracking.model_name={name}")
+
+
+def _missing_version_or_alias_error(client: "MlflowClient", name: str, where: str, version: str | None,
+                                    alias: str | None, aliases: dict[str, str]) -> TrackingError:
+    """Unknown version or alias: the versions and aliases the model has, and the URI or command that works."""
+    numbers = _version_numbers(client, name)
+    if not numbers:
+        return _no_versions_error(name, where)
+    newest = numbers[-1]
+    have = f"its versions are {_listing([str(n) for n in numbers])}"
+    if aliases:
+        have += "; its aliases are " + ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items()))
+    if alias is None:
+        use = f"use models:/{name}/{newest}" + (f" or models:/{name}@{sorted(aliases)[0]}" if aliases else "")
+        return TrackingError(f"registered model '{name}' has no version {version} in {where}; {have}; {use}")
+    if alias == "champion":
+        how = f"set the alias with `ganray promote {name} {newest}`"
+    else:
+        how = (f"set the alias with MlflowClient().set_registered_model_alias('{name}', '{alias}', {newest}) "
+               "or in the MLflow UI")
+    return TrackingError(f"registered model '{name}' has no alias '{alias}' in {where}; {have}; use "
+                         f"models:/{name}/{newest} or {how}")
+
+
 def _model_version(uri: str, client: "MlflowClient") -> "ModelVersion":
     from mlflow.exceptions import MlflowException
 
@@ -181,27 +251,28 @@ def _model_version(uri: str, client: "MlflowClient") -> "ModelVersion":
     name, version, alias = match.group("name"), match.group("version"), match.group("alias")
     where = redact(client.tracking_uri)
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingError(f"no registered model '{name}' in {where}; check the name or the tracking URI") from None
+            raise _no_model_error(client, name, where) from None
         raise TrackingError(f"cannot read registered model '{name}' from {where} ({_reason(exc)})") from None
+    aliases = {str(a): str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         if version == "latest":
             versions = client.search_model_versions(f"name='{name}'")
             if not versions:
-                raise TrackingError(f"registered model '{name}' has no versions in {where}")
+                raise _no_versions_error(name, where)
             return max(versions, key=lambda v: int(v.version))
         if not version.isdigit():
             raise TrackingError(f"model version '{version}' in '{uri}' is not a number; use models:/{name}/1 "
                                 f"or models:/{name}@ALIAS")
         return client.get_model_version(name, version)
     except MlflowException as exc:
-        what = f"alias '{alias}'" if alias is not None else f"version {version}"
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            raise TrackingError(f"registered model '{name}' has no {what} in {where}") from None
+            raise _missing_version_or_alias_error(client, name, where, version, alias, aliases) from None
+        what = f"alias '{alias}'" if alias is not None else f"version {version}"
         raise TrackingError(f"cannot resolve {what} of model '{name}' in {where} ({_reason(exc)})") from None
 
 

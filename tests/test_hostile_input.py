@@ -203,11 +203,16 @@ def test_resume_with_another_model_is_refused_by_name(store: dict[str, Any]) -> 
 
 
 @pytest.mark.parametrize("command, target, needles", [
-    ("sample", "models:/hostile-gan@nosuch", ("no alias 'nosuch'",)),
-    ("evaluate", "models:/hostile-gan@nosuch", ("no alias 'nosuch'",)),
-    ("sample", "models:/hostile-gan/99", ("hostile-gan",)),
-    ("sample", "models:/no-such-model/1", ("no registered model 'no-such-model'", "check the name")),
+    ("sample", "models:/hostile-gan@nosuch", ("no alias 'nosuch'", "its versions are 1", "use models:/hostile-gan/1",
+                                              "set_registered_model_alias('hostile-gan', 'nosuch', 1)")),
+    ("evaluate", "models:/hostile-gan@nosuch", ("no alias 'nosuch'", "use models:/hostile-gan/1")),
+    ("sample", "models:/hostile-gan/99", ("registered model 'hostile-gan' has no version 99", "its versions are 1",
+                                          "champion (version 1)", "use models:/hostile-gan/1 or models:/hostile-gan@champion")),
+    ("sample", "models:/no-such-model/1", ("no registered model 'no-such-model'", "it has hostile-gan", "check the name",
+                                           "--tracking-uri")),
     ("evaluate", "models:/no-such-model@champion", ("no registered model 'no-such-model'",)),
+    ("sample", "models:/hostile-gann/1", ("no registered model 'hostile-gann'", "did you mean 'hostile-gan'",
+                                          "models:/hostile-gan/VERSION")),
     ("sample", "models:/hostile-gan/one", ("not a number",)),
     ("sample", "models:/", ("models:/NAME/VERSION",)),
     ("evaluate", "not-a-run-id", ("neither a models:/ URI nor a run id",)),

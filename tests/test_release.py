@@ -91,6 +91,19 @@ def test_resolve_model_uri_by_version_alias_and_errors(released) -> None:
         with pytest.raises(TrackingError, match=named) as err:
             resolve_model_uri(bad, client)
         assert "\n" not in str(err.value)
+    # Each names the problem and the fix, in one line.
+    fixes = {f"models:/{MODEL}/9": ("its versions are 1", "candidate (version 1)",
+                                    f"use models:/{MODEL}/1 or models:/{MODEL}@candidate"),
+             f"models:/{MODEL}@champion": ("no alias 'champion'", "its versions are 1",
+                                           f"use models:/{MODEL}/1 or set the alias with `ganray promote {MODEL} 1`"),
+             f"models:/{MODEL}@missing": (f"use models:/{MODEL}/1", f"set_registered_model_alias('{MODEL}', 'missing', 1)"),
+             f"models:/{MODEL}x/1": (f"did you mean '{MODEL}'", f"models:/{MODEL}/VERSION"),
+             "models:/zzz/1": ("no registered model 'zzz'", f"it has {MODEL}", "check the name", "--tracking-uri")}
+    for bad, needles in fixes.items():
+        with pytest.raises(TrackingError) as err:
+            resolve_model_uri(bad, client)
+        message = str(err.value)
+        assert "\n" not in message and all(n in message for n in needles), message
 
 
 def test_load_released_state_rebuilds_the_generator(released) -> None:
