@@ -216,6 +216,33 @@ def test_parquet_wrong_schema(tmp_path: Path) -> None:
         _read_all(src)
 
 
+def test_parquet_folder_without_parquet_files_says_so(tmp_path: Path) -> None:
+    fix = "point data.path at a Parquet file or a folder of them"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = tmp_path / "csv"
+    (other / "sub").mkdir(parents=True)
+    (other / "a.csv").write_text("x,y\n1,2\n")
+    (other / "sub" / "b.txt").write_text("hello")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    pq.write_table(pa.table({"v": pa.array([[1.0, 2.0]] * 4)}), hidden / "_part.parquet")
+    cases = {empty: "(it is empty)", other: "(it holds a.csv, sub/b.txt)",
+             hidden: "names starting with . or _ are skipped"}
+    for folder, detail in cases.items():
+        for column in ("v", None):  # the folder is checked before any column
+            with pytest.raises(DataError) as err:
+                load_dataset(_cfg(name="parquet", path=str(folder), column=column), seed=0)
+            message = str(err.value)
+            assert f"data.path '{folder}' is a folder with no *.parquet files" in message, message
+            assert detail in message and message.endswith(fix) and "\n" not in message, message
+    # A folder of Parquet files without the suffix still reads (the check only explains failures).
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(pa.table({"v": pa.array([[1.0, 2.0]] * 4)}), plain / "part-0000")
+    assert len(load_dataset(_cfg(name="parquet", path=str(plain), column="v", test_fraction=0.5), seed=0)) == 2
+
+
 # ------------------------------------------------------------------ torchvision, loaders, names
 
 

@@ -325,7 +325,8 @@ def _parquet_cases(tmp_path: Path) -> dict[str, tuple[dict, tuple[str, ...]]]:
         "not-parquet": ({"path": str(junk), "column": "img"}, ("not a readable Parquet dataset",)),
         "struct-column": ({"path": str(nested), "column": "img"}, ("data.column 'img'",)),
         "missing-path": ({"path": str(tmp_path / "nope.parquet"), "column": "img"}, ("does not exist",)),
-        "empty-folder": ({"path": str(tmp_path / "emptydir"), "column": "img"}, ("emptydir",)),
+        "empty-folder": ({"path": str(tmp_path / "emptydir"), "column": "img"},
+                         ("emptydir", "is a folder with no *.parquet files", "point data.path at a Parquet file")),
     }
 
 

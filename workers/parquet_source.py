@@ -28,6 +28,8 @@ from ganray.workers.data import (SampleSource, content_digest, decode_image, ima
                                  kind_for_shape, uint8_to_unit)
 
 DEFAULT_CACHE_GROUPS = 8
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+_HIDDEN_PREFIXES = (".", "_")  # pyarrow's dataset discovery skips these names (_SUCCESS, _metadata)
 
 
 def _is_binary(t: pa.DataType) -> bool:
@@ -52,6 +54,28 @@ def _open(path: str) -> tuple[pafs.FileSystem, str]:
     if not found:
         raise DataError(f"data.path '{path}' does not exist; point it at a Parquet file or a folder of them")
     return fs, root
+
+
+def _no_parquet_files(fs: pafs.FileSystem, root: str, path: str) -> DataError | None:
+    """The error for a folder without a `*.parquet` file pyarrow would read (None: a file, or it has one)."""
+    try:
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return None
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError:
+        return None
+    files = sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]
+    if any(not any(part.startswith(_HIDDEN_PREFIXES) for part in f.split("/")) for f in parquet):
+        return None
+    if not files:
+        held = " (it is empty)"
+    else:
+        shown = ", ".join(files[:5]) + (f", ... ({len(files)} files)" if len(files) > 5 else "")
+        held = f" (it holds {shown}"
+        held += "; names starting with . or _ are skipped)" if parquet else ")"
+    return DataError(f"data.path '{path}' is a folder with no *.parquet files{held}; point data.path at a "
+                     "Parquet file or a folder of them")
 
 
 def _pick_column(schema: pa.Schema, column: str | None, path: str) -> str:
@@ -96,7 +120,13 @@ class ParquetSource(SampleSource):
             for fragment in fragments:
                 fragment.ensure_complete_metadata()  # reads only the footers
         except (ValueError, OSError) as exc:
-            raise DataError(f"data.path '{path}' is not a readable Parquet dataset ({exc})") from None
+            # A folder of other files (CSV, images) fails here: say that, not pyarrow's footer error.
+            raise _no_parquet_files(fs, root, path) or DataError(
+                f"data.path '{path}' is not a readable Parquet dataset ({exc})") from None
+        if not fragments:  # an empty folder, or one whose files pyarrow skips (names starting with . or _)
+            raise _no_parquet_files(fs, root, path) or DataError(
+                f"data.path '{path}' is a folder with no *.parquet files pyarrow reads (names starting with . or _ "
+                "are skipped); point data.path at a Parquet file or a folder of them")
         self._column = _pick_column(dataset.schema, column, path)
         self._encoded = _is_binary(dataset.schema.field(self._column).type)
         # Every row group with rows, in file then row-group order: (fragment, row group id, rows).
