@@ -117,14 +117,29 @@ class _LoopState:
         return out
 
 
+EvalHook = Callable[[int, dict[str, float]], None]
+
+
 class Trainer:
-    """Runs one job: owns the engine, the MLflow run (through `RunLogger`) and the schedule."""
+    """Runs one job: owns the engine, the MLflow run (through `RunLogger`) and the schedule.
+
+    Hooks (both optional, called in the training thread):
+    - `on_run_id(run_id)`: once, as soon as the MLflow run exists (before training starts).
+    - `on_eval(images_seen, scores)`: after each evaluation, the periodic ones (every
+      `eval.every_kimg`) and the final one (which may share its `images_seen` with the last
+      periodic one), with the scores as logged (`{"modes": ..., "kl": ...}` without the `eval/`
+      prefix; a copy, free to keep). It is called whether or not tracking is enabled, after the
+      scores are queued for MLflow. After SIGTERM there is no final evaluation, so no final call.
+      An exception it raises fails the run like any training error.
+    """
 
     def __init__(self, config: TrainConfig, tracking_uri: Optional[str] = None,
                  resume: Optional[str] = None, stop_at_kimg: Optional[float] = None,
                  progress: bool = True, on_run_id: Optional[Callable[[str], None]] = None,
-                 engine_factory: Callable[[TrainConfig], Engine] = make_engine) -> None:
+                 engine_factory: Callable[[TrainConfig], Engine] = make_engine,
+                 on_eval: Optional[EvalHook] = None) -> None:
         self.config = config
+        self.on_eval = on_eval
         self.stop_at_kimg = stop_at_kimg
         self.resume = resume
         self.progress_enabled = progress
@@ -321,7 +336,9 @@ class Trainer:
         if st.images_seen < total_images:
             stopped_early = True
         if self._sigterm_at is None:  # after SIGTERM the grace period is for the checkpoint
-            self._last_eval = self._evaluate(engine, self._evaluator, st.images_seen) or self._last_eval
+            scores = self._evaluate(engine, self._evaluator, st.images_seen)
+            self._notify_eval(st.images_seen, scores)
+            self._last_eval = scores or self._last_eval
         version = self._finish(engine, st.images_seen, interrupted=stopped_early)
         return TrainResult(run_id=self.run_id, images_seen=st.images_seen, rounds=st.rounds, history=st.history,
                            eval=self._last_eval, wall_s=time.perf_counter() - t_start,
@@ -432,6 +449,7 @@ class Trainer:
         images_seen = self._st.images_seen
         if self._ivs["eval"].due(images_seen):
             self._last_eval = self._evaluate(engine, self._evaluator, images_seen)
+            self._notify_eval(images_seen, self._last_eval)
             self._bar.note_eval(self._last_eval)
         if self._ivs["sample"].due(images_seen):
             self._log_samples(engine, images_seen)
@@ -446,6 +464,11 @@ class Trainer:
         if scores and self.logger is not None:
             self.logger.log_metrics({f"eval/{k}": v for k, v in scores.items()}, step=images_seen)
         return scores
+
+    def _notify_eval(self, images_seen: int, scores: dict[str, float]) -> None:
+        """The public `on_eval` hook (called here, not in `_evaluate`, so overriding that keeps it)."""
+        if self.on_eval is not None:
+            self.on_eval(int(images_seen), dict(scores or {}))
 
     def _log_samples(self, engine: Engine, images_seen: int) -> None:
         if self.logger is None:

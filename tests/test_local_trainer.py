@@ -96,3 +96,18 @@ def test_nonfinite_step_is_skipped_without_touching_weights():
     assert all(float(c) == 2.0 for c in step_counts)  # the skipped step did not count
     stepper.source.get = real_get
     assert engine.run(1).nonfinite_run == 0
+
+
+def test_on_eval_hook_sees_every_evaluation_and_the_final_one():
+    cfg = small_config(schedule={"total_kimg": 2, "sync_kimg": 0.5}, eval={"every_kimg": 1, "num_samples": 200},
+                       tracking={"enabled": False})
+    seen = []
+
+    class Overriding(Trainer):  # a subclass that wraps `_evaluate` (as bench_quality does) keeps the hook
+        def _evaluate(self, engine, evaluator, images_seen):
+            return super()._evaluate(engine, evaluator, images_seen)
+
+    result = Overriding(cfg, progress=False, on_eval=lambda images, scores: seen.append((images, scores))).run()
+    assert [images for images, _ in seen] == [1024, 2048, 2048]  # periodic, periodic, final
+    assert all(set(scores) == {"modes", "hq", "kl"} for _, scores in seen)
+    assert seen[-1][1] == result.eval and seen[-1][1] is not result.eval  # a copy
