@@ -45,19 +45,13 @@ def run_variant(config_path: str, overrides: list[str], seed: int, name: str) ->
     """Train one (variant, seed) to the end; return its final scores, wall time and load."""
     cfg = load_config(config_path, [*overrides, f"seed={seed}", "tracking.enabled=false"])
     start = time.perf_counter()
-    trainer = Trainer(cfg, progress=False)
-    original = trainer._evaluate
 
-    def logged_evaluate(engine: Any, evaluator: Any, images: int) -> dict[str, float]:
-        scores = original(engine, evaluator, images)
+    def report(images: int, scores: dict[str, float]) -> None:
         print(json.dumps({"variant": name, "seed": seed, "kimg": round(images / 1000, 1),
                           "wall_s": round(time.perf_counter() - start, 1), "load": round(_load(), 2),
                           **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
-        return scores
 
-    # The loop evaluates through this method; wrapping it reports every intermediate evaluation
-    # without changing what the run computes.
-    trainer._evaluate = logged_evaluate  # type: ignore[method-assign]
+    trainer = Trainer(cfg, progress=False, on_eval=report)
     result = trainer.run()
     return {"scores": dict(result.eval), "wall_s": result.wall_s, "load": _load()}
 
