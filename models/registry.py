@@ -175,6 +175,7 @@ def build_generator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, ...])
     if tuple(getattr(G, "sample_shape", shape)) != shape:
         raise ConfigError(f"{key} '{name}' has sample_shape {tuple(G.sample_shape)} but the data's is {shape}")
     G.z_dim, G.sample_shape = z_dim, shape
+    G.latent = str(cfg.get("latent") or "normal")  # every z drawn for G comes from this (models/latent.py)
     if name not in _GENERATORS:
         _probe(key, name, G, torch.zeros(2, z_dim), (2, *shape))
     return G

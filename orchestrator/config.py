@@ -48,6 +48,8 @@ class ModelConfig(_Section):
     generator: str = Field("mlp", description="mlp | dcgan | an import path 'pkg.mod:Class'")
     discriminator: str = Field("mlp", description="mlp | dcgan | an import path 'pkg.mod:Class'")
     z_dim: int = Field(16, ge=1, le=4096)
+    latent: Literal["normal", "uniform"] = Field("normal", description="z ~ N(0, I) or U(-1, 1) (DCGAN's; "
+                                                 "splits evenly into equal-mass modes)")
     hidden: int = Field(256, ge=4, le=8192, description="MLP width")
     depth: int = Field(3, ge=1, le=16, description="MLP hidden layers")
     base_width: int = Field(64, ge=4, le=1024, description="DCGAN channels at the finest layer")

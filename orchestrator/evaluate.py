@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ganray.models.latent import draw_latent, latent_of
 from ganray.models.metrics2d import evaluate_2d, mixture_modes
 from ganray.workers.data import load_dataset
 
@@ -40,7 +41,7 @@ def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024) -> torc
     G.eval()
     out = []
     for start in range(0, n, batch):
-        z = torch.randn((min(batch, n - start), int(G.z_dim)), generator=gen).to(device)
+        z = draw_latent(latent_of(G), (min(batch, n - start), int(G.z_dim)), generator=gen).to(device)
         out.append(G(z).float().cpu())
     G.train(was_training)
     return torch.cat(out)

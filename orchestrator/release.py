@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from ganray.models.latent import draw_latent, latent_of
 from ganray.models.errors import TrackingError
 from ganray.orchestrator.checkpoint import (MANIFEST, latest_checkpoint, list_checkpoints, read_checkpoint, snapshot_state,
                                            write_checkpoint)
@@ -119,7 +120,7 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
     sample_shape = [int(s) for s in getattr(model, "sample_shape", ())]
     meta: dict[str, Any] = {"config_hash": config.config_hash(), "images_seen": int(images_seen),
                             "kimg": images_seen / 1000.0, "run_id": run_id, "model_name": model_name,
-                            "z_dim": z_dim, "sample_shape": sample_shape, "ganray_version": ganray_version()}
+                            "z_dim": z_dim, "latent": latent_of(model), "sample_shape": sample_shape, "ganray_version": ganray_version()}
     with tempfile.TemporaryDirectory(prefix="ganray-release-") as tmp:
         folder = Path(tmp) / RELEASE_DIR
         write_checkpoint({"G_ema": snapshot_state(model.state_dict())}, folder / "state", meta)
@@ -131,7 +132,7 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
             raise TrackingError(f"cannot upload the released state of run {run_id} to {redact(uri)} "
                                 f"({_reason(exc)})") from None
 
-    z = torch.randn(_EXAMPLE_BATCH, z_dim, generator=torch.Generator().manual_seed(0)).numpy()
+    z = draw_latent(latent_of(model), (_EXAMPLE_BATCH, z_dim), generator=torch.Generator().manual_seed(0)).numpy()
     with torch.no_grad():
         out = model(torch.from_numpy(z)).numpy()
     signature = infer_signature(z, out)

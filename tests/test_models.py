@@ -367,3 +367,38 @@ def test_vae_sampling_is_seeded_and_leaves_global_rng() -> None:
     assert not torch.equal(s1, a.sample(10, torch.Generator().manual_seed(1)))
     noisy = a.sample(10, torch.Generator().manual_seed(0), add_noise=True)
     assert noisy.shape == (10, 2) and not torch.equal(noisy, s1)
+
+
+def test_latent_distributions_and_generators_carry_theirs() -> None:
+    from ganray.models.latent import draw_latent, latent_of
+    from ganray.orchestrator.evaluate import sample_generator
+
+    gen = torch.Generator().manual_seed(0)
+    z = draw_latent("uniform", (20000, 3), generator=gen)
+    assert z.min() >= -1.0 and z.max() < 1.0 and abs(float(z.mean())) < 0.02
+    assert float(z.var()) == pytest.approx(1 / 3, rel=0.05)  # U(-1, 1) has variance 1/3
+    normal = draw_latent("normal", (20000, 3), generator=torch.Generator().manual_seed(0))
+    assert float(normal.abs().max()) > 1.5 and float(normal.var()) == pytest.approx(1.0, rel=0.05)
+    # Same seed, same stream: the same draw twice.
+    assert torch.equal(draw_latent("uniform", (4, 2), torch.Generator().manual_seed(7)),
+                       draw_latent("uniform", (4, 2), torch.Generator().manual_seed(7)))
+    with pytest.raises(ValueError, match="unknown latent distribution 'cauchy'"):
+        draw_latent("cauchy", (2, 2))
+
+    G = build_generator({"generator": "mlp", "z_dim": 2, "hidden": 8, "depth": 1, "latent": "uniform"}, (2,))
+    assert latent_of(G) == "uniform"
+    assert latent_of(build_generator({"generator": "mlp", "z_dim": 2, "hidden": 8, "depth": 1}, (2,))) == "normal"
+
+    class Identity(nn.Module):
+        z_dim, latent = 2, "uniform"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z * self.w
+
+    # Evaluation samples G on the latent it was trained on.
+    drawn = sample_generator(Identity(), 5000, seed=3)
+    assert drawn.min() >= -1.0 and drawn.max() < 1.0

@@ -126,7 +126,7 @@ class GeneratorWorker:
         t0 = time.perf_counter()
         B = self.settings.global_batch
         zshape = (B, self.gen.z_dim)
-        out = torch.stack([self.gen.generate(self.noise.normal(round_idx, k, zshape, self.rank, self.world))
+        out = torch.stack([self.gen.generate(self.noise.latent(self.gen.latent, round_idx, k, zshape, self.rank, self.world))
                            for k in range(self.settings.hyper.n_critic)])
         out = out.cpu() if out.device.type != "cpu" else out
         self.timer.compute += time.perf_counter() - t0
@@ -137,7 +137,7 @@ class GeneratorWorker:
         t0 = time.perf_counter()
         self.gen.apply_hyper(self.images_seen / 1000.0)
         B = self.settings.global_batch
-        z = self.noise.normal(round_idx, G_SLOT, (B, self.gen.z_dim), self.rank, self.world)
+        z = self.noise.latent(self.gen.latent, round_idx, G_SLOT, (B, self.gen.z_dim), self.rank, self.world)
         self._fake = self.gen.forward_with_graph(z)
         out = self._fake.detach().cpu()
         self.timer.compute += time.perf_counter() - t0

@@ -25,6 +25,7 @@ from torch import nn
 
 from ganray.models import losses
 from ganray.models.ema import ema_beta, update_ema
+from ganray.models.latent import draw_latent, latent_of
 from ganray.models.registry import build_discriminator, build_generator
 
 GradSync = Callable[[list[torch.Tensor]], None]
@@ -125,9 +126,11 @@ class NoiseStreams:
         # A large odd multiplier keeps (seed, round, slot) triples from colliding in practice.
         return (self.seed * 0x9E3779B97F4A7C15 + round_idx * 1_000_003 + slot) % (2**63 - 1)
 
-    def normal(self, round_idx: int, slot: int, shape: tuple[int, ...], part: int, parts: int) -> torch.Tensor:
+    def latent(self, kind: str, round_idx: int, slot: int, shape: tuple[int, ...], part: int,
+               parts: int) -> torch.Tensor:
+        """z for the global batch from G's latent distribution (models/latent.py), sliced by rank."""
         self._gen.manual_seed(self._seed_for(round_idx, slot))
-        return _slice(torch.randn(shape, generator=self._gen, device=self.device), part, parts)
+        return _slice(draw_latent(kind, shape, generator=self._gen, device=self.device), part, parts)
 
     def uniform(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> torch.Tensor:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
@@ -186,6 +189,7 @@ class GeneratorRole:
         self.opt = _adam(self.G.parameters(), h.g_lr, h.betas)
         self.params = list(self.G.parameters())
         self.z_dim = int(self.G.z_dim)
+        self.latent = latent_of(self.G)
 
     def apply_hyper(self, kimg: float) -> None:
         h = self.settings.hyper
@@ -352,11 +356,11 @@ class ReplicaStepper:
         d_metrics: list[dict[str, torch.Tensor]] = []
         for k in range(h.n_critic):
             real = self._real_batch(self.sampler.next_indices())
-            z = self.noise.normal(self.rounds, k, zshape, r, w)
+            z = self.noise.latent(self.gen.latent, self.rounds, k, zshape, r, w)
             fake = self.gen.generate(z)
             alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
             d_metrics.append(self.disc.d_step(real, fake, alpha, sync))
-        z = self.noise.normal(self.rounds, G_SLOT, zshape, r, w)
+        z = self.noise.latent(self.gen.latent, self.rounds, G_SLOT, zshape, r, w)
         loss_g = self.disc.g_loss(self.gen.forward_with_graph(z))
         loss_g.backward()
         g_norm, g_skipped = self.gen.step(sync)
