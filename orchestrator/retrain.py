@@ -414,6 +414,7 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
     from mlflow.exceptions import MlflowException
 
     from ganray.orchestrator import tracking
+    from ganray.orchestrator.release import _no_model_error, _no_versions_error, _version_numbers
 
     version = str(version).strip()
     if not version.isdigit():
@@ -425,13 +426,18 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
         model = client.get_registered_model(model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingError(f"no registered model '{model_name}' in {where}; check the name or --tracking-uri") from None
+            raise _no_model_error(client, model_name, where) from None
         raise TrackingError(f"cannot read registered model '{model_name}' from {where} ({_first_line(exc)})") from None
     try:
         client.get_model_version(model_name, version)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise TrackingError(f"registered model '{model_name}' has no version {version} in {where}") from None
+            numbers = _version_numbers(client, model_name)
+            if not numbers:
+                raise _no_versions_error(model_name, where) from None
+            raise TrackingError(f"registered model '{model_name}' has no version {version} in {where}; its versions "
+                                f"are {', '.join(map(str, numbers))}: pass one of them, e.g. "
+                                f"`ganray promote {model_name} {numbers[-1]}`") from None
         raise TrackingError(f"cannot read version {version} of '{model_name}' ({_first_line(exc)})") from None
     previous = (model.aliases or {}).get(CHAMPION)
     user = current_user()

@@ -294,6 +294,7 @@ def test_scheduled_ticks_promote_skip_keep_and_roll_back(store, config_path, cap
     assert store.get_model_version(NAME, "4").tags["ganray.demoted_by"] == current_user()
 
     for args, words in ((("promote", NAME, "99"), "has no version 99"),
+                        (("promote", NAME, "99"), f"pass one of them, e.g. `ganray promote {NAME} {versions(store)[-1]}`"),
                         (("promote", "nope", "1"), "no registered model 'nope'"),
                         (("promote", NAME, "one"), "is not a number")):
         code, _, err = cli(capsys, *args)
