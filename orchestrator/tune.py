@@ -211,6 +211,7 @@ def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional
     from ganray.orchestrator.checkpoint import write_checkpoint
     from ganray.orchestrator.engine import build_eval_generator
     from ganray.orchestrator.evaluate import Evaluator
+    from ganray.orchestrator.system_metrics import SystemMetrics
 
     evaluator = Evaluator(cfg)
     extra = _restore(engine, cfg, trial_id)
@@ -222,6 +223,8 @@ def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional
     images_seen = engine.run(0).images_seen
     if logger is not None and extra:
         logger.log_metrics({"pbt/restored_kimg": extra["restored_kimg"]}, step=images_seen)
+    # The trial's coordinator is its run's one writer: system/* rides on its training points too.
+    system = SystemMetrics() if logger is not None and cfg.tracking.log_system_metrics else None
     images_per_round = cfg.schedule.n_critic * cfg.schedule.batch_size
     total = int(round(cfg.schedule.total_kimg * 1000))
     every = max(1, int(round(cfg.eval.every_kimg * 1000)))
@@ -241,7 +244,10 @@ def _train(cfg: TrainConfig, sampled: dict[str, Any], engine: Any, run: Optional
                 raise RuntimeError(f"the engine made no progress at {images_seen} images (target {target})")
             images_seen = res.images_seen
             if logger is not None and res.metrics:
-                logger.log_metrics(_chunk_point(res, time.perf_counter() - t0, images_per_round), step=images_seen)
+                point = _chunk_point(res, time.perf_counter() - t0, images_per_round)
+                if system is not None:
+                    point.update(system.sample())
+                logger.log_metrics(point, step=images_seen)
         scores = evaluator.evaluate(build_eval_generator(cfg, engine.sample_shape, engine.generator_state()))
         metrics: dict[str, Any] = {f"eval/{k}": float(v) for k, v in scores.items()}
         if logger is not None:

@@ -234,6 +234,8 @@ def test_asha_on_digits_nests_runs_and_registers_the_winner(ray_session: Any, st
         rows = reports[child.data.tags["ganray.trial_id"]]
         assert {r["mlflow_run_id"] for r in rows} == {child.info.run_id}
         assert float(child.data.params["schedule.g_lr"]) == pytest.approx(rows[0]["config"]["schedule.g_lr"])
+        # The trial's coordinator logs the machine's system/* figures beside its training points.
+        assert "system/cpu_utilization_percentage" in child.data.metrics
         history = client.get_metric_history(child.info.run_id, "eval/fid")
         assert sorted(m.step for m in history) == [r["images_seen"] for r in rows]  # nothing lost
         assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([r["eval/fid"] for r in rows])
