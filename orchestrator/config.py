@@ -66,6 +66,11 @@ class LossConfig(_Section):
     r1_gamma: float = Field(0.0, ge=0.0, le=1e4, description="R1 weight: gamma/2 * E||grad D(x)||^2")
     r1_interval: int = Field(16, ge=1, le=1024, description="lazy regularisation: R1 every k D steps")
     gp_weight: float = Field(10.0, ge=0.0, le=1e4, description="WGAN-GP weight")
+    instance_noise: float = Field(0.0, ge=0.0, le=1e3, description=(
+        "std of Gaussian noise added to every input of D, real and fake (Sonderby et al. 2016); "
+        "0 turns it off"))
+    instance_noise_kimg: Optional[float] = Field(None, gt=0.0, description=(
+        "absolute kimg at which instance_noise has decayed linearly to 0; unset keeps it constant"))
 
 
 class ScheduleConfig(_Section):

@@ -77,6 +77,20 @@ def test_two_replicas_match_one_and_restore_exactly(one_worker_run, two_workers)
     np.testing.assert_array_equal(_losses(resumed), _losses(uninterrupted))
 
 
+def test_two_replicas_with_instance_noise_match_local(ray_session) -> None:
+    # The noise on D's inputs is drawn for the global batch and sliced by rank, like z.
+    loss = {"instance_noise": 0.5, "instance_noise_kimg": 1.0, "r1_gamma": 0.1, "r1_interval": 2}
+    engine = RayEngine(_replicated(2, loss=loss))
+    try:
+        result = engine.run(20)
+    finally:
+        engine.close()
+    local = LocalEngine(small_config(loss=loss)).run(20)
+    plain = LocalEngine(small_config(loss={"r1_gamma": 0.1, "r1_interval": 2})).run(20)
+    np.testing.assert_allclose(_losses(result), _losses(local), rtol=0, atol=1e-4)
+    assert np.abs(_losses(local) - _losses(plain)).max() > 1e-3  # the noise was there
+
+
 def test_replica_divergence_refuses_checkpoint(two_workers) -> None:
     # Perturb replica 1 only; the checksum comparison inside state() must name the replicas.
     def bump(worker):

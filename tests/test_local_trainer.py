@@ -61,6 +61,24 @@ def test_lr_decay_uses_absolute_kimg():
     assert abs(lr - cfg.schedule.g_lr * settings.lr_factor(engine.stepper.images_seen / 1000 - 0.064)) < 1e-9
 
 
+def test_instance_noise_decays_over_absolute_kimg_or_stays_constant():
+    annealed = LocalEngine(small_config(loss={"instance_noise": 0.4, "instance_noise_kimg": 2})).stepper.settings
+    assert annealed.noise_std(0) == 0.4 and abs(annealed.noise_std(1) - 0.2) < 1e-12
+    assert annealed.noise_std(2) == 0.0 == annealed.noise_std(50)
+    constant = LocalEngine(small_config(loss={"instance_noise": 0.1})).stepper.settings
+    assert constant.noise_std(0) == constant.noise_std(1e6) == 0.1
+    assert LocalEngine(small_config()).stepper.settings.noise_std(0) == 0.0
+    # Once the noise has decayed, a round is the noise-free round again: the same D-step losses
+    # for the same weights and batch as a job that never had noise.
+    noisy = LocalEngine(small_config(loss={"instance_noise": 0.4, "instance_noise_kimg": 0.064}))
+    clean = LocalEngine(small_config())
+    clean.load_state(noisy.state())
+    first_noisy, first_clean = noisy.run(1).metrics["loss_D"][0], clean.run(1).metrics["loss_D"][0]
+    assert first_noisy != first_clean
+    clean.load_state(noisy.state())
+    assert noisy.run(3).metrics["loss_D"] == clean.run(3).metrics["loss_D"]
+
+
 def test_short_grid25_run_improves_quality():
     cfg = small_config(data={"name": "grid25", "size": 20000},
                        model={"z_dim": 8, "hidden": 64, "depth": 3},

@@ -21,10 +21,10 @@ from ganray.orchestrator.engine import LocalEngine
 from ganray.workers.split import feedback_weights, g_parts_for, rows_of
 
 
-def _split(generators: int, discriminators: int, data: dict | None = None, **topology):
+def _split(generators: int, discriminators: int, data: dict | None = None, loss: dict | None = None, **topology):
     return small_config(topology={"kind": "split", "num_generators": generators,
                                   "num_discriminators": discriminators, **topology},
-                        data={"name": "grid25", "size": 4096, **(data or {})},
+                        data={"name": "grid25", "size": 4096, **(data or {})}, loss=loss or {},
                         # Half a logical CPU each: the shared reference engine and a 4-actor job
                         # fit the session's 6 logical CPUs together.
                         resources={"cpus_per_worker": 0.5})
@@ -77,13 +77,19 @@ def one_g_two_d_max(ray_session):
     engine.close()
 
 
-def test_one_generator_one_discriminator_matches_local(ray_session) -> None:
-    engine = RayEngine(_split(1, 1))
+# Instance noise, annealed within the 20 rounds (1.28 kimg), with R1 on the noisy reals: the
+# D worker's real/fake/feedback noise must be the slices `local` draws.
+NOISY = {"instance_noise": 0.5, "instance_noise_kimg": 1.0, "r1_gamma": 0.1, "r1_interval": 2}
+
+
+@pytest.mark.parametrize("loss", [{}, NOISY], ids=["plain", "instance-noise"])
+def test_one_generator_one_discriminator_matches_local(ray_session, loss) -> None:
+    engine = RayEngine(_split(1, 1, loss=loss))
     try:
         result = engine.run(20)
     finally:
         engine.close()
-    local = LocalEngine(small_config()).run(20)
+    local = LocalEngine(small_config(loss=loss)).run(20)
     assert result.images_seen == local.images_seen == 20 * 64
     np.testing.assert_allclose(_losses(result), _losses(local), rtol=0, atol=1e-4)
     for key in ("real_score", "fake_score", "grad_norm_D", "grad_norm_G"):

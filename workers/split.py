@@ -27,8 +27,8 @@ import torch
 from ganray.workers.collective import Collective, free_port, module_tensors, node_address
 from ganray.workers.data import load_dataset
 from ganray.workers.sharding import ShardSampler
-from ganray.workers.steps import (ALPHA_SLOT, G_SLOT, DiscriminatorRole, GeneratorRole, NoiseStreams, StepSettings,
-                                  cpu_tree)
+from ganray.workers.steps import (ALPHA_SLOT, FAKE_NOISE_SLOT, G_NOISE_SLOT, G_SLOT, REAL_NOISE_SLOT, DiscriminatorRole,
+                                  GeneratorRole, NoiseStreams, StepSettings, cpu_tree)
 
 FEEDBACK_MODES = ("mean", "max", "softmax")
 
@@ -225,6 +225,9 @@ class DiscriminatorWorker:
         self.noise = NoiseStreams(seed, self.settings.device)
         self.images_seen = 0
         self.rounds = 0
+        # Round index and instance-noise std of the last D phase: the feedback call of a round
+        # always follows its D phase on this actor (one caller, calls run in submission order).
+        self._noise_round, self._noise_std = 0, 0.0
         self.timer = _Timed()
         return self.info()
 
@@ -264,14 +267,18 @@ class DiscriminatorWorker:
         t0 = time.perf_counter()
         s = self.settings
         self.disc.apply_hyper(self.images_seen / 1000.0)
+        std = s.noise_std(self.images_seen / 1000.0)
+        self._noise_round, self._noise_std = round_idx, std
         fakes = self._my_rows(first_part, fake_parts, dim=1).to(s.device, non_blocking=True)
         n_critic = fakes.shape[0]
+        B, i, K = s.global_batch, self.index, self.count
         steps = []
         for k in range(n_critic):
-            real = self._next_real()
-            alpha = (self.noise.uniform(round_idx, ALPHA_SLOT + k, s.global_batch, self.index, self.count)
+            real = self.noise.add_noise(self._next_real(), std, round_idx, REAL_NOISE_SLOT + k, B, i, K)
+            fake = self.noise.add_noise(fakes[k], std, round_idx, FAKE_NOISE_SLOT + k, B, i, K)
+            alpha = (self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K)
                      if s.loss_kind == "wgan-gp" else None)
-            steps.append(self.disc.d_step(real, fakes[k], alpha, None))
+            steps.append(self.disc.d_step(real, fake, alpha, None))
         self.rounds += 1
         self.images_seen += n_critic * s.global_batch
         last = steps[-1]
@@ -291,7 +298,10 @@ class DiscriminatorWorker:
         """
         t0 = time.perf_counter()
         whole = torch.cat(fake_parts, dim=0) if len(fake_parts) > 1 else fake_parts[0]
-        loss, grad = self.disc.feedback(whole.to(self.settings.device, non_blocking=True))
+        whole = whole.to(self.settings.device, non_blocking=True)
+        # Additive noise leaves dL/dx unchanged in form: the gradient at x + n is G's feedback for x.
+        whole = self.noise.add_noise(whole, self._noise_std, self._noise_round, G_NOISE_SLOT, whole.shape[0], 0, 1)
+        loss, grad = self.disc.feedback(whole)
         grad = grad.cpu()
         sizes = [p.shape[0] for p in fake_parts]
         out = (loss.cpu(), *torch.split(grad, sizes, dim=0))

@@ -31,9 +31,14 @@ from ganray.models.registry import build_discriminator, build_generator
 GradSync = Callable[[list[torch.Tensor]], None]
 
 # Stream slots inside one round: D step k draws z from slot k and the WGAN-GP interpolation
-# factors from slot ALPHA_SLOT + k; the G step draws z from G_SLOT.
+# factors from slot ALPHA_SLOT + k; the G step draws z from G_SLOT. Instance noise for D step k
+# comes from REAL_NOISE_SLOT + k (real batch) and FAKE_NOISE_SLOT + k (fake batch), and for the
+# G step's fakes from G_NOISE_SLOT.
 ALPHA_SLOT = 1_000
 G_SLOT = 2_000
+REAL_NOISE_SLOT = 3_000
+FAKE_NOISE_SLOT = 4_000
+G_NOISE_SLOT = 5_000
 
 
 @dataclass
@@ -68,6 +73,8 @@ class StepSettings:
     lr_decay_kimg: Optional[float]
     lr_min_factor: float
     hyper: Hyper
+    instance_noise: float = 0.0
+    instance_noise_kimg: Optional[float] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
     channels_last: bool = False
@@ -82,6 +89,8 @@ class StepSettings:
             gp_weight=float(loss["gp_weight"]), ema_half_life_kimg=float(sched["ema_half_life_kimg"]),
             lr_decay=sched["lr_decay"], lr_decay_kimg=sched.get("lr_decay_kimg"),
             lr_min_factor=float(sched["lr_min_factor"]), hyper=Hyper.from_config(config),
+            instance_noise=float(loss.get("instance_noise", 0.0)),
+            instance_noise_kimg=loss.get("instance_noise_kimg"),
             device=device,
             autocast_bf16=(res.get("precision") == "bf16" and device.type == "cuda"),
             channels_last=bool(res.get("channels_last")) and device.type == "cuda",
@@ -97,6 +106,17 @@ class StepSettings:
         if self.lr_decay == "linear":
             return 1.0 - (1.0 - lo) * t
         return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+    def noise_std(self, kimg: float) -> float:
+        """Instance-noise std at absolute `kimg`: linear decay to 0 at instance_noise_kimg, or
+        constant when that is unset. Noise on both of D's inputs keeps D smooth early on, so its
+        gradient still reaches modes G has no samples near (mass can move between modes)."""
+        if self.instance_noise <= 0.0:
+            return 0.0
+        if not self.instance_noise_kimg:
+            return self.instance_noise
+        return self.instance_noise * max(0.0, 1.0 - kimg / self.instance_noise_kimg)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -135,6 +155,16 @@ class NoiseStreams:
     def uniform(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> torch.Tensor:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
         return _slice(torch.rand((n,), generator=self._gen, device=self.device), part, parts)
+
+    def add_noise(self, x: torch.Tensor, std: float, round_idx: int, slot: int, global_batch: int, part: int,
+                  parts: int) -> torch.Tensor:
+        """`x` (this rank's rows) plus `std` times standard normal noise drawn for the global batch
+        and sliced like the rows, so the sum does not depend on how many workers drew it."""
+        if std <= 0.0:
+            return x
+        self._gen.manual_seed(self._seed_for(round_idx, slot))
+        full = torch.randn((global_batch, *x.shape[1:]), generator=self._gen, device=self.device)
+        return x + std * _slice(full, part, parts).to(x.dtype)
 
 
 def _slice(full: torch.Tensor, part: int, parts: int) -> torch.Tensor:
@@ -353,15 +383,19 @@ class ReplicaStepper:
         self.disc.apply_hyper(kimg)
         sync = self._timed_sync if self.grad_sync is not None else None
         zshape = (B, self.gen.z_dim)
+        std = s.noise_std(kimg)
         d_metrics: list[dict[str, torch.Tensor]] = []
         for k in range(h.n_critic):
             real = self._real_batch(self.sampler.next_indices())
             z = self.noise.latent(self.gen.latent, self.rounds, k, zshape, r, w)
             fake = self.gen.generate(z)
+            real = self.noise.add_noise(real, std, self.rounds, REAL_NOISE_SLOT + k, B, r, w)
+            fake = self.noise.add_noise(fake, std, self.rounds, FAKE_NOISE_SLOT + k, B, r, w)
             alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
             d_metrics.append(self.disc.d_step(real, fake, alpha, sync))
         z = self.noise.latent(self.gen.latent, self.rounds, G_SLOT, zshape, r, w)
-        loss_g = self.disc.g_loss(self.gen.forward_with_graph(z))
+        fake_g = self.noise.add_noise(self.gen.forward_with_graph(z), std, self.rounds, G_NOISE_SLOT, B, r, w)
+        loss_g = self.disc.g_loss(fake_g)
         loss_g.backward()
         g_norm, g_skipped = self.gen.step(sync)
         self.gen.update_ema()
