@@ -27,7 +27,7 @@ Builder = Callable[[Mapping[str, Any], tuple[int, ...]], nn.Module]
 # same networks as a full config; the config tree cannot be imported here (models is the bottom layer).
 _DEFAULTS: dict[str, Any] = {
     "generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 256, "depth": 3,
-    "base_width": 64, "spectral_norm": False, "batchnorm": True, "mlp_batchnorm": False, "pack": 1,
+    "base_width": 64, "spectral_norm": False, "batchnorm": True, "mlp_batchnorm": False, "mlp_skip": False, "pack": 1,
     "kwargs": {},
 }
 
@@ -67,7 +67,7 @@ def _image_shape(key: str, sample_shape: tuple[int, ...]) -> tuple[int, int]:
 
 def _mlp_generator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
     return MLPGenerator(cfg["z_dim"], cfg["hidden"], cfg["depth"], sample_shape,
-                        batchnorm=bool(cfg["mlp_batchnorm"]))
+                        batchnorm=bool(cfg["mlp_batchnorm"]), skip=bool(cfg["mlp_skip"]))
 
 
 def _mlp_discriminator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:

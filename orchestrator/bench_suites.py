@@ -354,6 +354,9 @@ def startup(ctx: BenchContext) -> Report:
               "eval.every_kimg=1000"]
     data: dict[str, Any] = {"config": str(config_path.relative_to(REPO)), "overrides": common}
     rows: list[list[Any]] = []
+    # The measured `ganray train` starts its own Ray, as a user's does: the bench's instance
+    # (its raylet, GCS and idle workers) would otherwise compete with it for the two cores.
+    ctx.close()
     with tempfile.TemporaryDirectory(prefix="ganray-bench-startup-") as tmp:
         for name, sets in topologies.items():
             times: list[Optional[float]] = []

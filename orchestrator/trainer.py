@@ -155,6 +155,50 @@ class Trainer:
         self._progressed = False
         self._last_ckpt_images = -1
         self._system: Optional[SystemMetrics] = None
+        self._engine: Optional[Engine] = None
+        self._t_engine_start = time.perf_counter()  # wall_s counts from the engine's start
+        if config.topology.kind == "local":
+            self._prepare_tracking(tracking_uri, resume, on_run_id)
+        else:
+            self._start_with_ray(tracking_uri, resume, on_run_id)
+
+    # -- start-up --------------------------------------------------------------------------
+    def _start_with_ray(self, tracking_uri: Optional[str], resume: Optional[str],
+                        on_run_id: Optional[Callable[[str], None]]) -> None:
+        """Open the MLflow run in a helper thread while this thread starts Ray and the workers.
+
+        Starting Ray and the worker actors takes seconds spent mostly in other processes (GCS,
+        raylet, the workers importing torch), so importing mlflow and opening the store fit in
+        that time. Ray stays in the calling (main) thread, where it installs its handlers and
+        shuts down cleanly. `local` builds its models in this process with torch's global RNG,
+        so it does not take this path.
+        """
+        failure: list[BaseException] = []
+
+        def prepare() -> None:
+            try:
+                self._prepare_tracking(tracking_uri, resume, on_run_id)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                failure.append(exc)
+
+        helper = threading.Thread(target=prepare, name="ganray-tracking-start", daemon=True)
+        helper.start()
+        try:
+            self._engine = self.engine_factory(self.config)
+        except BaseException:
+            helper.join()
+            if not failure:
+                self._abort()  # the run exists: close it as a run that failed to start
+            raise
+        helper.join()
+        if failure:
+            self._engine.close()
+            self._engine = None
+            raise failure[0]
+
+    def _prepare_tracking(self, tracking_uri: Optional[str], resume: Optional[str],
+                          on_run_id: Optional[Callable[[str], None]]) -> None:
+        config = self.config
         if config.tracking.enabled:
             from ganray.orchestrator import tracking
             from ganray.orchestrator.run_logger import RunLogger
@@ -234,10 +278,15 @@ class Trainer:
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        t_start = time.perf_counter()
+        t_start = self._t_engine_start if self._engine is not None else time.perf_counter()
         try:
-            resumed = self._fetch_resume_checkpoint() if self.logger is not None and self.resume else None
-            engine = self.engine_factory(self.config)
+            try:
+                resumed = self._fetch_resume_checkpoint() if self.logger is not None and self.resume else None
+            except BaseException:
+                if self._engine is not None:
+                    self._engine.close()
+                raise
+            engine, self._engine = self._engine or self.engine_factory(self.config), None
         except BaseException:
             self._abort()
             raise

@@ -134,6 +134,35 @@ def test_unplaceable_workers_fail_fast_and_leave_no_group(ray_session) -> None:
     assert ray.is_initialized()  # the engine never shuts down a Ray instance it did not start
 
 
+def _live_groups() -> set[str]:
+    return {pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def test_trainer_start_up_failures_release_what_the_other_half_started(ray_session, mlflow_store) -> None:
+    """The Trainer opens the MLflow run in a helper thread while it starts the Ray workers: a
+    store that does not answer leaves no workers behind, and workers that cannot be placed
+    leave the already opened run FAILED."""
+    from mlflow import MlflowClient
+
+    from ganray.models.errors import TrackingError
+    from ganray.orchestrator.trainer import Trainer
+    from mlflow_server import free_port
+
+    before = _live_groups()
+    with pytest.raises(TrackingError, match="--tracking-uri"):
+        Trainer(_replicated(1, tracking={"enabled": True}), tracking_uri=f"http://127.0.0.1:{free_port()}",
+                progress=False)
+    assert _live_groups() <= before
+
+    started: list[str] = []
+    config = _replicated(2, tracking={"enabled": True}, resources={"cpus_per_worker": 64, "placement_timeout_s": 2})
+    with pytest.raises(PlacementError, match="128 CPUs"):
+        Trainer(config, progress=False, on_run_id=started.append)
+    assert len(started) == 1 and _live_groups() <= before
+    uri = f"sqlite:///{mlflow_store / 'mlflow.db'}"
+    assert MlflowClient(uri).get_run(started[0]).info.status == "FAILED"
+
+
 def test_a_workers_data_error_reaches_the_user_as_is(ray_session, tmp_path) -> None:
     """Workers load their own data; a bad path must still be a one-line DataError (exit 2)."""
     config = _replicated(1, data={"name": "parquet", "path": str(tmp_path / "missing")})

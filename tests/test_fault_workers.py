@@ -184,11 +184,12 @@ for _ in range(2):
     cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 config = config_from_dict(json.loads(sys.argv[1]))
-ready, events, box = threading.Event(), {}, {}
+ready, removed, events, box = threading.Event(), threading.Event(), {}, {}
 
 
 class Watch:
-    # Names the node of replica 1 once 8 rounds are done, as the next chunk starts.
+    # Names the node of replica 1 once 8 rounds are done, as the next chunk starts, and holds
+    # that chunk until the node is gone: the tiny job would otherwise finish before it is.
     def __init__(self, engine):
         self._engine, self.rounds = engine, 0
 
@@ -196,6 +197,7 @@ class Watch:
         if not ready.is_set() and n and self.rounds >= 8:
             events["node_id"] = ray.get(self._engine.actors[1].process_info.remote())["node_id"]
             ready.set()
+            removed.wait(timeout=120)
         res = self._engine.run(n, stop)
         self.rounds = res.round_index
         return res
@@ -221,6 +223,7 @@ assert ready.wait(timeout=400), "training never reached round 8"
 node = next(n for n in list(cluster.worker_nodes) if n.node_id == events["node_id"])
 cluster.remove_node(node, allow_graceful=False)
 events["removed_at"] = time.monotonic() - t0
+removed.set()
 time.sleep(2.0)
 cluster.add_node(num_cpus=1)
 events["added_at"] = time.monotonic() - t0
