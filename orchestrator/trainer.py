@@ -123,8 +123,13 @@ EvalHook = Callable[[int, dict[str, float]], None]
 class Trainer:
     """Runs one job: owns the engine, the MLflow run (through `RunLogger`) and the schedule.
 
-    Hooks (both optional, called in the training thread):
-    - `on_run_id(run_id)`: once, as soon as the MLflow run exists (before training starts).
+    For `replicated` and `split` the constructor already starts Ray and the worker actors (while
+    a helper thread opens the MLflow run), so start-up errors such as an unplaceable job are
+    raised here; `run()` trains and always closes the engine, so call it once constructed.
+
+    Hooks (both optional):
+    - `on_run_id(run_id)`: once, as soon as the MLflow run exists (before training starts; from
+      the helper thread for the Ray topologies).
     - `on_eval(images_seen, scores)`: after each evaluation, the periodic ones (every
       `eval.every_kimg`) and the final one (which may share its `images_seen` with the last
       periodic one), with the scores as logged (`{"modes": ..., "kl": ...}` without the `eval/`
