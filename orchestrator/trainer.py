@@ -285,16 +285,14 @@ class Trainer:
     def run(self) -> TrainResult:
         t_start = self._t_engine_start if self._engine is not None else time.perf_counter()
         try:
-            try:
-                resumed = self._fetch_resume_checkpoint() if self.logger is not None and self.resume else None
-            except BaseException:
-                if self._engine is not None:
-                    self._engine.close()
-                raise
-            engine, self._engine = self._engine or self.engine_factory(self.config), None
+            resumed = self._fetch_resume_checkpoint() if self.logger is not None and self.resume else None
+            engine = self._engine or self.engine_factory(self.config)
         except BaseException:
+            if self._engine is not None:  # started by the constructor, not yet owned by a run
+                self._engine.close()
             self._abort()
             raise
+        self._engine = None
         restore_sigterm = self._install_sigterm()
         try:
             return self._run(engine, t_start, resumed)

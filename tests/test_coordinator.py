@@ -118,11 +118,12 @@ def test_generator_state_and_hyper_reach_the_workers(one_worker_run) -> None:
     assert lrs == pytest.approx((5e-4, 1e-3))
 
 
-def test_unplaceable_workers_fail_fast_and_leave_no_group(ray_session) -> None:
-    def live_groups() -> set[str]:
-        return {pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+def _live_groups() -> set[str]:
+    return {pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
-    before = live_groups()
+
+def test_unplaceable_workers_fail_fast_and_leave_no_group(ray_session) -> None:
+    before = _live_groups()
     config = _replicated(2, resources={"cpus_per_worker": 64, "placement_timeout_s": 2})
     with pytest.raises(PlacementError) as err:
         RayEngine(config)
@@ -130,12 +131,8 @@ def test_unplaceable_workers_fail_fast_and_leave_no_group(ray_session) -> None:
     assert "128 CPUs" in message and "strategy PACK" in message  # what was asked
     assert f"{ray.cluster_resources()['CPU']:g} CPUs" in message    # what the cluster has
     assert "\n" not in message
-    assert live_groups() <= before
+    assert _live_groups() <= before
     assert ray.is_initialized()  # the engine never shuts down a Ray instance it did not start
-
-
-def _live_groups() -> set[str]:
-    return {pid for pid, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
 
 def test_trainer_start_up_failures_release_what_the_other_half_started(ray_session, mlflow_store) -> None:

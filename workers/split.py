@@ -27,8 +27,8 @@ import torch
 from ganray.workers.collective import Collective, free_port, module_tensors, node_address
 from ganray.workers.data import load_dataset
 from ganray.workers.sharding import ShardSampler
-from ganray.workers.steps import (ALPHA_SLOT, FAKE_NOISE_SLOT, G_NOISE_SLOT, G_SLOT, REAL_NOISE_SLOT, DiscriminatorRole,
-                                  GeneratorRole, NoiseStreams, StepSettings, cpu_tree)
+from ganray.workers.steps import (ALPHA_SLOT, G_NOISE_SLOT, G_SLOT, DiscriminatorRole, GeneratorRole, NoiseStreams,
+                                  StepSettings, cpu_tree)
 
 FEEDBACK_MODES = ("mean", "max", "softmax")
 
@@ -274,8 +274,7 @@ class DiscriminatorWorker:
         B, i, K = s.global_batch, self.index, self.count
         steps = []
         for k in range(n_critic):
-            real = self.noise.add_noise(self._next_real(), std, round_idx, REAL_NOISE_SLOT + k, B, i, K)
-            fake = self.noise.add_noise(fakes[k], std, round_idx, FAKE_NOISE_SLOT + k, B, i, K)
+            real, fake = self.noise.noisy_d_inputs(self._next_real(), fakes[k], std, round_idx, k, B, i, K)
             alpha = (self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K)
                      if s.loss_kind == "wgan-gp" else None)
             steps.append(self.disc.d_step(real, fake, alpha, None))

@@ -107,7 +107,6 @@ class StepSettings:
             return 1.0 - (1.0 - lo) * t
         return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-
     def noise_std(self, kimg: float) -> float:
         """Instance-noise std at absolute `kimg`: linear decay to 0 at instance_noise_kimg, or
         constant when that is unset. Noise on both of D's inputs keeps D smooth early on, so its
@@ -165,6 +164,12 @@ class NoiseStreams:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
         full = torch.randn((global_batch, *x.shape[1:]), generator=self._gen, device=self.device)
         return x + std * _slice(full, part, parts).to(x.dtype)
+
+    def noisy_d_inputs(self, real: torch.Tensor, fake: torch.Tensor, std: float, round_idx: int, step: int,
+                       global_batch: int, part: int, parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """D step `step`'s real and fake rows with instance noise, as every topology draws it."""
+        return (self.add_noise(real, std, round_idx, REAL_NOISE_SLOT + step, global_batch, part, parts),
+                self.add_noise(fake, std, round_idx, FAKE_NOISE_SLOT + step, global_batch, part, parts))
 
 
 def _slice(full: torch.Tensor, part: int, parts: int) -> torch.Tensor:
@@ -388,9 +393,7 @@ class ReplicaStepper:
         for k in range(h.n_critic):
             real = self._real_batch(self.sampler.next_indices())
             z = self.noise.latent(self.gen.latent, self.rounds, k, zshape, r, w)
-            fake = self.gen.generate(z)
-            real = self.noise.add_noise(real, std, self.rounds, REAL_NOISE_SLOT + k, B, r, w)
-            fake = self.noise.add_noise(fake, std, self.rounds, FAKE_NOISE_SLOT + k, B, r, w)
+            real, fake = self.noise.noisy_d_inputs(real, self.gen.generate(z), std, self.rounds, k, B, r, w)
             alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
             d_metrics.append(self.disc.d_step(real, fake, alpha, sync))
         z = self.noise.latent(self.gen.latent, self.rounds, G_SLOT, zshape, r, w)
