@@ -169,6 +169,7 @@ def test_restart_budget_spent_stops_with_a_resumable_checkpoint(ray_session, sql
 
 CLUSTER_SCRIPT = r'''
 import json, sys, threading, time
+import psutil
 import ray
 from ray.cluster_utils import Cluster
 
@@ -189,13 +190,15 @@ ready, removed, events, box = threading.Event(), threading.Event(), {}, {}
 
 class Watch:
     # Names the node of replica 1 once 8 rounds are done, as the next chunk starts, and holds
-    # that chunk until the node is gone: the tiny job would otherwise finish before it is.
+    # that chunk until the node and replica 1's process are gone: the tiny job would otherwise
+    # finish its last rounds in the moment before the removed node's workers die.
     def __init__(self, engine):
         self._engine, self.rounds = engine, 0
 
     def run(self, n, stop=None):
         if not ready.is_set() and n and self.rounds >= 8:
-            events["node_id"] = ray.get(self._engine.actors[1].process_info.remote())["node_id"]
+            info = ray.get(self._engine.actors[1].process_info.remote())
+            events["node_id"], events["pid"] = info["node_id"], info["pid"]
             ready.set()
             removed.wait(timeout=120)
         res = self._engine.run(n, stop)
@@ -223,6 +226,10 @@ assert ready.wait(timeout=400), "training never reached round 8"
 node = next(n for n in list(cluster.worker_nodes) if n.node_id == events["node_id"])
 cluster.remove_node(node, allow_graceful=False)
 events["removed_at"] = time.monotonic() - t0
+try:
+    psutil.Process(events["pid"]).wait(timeout=60)
+except psutil.NoSuchProcess:
+    pass
 removed.set()
 time.sleep(2.0)
 cluster.add_node(num_cpus=1)
