@@ -75,7 +75,9 @@ def overhead(ctx: BenchContext) -> Report:
         for name, row in gpu.items():
             rows.append([name, row["batch"], 1, spread(row, "plain"), spread(row, "ganray"), None,
                          ratio_cell(row, "ratio"), None, None])
-        notes.append(f"GPU rows on {torch.cuda.get_device_name()}: ganray replicated with 1 GPU worker.")
+        notes.append(f"GPU rows on {torch.cuda.get_device_name()}: ganray replicated with 1 GPU worker. Against the "
+                     "tuned plain loop (data on the device, fused Adam, foreach EMA): "
+                     + ", ".join(f"{name} {row['vs_tuned_ratio']:.2f}" for name, row in gpu.items()) + ".")
     else:
         data["gpu"] = None
     return Report(data, ["model", "batch", "threads", "plain loop", "replicated 1w", "local",

@@ -2,7 +2,7 @@
 # The GPU rows of `ganray bench overhead` on a machine that has PyTorch but not ganray's other
 # dependencies (no Ray, MLflow or pydantic): DCGAN 64x64, bf16 autocast on/off, channels_last
 # on/off, ganray's round (the ReplicaStepper every replica runs) against the plain loop.
-# Usage: scripts/gpu_overhead.sh OUT_DIR
+# Usage: [BATCH=256] [REPS=5] [SECONDS_PER_REP=2] scripts/gpu_overhead.sh OUT_DIR
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 shim="$(mktemp -d)"
@@ -11,4 +11,10 @@ for layer in orchestrator workers models; do ln -s "$repo/$layer" "$shim/ganray/
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python3 -m ganray.orchestrator.bench_plain "$repo/scripts/dcgan64-gpu.json" --out "$1" --reps "${REPS:-5}" --seconds "${SECONDS_PER_REP:-2}"
+config="$repo/scripts/dcgan64-gpu.json"
+if [[ -n "${BATCH:-}" ]]; then  # the same job at another batch size (64 is launch-bound on a big card)
+  config="$shim/dcgan64-gpu-b$BATCH.json"
+  python3 -c "import json,sys; c=json.load(open(sys.argv[1])); c['schedule']['batch_size']=int(sys.argv[2]); json.dump(c,open(sys.argv[3],'w'))" \
+    "$repo/scripts/dcgan64-gpu.json" "$BATCH" "$config"
+fi
+python3 -m ganray.orchestrator.bench_plain "$config" --out "$1" --reps "${REPS:-5}" --seconds "${SECONDS_PER_REP:-2}"
