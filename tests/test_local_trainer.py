@@ -104,7 +104,7 @@ def test_nonfinite_step_is_skipped_without_touching_weights():
     stepper = engine.stepper
     before = {k: v.clone() for k, v in stepper.disc.D.state_dict().items()}
     real_get = stepper.source.get
-    stepper._device_data = None
+    stepper.batches.device_data = None
     stepper.source.get = lambda idx: real_get(idx) * float("nan")  # a poisoned batch
     out = engine.run(1)
     assert out.metrics["skipped"][0] >= 1 and out.nonfinite_run == 1

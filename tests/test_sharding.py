@@ -108,3 +108,33 @@ def test_invalid_sizes_name_both_numbers() -> None:
         ShardSampler(100, 10, seed=0, world=3)
     with pytest.raises(ValueError, match="rank"):
         ShardSampler(100, 10, seed=0, rank=2, world=2)
+
+
+def test_real_batches_slice_a_device_copy_like_the_host_path() -> None:
+    """The device path (data and each epoch's permutation uploaded once, sliced per step) reads
+    the same rows as the host path, across epochs and after a rank change (split's shard swap).
+    On this CPU-only machine the device copy is planted by hand: only the copy itself is CUDA's."""
+    import torch
+
+    from ganray.workers.data import TensorSource
+    from ganray.workers.sharding import RealBatches
+
+    source = TensorSource("t", torch.arange(40, dtype=torch.float32).reshape(20, 2))
+    host = RealBatches(source, torch.device("cpu"))
+    assert host.device_data is None  # only a GPU gets the device copy
+    device = RealBatches(source, torch.device("cpu"))
+    device.device_data = source.data.clone()
+    a, b = ShardSampler(20, 6, seed=4, rank=1, world=2), ShardSampler(20, 6, seed=4, rank=1, world=2)
+    uploads = []
+    for step in range(10):  # 3 batches per epoch: crosses three epoch boundaries
+        if step == 7:  # a new sampler for another shard continues in place, as split's swap does
+            a_state = a.state_dict()
+            a, b = ShardSampler(20, 6, seed=4, rank=0, world=2), ShardSampler(20, 6, seed=4, rank=0, world=2)
+            a.load_state_dict(a_state)
+            b.load_state_dict(a_state)
+        expected = source.get(b.next_indices())
+        got = device.next(a)
+        assert torch.equal(got, expected), step
+        uploads.append(device._perm[1])  # kept alive, so ids below are not reused
+    # One permutation upload per epoch (epochs 0-3) plus one for the new shard's sampler.
+    assert len({id(t) for t in uploads}) == 5

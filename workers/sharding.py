@@ -10,7 +10,10 @@ rank-independent, which lets a job resume mid-epoch, even with a different worke
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
+import torch
 
 from ganray.models.errors import CheckpointError, DataError
 
@@ -70,15 +73,22 @@ class ShardSampler:
             self._perm_epoch = self._epoch
         return self._perm
 
-    def next_indices(self) -> np.ndarray:
-        """This rank's int64 indices for the next global batch; moves on to the next epoch at its end."""
+    def next_span(self) -> tuple[np.ndarray, int, int]:
+        """(the epoch's whole permutation, start, stop): this rank's next indices are
+        `perm[start:stop]`. A GPU replica uploads `perm` once per epoch and slices it on the device,
+        instead of copying indices from the host every step. Moves on like `next_indices`."""
+        perm = self._permutation()
         start = self._position * self.global_batch + self.rank * self.local_batch
-        indices = self._permutation()[start:start + self.local_batch].copy()
         self._position += 1
         if self._position == self.batches_per_epoch:
             self._epoch += 1
             self._position = 0
-        return indices
+        return perm, start, start + self.local_batch
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's int64 indices for the next global batch; moves on to the next epoch at its end."""
+        perm, start, stop = self.next_span()
+        return perm[start:stop].copy()
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints: the position plus what must match for the position to mean the same."""
@@ -96,3 +106,36 @@ class ShardSampler:
             raise CheckpointError(f"sampler state has epoch {epoch}, position {position}, outside "
                                   f"0..{self.batches_per_epoch - 1} batches per epoch; the checkpoint is damaged")
         self._epoch, self._position = epoch, position
+
+
+# In-memory datasets up to this size are copied to a GPU once; larger ones stay on the host.
+DEVICE_DATA_MAX_BYTES = 2 * 1024**3
+
+
+class RealBatches:
+    """Fetches a sampler's next rows onto the worker's device.
+
+    On a GPU an in-memory dataset (up to DEVICE_DATA_MAX_BYTES) is copied to the device once, and
+    so is each epoch's permutation: a step then slices on the device. Copying pageable host rows
+    or indices every step would stall the launch queue of a launch-bound GPU round.
+    """
+
+    def __init__(self, source: Any, device: torch.device) -> None:
+        self.source = source
+        self.device = device
+        data = getattr(source, "data", None)
+        fits = isinstance(data, torch.Tensor) and data.numel() * data.element_size() <= DEVICE_DATA_MAX_BYTES
+        self.device_data: Optional[torch.Tensor] = (
+            data.to(device=device, dtype=torch.float32) if device.type == "cuda" and fits else None)
+        self._perm: tuple[Optional[np.ndarray], Optional[torch.Tensor]] = (None, None)
+
+    def next(self, sampler: ShardSampler) -> torch.Tensor:
+        """The rows `sampler.next_indices()` names, on the device (the sampler moves on)."""
+        if self.device_data is None:
+            return self.source.get(sampler.next_indices()).to(self.device, non_blocking=True)
+        perm, start, stop = sampler.next_span()
+        host_perm, device_perm = self._perm
+        if host_perm is not perm or device_perm is None:  # a new epoch (or a new shard's sampler)
+            device_perm = torch.from_numpy(perm).to(self.device)
+            self._perm = (perm, device_perm)
+        return self.device_data.index_select(0, device_perm[start:stop])

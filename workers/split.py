@@ -26,7 +26,7 @@ import torch
 
 from ganray.workers.collective import Collective, free_port, module_tensors, node_address
 from ganray.workers.data import load_dataset
-from ganray.workers.sharding import ShardSampler
+from ganray.workers.sharding import RealBatches, ShardSampler
 from ganray.workers.steps import (ALPHA_SLOT, G_NOISE_SLOT, G_SLOT, DiscriminatorRole, GeneratorRole, NoiseStreams,
                                   StepSettings, cpu_tree)
 
@@ -222,6 +222,7 @@ class DiscriminatorWorker:
         # seed_offset = index: D_0 starts exactly like local's D; the others are independent critics.
         self.disc = DiscriminatorRole(config, self.shape, self.settings, seed_offset=self.index)
         self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
+        self.batches = RealBatches(self.source, self.settings.device)
         self.noise = NoiseStreams(seed, self.settings.device)
         self.images_seen = 0
         self.rounds = 0
@@ -252,7 +253,7 @@ class DiscriminatorWorker:
             moved = ShardSampler(len(self.source), self.settings.global_batch, self.settings.seed, shard, self.count)
             moved.load_state_dict(self.sampler.state_dict())
             self.sampler = moved
-        return self.source.get(self.sampler.next_indices()).to(self.settings.device, non_blocking=True)
+        return self.batches.next(self.sampler)
 
     def _my_rows(self, first_part: int, parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
         """Slice i of K of the global batch from the overlapping generator parts (concatenated)."""

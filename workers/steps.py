@@ -27,6 +27,7 @@ from ganray.models import losses
 from ganray.models.ema import ema_beta, update_ema
 from ganray.models.latent import draw_latent, latent_of
 from ganray.models.registry import build_discriminator, build_generator
+from ganray.workers.sharding import RealBatches
 
 GradSync = Callable[[list[torch.Tensor]], None]
 
@@ -334,7 +335,7 @@ class ReplicaStepper:
         self.gen = GeneratorRole(config, shape, self.settings)
         self.disc = DiscriminatorRole(config, shape, self.settings)
         self.noise = NoiseStreams(self.settings.seed, self.settings.device)
-        self._device_data = _device_copy(source, self.settings.device)
+        self.batches = RealBatches(source, self.settings.device)
         self.rounds = 0          # rounds completed (global, same on every replica)
         self.images_seen = 0     # real images consumed by D, all replicas together
         self.nonfinite_run = 0   # consecutive rounds with a skipped step
@@ -369,11 +370,6 @@ class ReplicaStepper:
             out["metrics"] = {}
         return out
 
-    def _real_batch(self, indices: Any) -> torch.Tensor:
-        if self._device_data is not None:
-            return self._device_data[torch.as_tensor(indices).to(self.settings.device, non_blocking=True)]
-        return self.source.get(indices).to(self.settings.device, non_blocking=True)
-
     def _timed_sync(self, grads: list[torch.Tensor]) -> None:
         t = time.perf_counter()
         assert self.grad_sync is not None
@@ -391,7 +387,7 @@ class ReplicaStepper:
         std = s.noise_std(kimg)
         d_metrics: list[dict[str, torch.Tensor]] = []
         for k in range(h.n_critic):
-            real = self._real_batch(self.sampler.next_indices())
+            real = self.batches.next(self.sampler)
             z = self.noise.latent(self.gen.latent, self.rounds, k, zshape, r, w)
             real, fake = self.noise.noisy_d_inputs(real, self.gen.generate(z), std, self.rounds, k, B, r, w)
             alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
@@ -467,18 +463,6 @@ class ReplicaStepper:
 
 # In-memory data up to this size is kept on the GPU, so a step indexes it there instead of
 # copying a batch from host memory.
-DEVICE_DATA_MAX_BYTES = 2 * 1024**3
-
-
-def _device_copy(source: Any, device: torch.device) -> Optional[torch.Tensor]:
-    data = getattr(source, "data", None)
-    if device.type != "cuda" or not isinstance(data, torch.Tensor):
-        return None
-    if data.numel() * data.element_size() > DEVICE_DATA_MAX_BYTES:
-        return None
-    return data.to(device=device, dtype=torch.float32)
-
-
 def cpu_tree(obj: Any) -> Any:
     """A deep copy of a state tree with every tensor detached and on the CPU."""
     if isinstance(obj, torch.Tensor):
