@@ -229,8 +229,11 @@ def list_checkpoints(client: "MlflowClient", run_id: str, complete_only: bool = 
     folders.sort(key=_kimg_of)
     if not complete_only:
         return folders
-    return [folder for folder in folders
-            if any(entry.path.rsplit("/", 1)[-1] == MANIFEST for entry in client.list_artifacts(run_id, folder))]
+    return [folder for folder in folders if _has_manifest(client, run_id, folder)]
+
+
+def _has_manifest(client: "MlflowClient", run_id: str, folder: str) -> bool:
+    return any(entry.path.rsplit("/", 1)[-1] == MANIFEST for entry in client.list_artifacts(run_id, folder))
 
 
 def latest_checkpoint(client: "MlflowClient", run_id: str, dest: Path) -> tuple[dict, dict] | None:
@@ -256,6 +259,11 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._pending: list[Future] = []
         self._uploaded: set[str] = set()
+        # The run's checkpoint folders -> complete (has a manifest). Listed from the store once, at
+        # the first prune (a resumed run's older saves, interrupted ones), then kept up to date
+        # here: listing every folder at every save cost more background work than the save itself.
+        self._folders: dict[str, bool] | None = None
+        self._artifact_repo: Any = None
         self._prune_warned = False
         self.superseded = 0  # saves dropped because a newer one arrived before they started
 
@@ -322,6 +330,8 @@ class CheckpointManager:
             if not ok:
                 log.warning("checkpoint %s was not uploaded completely; it will not be used for resume",
                             artifact_path)
+                if self._folders is not None:
+                    self._folders[artifact_path] = False  # parts may be there: pruned once a newer one lands
                 return None
             self._uploaded.add(artifact_path)
             self._prune(artifact_path)
@@ -333,29 +343,35 @@ class CheckpointManager:
             shutil.rmtree(local, ignore_errors=True)
 
     def _prune(self, newest: str) -> None:
-        client, run_id = self.logger.client, self.logger.run_id
-        try:
-            folders = list_checkpoints(client, run_id, complete_only=False)
-            complete = list_checkpoints(client, run_id)
-        except Exception as exc:  # noqa: BLE001 - pruning is housekeeping, never fatal
-            log.warning("could not list checkpoints of run %s for pruning: %s", run_id, _reason(exc))
-            return
-        doomed = complete[:-self.keep]
-        newest_kimg = _kimg_of(complete[-1]) if complete else _kimg_of(newest)
+        if self._folders is None:
+            client, run_id = self.logger.client, self.logger.run_id
+            try:
+                listed = list_checkpoints(client, run_id, complete_only=False)
+                self._folders = {folder: _has_manifest(client, run_id, folder) for folder in listed}
+            except Exception as exc:  # noqa: BLE001 - pruning is housekeeping, never fatal
+                log.warning("could not list checkpoints of run %s for pruning: %s", run_id, _reason(exc))
+                return
+        self._folders[newest] = True
+        ordered = sorted(self._folders, key=_kimg_of)
+        complete_folders = [f for f in ordered if self._folders[f]]
+        doomed = complete_folders[:-self.keep]
+        newest_kimg = _kimg_of(complete_folders[-1])
         # Folders without a manifest older than the newest complete one are interrupted saves.
-        doomed += [f for f in folders if f not in complete and _kimg_of(f) < newest_kimg]
+        doomed += [f for f in ordered if not self._folders[f] and _kimg_of(f) < newest_kimg]
         for folder in doomed:
             if not self._delete(folder):
                 return
+            del self._folders[folder]
             self._uploaded.discard(folder)
 
     def _delete(self, artifact_path: str) -> bool:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
         try:
-            run = self.logger.client.get_run(self.logger.run_id)
-            repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.logger.uri)
-            repo.delete_artifacts(artifact_path)
+            if self._artifact_repo is None:
+                run = self.logger.client.get_run(self.logger.run_id)
+                self._artifact_repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.logger.uri)
+            self._artifact_repo.delete_artifacts(artifact_path)
             return True
         except Exception as exc:  # noqa: BLE001 - unsupported stores raise all sorts
             if not self._prune_warned:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -179,6 +180,26 @@ def test_manager_keeps_last_n_and_latest_ignores_incomplete(sqlite_store: Path) 
     assert meta["images_seen"] == 4000 and meta["kimg"] == 4.0
     assert torch.equal(state["G_ema"]["w"], torch.full((4,), 4.0))
     manager.close()
+
+    # A resumed job's manager on the same run: it lists the store once, at its first prune, then
+    # keeps track itself; the interrupted save below the newest complete one goes too.
+    calls = {"list": 0}
+    real_list = logger.client.list_artifacts
+
+    def counting_list(*args: Any, **kwargs: Any) -> Any:
+        calls["list"] += 1
+        return real_list(*args, **kwargs)
+
+    logger.client.list_artifacts = counting_list
+    resumed = CheckpointManager(logger, keep=2, workdir=sqlite_store / "work2")
+    for kimg in (10, 11, 12):
+        resumed.save({"G_ema": {"w": torch.full((4,), float(kimg))}}, {"images_seen": kimg * 1000}, kimg, block=True)
+    first_listing = 1 + 4  # the root, then each of the 4 folders there at the first prune
+    assert calls["list"] == first_listing
+    logger.client.list_artifacts = real_list
+    assert list_checkpoints(logger.client, logger.run_id, complete_only=False) == [
+        "checkpoints/kimg-000011", "checkpoints/kimg-000012"]
+    resumed.close()
     logger.close()
 
 
