@@ -6,8 +6,11 @@ Ray, and all ranks call `join` at once (init blocks until the whole world has ar
 CPU, nccl when the tensors live on a GPU.
 
 The gradients of a phase are packed into one contiguous buffer and all-reduced in a single call:
-on small models the per-call latency (about 2 ms for gloo on one host) dominates, so one call per
-phase instead of one per parameter tensor is what makes a per-step collective affordable.
+on small models the per-call latency dominates, so one call per phase instead of one per
+parameter tensor is what makes a per-step collective affordable. On CPU with a power-of-two world
+the sum is done by pairwise exchanges (recursive doubling: log2(world) rounds of isend/irecv)
+instead of gloo's all_reduce: measured on one 2-core host, a 140 KB buffer between two ranks took
+about 0.3 ms by exchange against 1.1-2 ms by `all_reduce`, and a small MLP pays that twice a round.
 """
 
 from __future__ import annotations
@@ -72,7 +75,10 @@ class Collective:
         if not present:
             return
         flat = torch.cat([t.reshape(-1) for t in present])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if self.backend == "gloo" and flat.device.type == "cpu" and _power_of_two(self.world):
+            _sum_by_exchange(flat, self.rank, self.world)
+        else:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(self.world)
         _unflatten_into(flat, present)
 
@@ -91,6 +97,27 @@ class Collective:
         if self.joined and dist.is_initialized():
             dist.destroy_process_group()
         self.joined = False
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 1 and n & (n - 1) == 0
+
+
+@torch.no_grad()
+def _sum_by_exchange(flat: torch.Tensor, rank: int, world: int) -> None:
+    """In-place sum over a power-of-two world by recursive doubling: in round k, rank r swaps its
+    partial sum with rank r XOR 2^k and adds. Both partners add the same two tensors (a+b on one,
+    b+a on the other, equal in IEEE arithmetic), so every rank ends with bit-identical sums and
+    the replicas stay identical."""
+    other = torch.empty_like(flat)
+    step = 1
+    while step < world:
+        peer = rank ^ step
+        sent, received = dist.isend(flat, peer), dist.irecv(other, peer)
+        sent.wait()
+        received.wait()
+        flat.add_(other)
+        step <<= 1
 
 
 @torch.no_grad()
