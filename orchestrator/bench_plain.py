@@ -70,7 +70,8 @@ class Runtime:
 
 def resolve_runtime(resources: dict[str, Any]) -> Runtime:
     """The device (`resources.device`: auto | cpu | cuda), bf16 autocast (`resources.precision`,
-    CUDA only) and channels_last (`resources.channels_last`, CUDA only) a job runs with.
+    CUDA only) and channels_last (`resources.channels_last`; unset: on for CPU, off on CUDA) a job
+    runs with.
 
     Written out independently of the engine's resolution on purpose: the tests check the two agree
     on every combination, so a benchmark never compares different numerics by accident.
@@ -82,7 +83,8 @@ def resolve_runtime(resources: dict[str, Any]) -> Runtime:
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     return Runtime(device=device,
                    autocast_bf16=use_cuda and resources.get("precision", "fp32") == "bf16",
-                   channels_last=use_cuda and bool(resources.get("channels_last", False)))
+                   channels_last=(not use_cuda) if resources.get("channels_last") is None
+                   else bool(resources["channels_last"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -43,15 +43,16 @@ def _ratios(tree: Any, path: str = "") -> list[tuple[str, Any]]:
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_runtime_matches_engine_settings_on_cpu(device: str, precision: str, channels_last: bool) -> None:
+@pytest.mark.parametrize("channels_last", [False, True, None])
+def test_runtime_matches_engine_settings_on_cpu(device: str, precision: str, channels_last: Optional[bool]) -> None:
     cfg = case_config("dcgan32", resources={"device": device, "precision": precision,
                                             "channels_last": channels_last}).model_dump()
     rt, st = resolve_runtime(cfg["resources"]), StepSettings.from_config(cfg)
     assert (rt.device, rt.autocast_bf16, rt.channels_last) == (st.device, st.autocast_bf16, st.channels_last)
     if not torch.cuda.is_available():
-        # No GPU: bf16 autocast and channels_last are CUDA-only and must both stay off.
-        assert rt.device.type == "cpu" and not rt.autocast_bf16 and not rt.channels_last
+        # No GPU: bf16 autocast is CUDA-only; channels_last is as asked, and on when unset.
+        assert rt.device.type == "cpu" and not rt.autocast_bf16
+        assert rt.channels_last == (True if channels_last is None else channels_last)
 
 
 @pytest.mark.parametrize("precision,channels_last", GPU_VARIANTS)
