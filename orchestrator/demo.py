@@ -17,7 +17,7 @@ def main(argv: list[str]) -> int:
         print()
         print("Results are in the MLflow store:")
         print(f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000")
-        print("  then open http://127.0.0.1:5000 (experiment 'ganray': metrics, sample scatter plots, checkpoints)")
+        print("  then open http://127.0.0.1:5000 (experiment 'ganray': metrics, sample images by step, checkpoints)")
         print("  .venv/bin/ganray sample --run <run_id> -n 2500 --out samples.png")
     return code
 
