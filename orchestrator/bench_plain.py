@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ganray.models.ema import update_ema
 from ganray.models.registry import build_discriminator, build_generator
 
 # ---------------------------------------------------------------------------------------------
@@ -153,11 +154,8 @@ class PlainGAN:
         self.opt_G.step()
         self.D.requires_grad_(True)
         with torch.no_grad():
-            if self.tuned:
-                torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1.0 - self.ema_beta)
-                ema_buffers = list(self.G_ema.buffers())
-                if ema_buffers:  # an MLP without batch norm has none, and foreach refuses empty lists
-                    torch._foreach_copy_(ema_buffers, list(self.G.buffers()))
+            if self.tuned:  # ganray's own fused EMA update (one foreach lerp, buffers copied)
+                update_ema(self.G_ema, self.G, self.ema_beta)
                 return
             for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
                 p_ema.lerp_(p, 1.0 - self.ema_beta)

@@ -127,7 +127,7 @@ class RealBatches:
         fits = isinstance(data, torch.Tensor) and data.numel() * data.element_size() <= DEVICE_DATA_MAX_BYTES
         self.device_data: Optional[torch.Tensor] = (
             data.to(device=device, dtype=torch.float32) if device.type == "cuda" and fits else None)
-        self._perm: tuple[Optional[np.ndarray], Optional[torch.Tensor]] = (None, None)
+        self._perm: tuple[Optional[np.ndarray], torch.Tensor] = (None, torch.empty(0, dtype=torch.long))
 
     def next(self, sampler: ShardSampler) -> torch.Tensor:
         """The rows `sampler.next_indices()` names, on the device (the sampler moves on)."""
@@ -135,7 +135,7 @@ class RealBatches:
             return self.source.get(sampler.next_indices()).to(self.device, non_blocking=True)
         perm, start, stop = sampler.next_span()
         host_perm, device_perm = self._perm
-        if host_perm is not perm or device_perm is None:  # a new epoch (or a new shard's sampler)
+        if host_perm is not perm:  # a new epoch (or a new shard's sampler)
             device_perm = torch.from_numpy(perm).to(self.device)
             self._perm = (perm, device_perm)
         return self.device_data.index_select(0, device_perm[start:stop])
