@@ -27,7 +27,10 @@ def _rank_main(rank: int, world: int, port: int, out: "mp.Queue") -> None:
     grads = [torch.randn(3, 5, generator=gen), None, torch.randn(7, generator=gen) * 1e3]
     original = [g.clone() if g is not None else None for g in grads]
     group.all_reduce_mean(grads)
-    out.put((rank, original, grads))
+    # Plain lists, not tensors: a tensor sent through the queue is shared memory that needs this
+    # process alive until the parent reads it, and the rank exits right after.
+    as_lists = lambda ts: [t.tolist() if t is not None else None for t in ts]  # noqa: E731
+    out.put((rank, as_lists(original), as_lists(grads)))
     group.leave()
 
 
@@ -40,6 +43,8 @@ def test_all_reduce_mean_is_the_mean_and_identical_on_every_rank(world: int) -> 
     for p in procs:
         p.start()
     results = sorted((out.get(timeout=120) for _ in range(world)), key=lambda item: item[0])
+    results = [(rank, [torch.tensor(t) if t is not None else None for t in orig],
+                [torch.tensor(t) if t is not None else None for t in red]) for rank, orig, red in results]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
