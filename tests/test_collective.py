@@ -1,5 +1,6 @@
 """The gradient all-reduce among worker processes (gloo on CPU), outside Ray: the exchange path
-for power-of-two worlds and gloo's all_reduce otherwise give the mean, identical on every rank."""
+for power-of-two worlds and gloo's all_reduce otherwise give the mean, identical on every rank,
+and leave the tensors alone until the pending reduce is waited for."""
 
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ def _rank_main(rank: int, world: int, port: int, out: "mp.Queue") -> None:
     # Two gradient-like tensors and a None (a parameter without a gradient), as the steps pass them.
     grads = [torch.randn(3, 5, generator=gen), None, torch.randn(7, generator=gen) * 1e3]
     original = [g.clone() if g is not None else None for g in grads]
-    group.all_reduce_mean(grads)
+    pending = group.start_all_reduce_mean(grads)
+    # In flight, the tensors keep their local values (a replica runs other work meanwhile).
+    assert all(torch.equal(g, o) for g, o in zip(grads, original) if g is not None)
+    pending.wait()
+    pending.wait()  # a second wait changes nothing
     # Plain lists, not tensors: a tensor sent through the queue is shared memory that needs this
     # process alive until the parent reads it, and the rank exits right after.
     as_lists = lambda ts: [t.tolist() if t is not None else None for t in ts]  # noqa: E731

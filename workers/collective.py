@@ -12,13 +12,17 @@ small buffers are summed by pairwise exchanges (recursive doubling: log2(world) 
 isend/irecv) instead of gloo's all_reduce: measured on one 2-core host, a 140 KB buffer between
 two ranks took about 0.3 ms by exchange against 1.1-2 ms by `all_reduce`, and a small MLP pays
 that twice a round.
+
+Both paths are asynchronous (`start_all_reduce_mean` returns a `PendingMean`): the replica starts
+a phase's reduce right after its backward pass and waits only when the optimizer step needs the
+result, doing the other network's work in between (workers/steps.py, `ReplicaStepper`).
 """
 
 from __future__ import annotations
 
 import socket
 from datetime import timedelta
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -70,19 +74,25 @@ class Collective:
         `None` entries (parameters without a gradient) are skipped; every rank runs the same
         network, so the skipped set is the same on all of them.
         """
-        if not self.joined:
-            return
+        self.start_all_reduce_mean(tensors).wait()
+
+    def start_all_reduce_mean(self, tensors: list[Optional[torch.Tensor]]) -> "PendingMean":
+        """Start `all_reduce_mean` and return at once; the tensors hold their means after `.wait()`.
+
+        The tensors are copied into the send buffer here, so the caller may run any work that
+        leaves them alone (a forward pass of the other network) while the bytes travel: that is
+        how a replica hides the collective behind compute. Until `wait`, the tensors keep their
+        local values.
+        """
         present = [t for t in tensors if t is not None]
-        if not present:
-            return
+        if not self.joined or not present:
+            return PendingMean(None, present, self.world)
         flat = torch.cat([t.reshape(-1) for t in present])
         if (self.backend == "gloo" and flat.device.type == "cpu" and _power_of_two(self.world)
                 and flat.numel() <= EXCHANGE_MAX_NUMEL):
-            _sum_by_exchange(flat, self.rank, self.world)
-        else:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(self.world)
-        _unflatten_into(flat, present)
+            return PendingMean(_Exchange(flat, self.rank, self.world), present, self.world)
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+        return PendingMean(_AsyncWork(work, flat), present, self.world)
 
     def broadcast(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Overwrite `tensors` on every rank with rank `src`'s values (one collective call)."""
@@ -110,21 +120,62 @@ def _power_of_two(n: int) -> bool:
     return n > 1 and n & (n - 1) == 0
 
 
-@torch.no_grad()
-def _sum_by_exchange(flat: torch.Tensor, rank: int, world: int) -> None:
+class _AsyncWork:
+    """A torch.distributed async work whose result lands in `flat`."""
+
+    def __init__(self, work: Any, flat: torch.Tensor) -> None:
+        self.work, self.flat = work, flat
+
+    def finish(self) -> torch.Tensor:
+        self.work.wait()
+        return self.flat
+
+
+class _Exchange:
     """In-place sum over a power-of-two world by recursive doubling: in round k, rank r swaps its
     partial sum with rank r XOR 2^k and adds. Both partners add the same two tensors (a+b on one,
     b+a on the other, equal in IEEE arithmetic), so every rank ends with bit-identical sums and
-    the replicas stay identical."""
-    other = torch.empty_like(flat)
-    step = 1
-    while step < world:
-        peer = rank ^ step
-        sent, received = dist.isend(flat, peer), dist.irecv(other, peer)
-        sent.wait()
-        received.wait()
-        flat.add_(other)
-        step <<= 1
+    the replicas stay identical. The first swap starts on construction; later ones (worlds > 2)
+    need its result, so they run in `finish`."""
+
+    def __init__(self, flat: torch.Tensor, rank: int, world: int) -> None:
+        self.flat, self.rank, self.world = flat, rank, world
+        self.other = torch.empty_like(flat)
+        self.step = 1
+        self.ops = self._swap()
+
+    def _swap(self) -> tuple[Any, Any]:
+        peer = self.rank ^ self.step
+        return dist.isend(self.flat, peer), dist.irecv(self.other, peer)
+
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
+        while True:
+            for op in self.ops:
+                op.wait()
+            self.flat.add_(self.other)
+            self.step <<= 1
+            if self.step >= self.world:
+                return self.flat
+            self.ops = self._swap()
+
+
+class PendingMean:
+    """An all-reduce-mean in flight (`Collective.start_all_reduce_mean`); `wait` writes the means
+    back into the tensors. Waiting twice is harmless; a pending mean with nothing to reduce (one
+    rank, no group) is already done."""
+
+    def __init__(self, transfer: Optional[Any], tensors: list[torch.Tensor], world: int) -> None:
+        self.transfer, self.tensors, self.world = transfer, tensors, world
+
+    def wait(self) -> None:
+        if self.transfer is None:
+            return
+        flat = self.transfer.finish()
+        self.transfer = None
+        with torch.no_grad():
+            flat.div_(self.world)
+        _unflatten_into(flat, self.tensors)
 
 
 @torch.no_grad()

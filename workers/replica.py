@@ -2,7 +2,8 @@
 
 Each replica holds G, D, G_ema and both optimizers, reads its own part of every global batch
 (`ShardSampler` rank/world) from data it loads itself, and ends each phase with one gradient
-all-reduce (average) over the torch.distributed group formed among the replicas. G and D are
+all-reduce (average) over the torch.distributed group formed among the replicas, started as
+soon as the phase's backward is done and waited for only when the step needs it. G and D are
 synchronised separately, phase by phase (never one DDP wrapper around both). The coordinator
 hands it many rounds per call (`run_rounds`), so the Ray call cost is spread over many steps.
 """
@@ -15,7 +16,7 @@ from typing import Any, Optional
 import ray
 import torch
 
-from ganray.workers.collective import Collective, free_port, module_tensors, node_address
+from ganray.workers.collective import Collective, PendingMean, free_port, module_tensors, node_address
 from ganray.workers.data import load_dataset
 from ganray.workers.sharding import ShardSampler
 from ganray.workers.steps import ReplicaStepper
@@ -44,7 +45,7 @@ class ReplicaWorker:
         sampler = ShardSampler(len(self.source), int(config["schedule"]["batch_size"]), seed, self.rank, self.world)
         # world == 1 gets no sync hook at all, so a single replica runs exactly what `local` runs.
         self.stepper = ReplicaStepper(config, self.source, sampler, self.rank, self.world,
-                                      grad_sync=self._all_reduce if self.world > 1 else None)
+                                      start_sync=self._start_all_reduce if self.world > 1 else None)
         self.group = Collective(self.rank, self.world, self.stepper.settings.device)
         return self.info()
 
@@ -68,8 +69,8 @@ class ReplicaWorker:
         self.group.broadcast(module_tensors(gen.G, disc.D, gen.G_ema), src=0)
         return self.stepper.param_checksum()
 
-    def _all_reduce(self, grads: list[Optional[torch.Tensor]]) -> None:
-        self.group.all_reduce_mean(grads)
+    def _start_all_reduce(self, grads: list[Optional[torch.Tensor]]) -> PendingMean:
+        return self.group.start_all_reduce_mean(grads)
 
     def leave_group(self) -> None:
         self.group.leave()

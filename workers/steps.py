@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -30,6 +30,25 @@ from ganray.models.registry import build_discriminator, build_generator
 from ganray.workers.sharding import RealBatches
 
 GradSync = Callable[[list[torch.Tensor]], None]
+
+
+class PendingSync(Protocol):
+    """Gradients being averaged over the replicas; `wait` leaves the means in place."""
+
+    def wait(self) -> None: ...
+
+
+# Starts averaging the gradients over the replicas and returns at once (Collective.start_all_reduce_mean).
+StartSync = Callable[[list[Optional[torch.Tensor]]], PendingSync]
+
+
+@dataclass
+class RealSide:
+    """The real-data half of a D step: D's logits on the real rows and the R1 term, if due."""
+
+    real: torch.Tensor
+    logits: torch.Tensor
+    r1: Optional[torch.Tensor]
 
 # Stream slots inside one round: D step k draws z from slot k and the WGAN-GP interpolation
 # factors from slot ALPHA_SLOT + k; the G step draws z from G_SLOT. Instance noise for D step k
@@ -254,6 +273,10 @@ class GeneratorRole:
         Returns (gradient norm, skipped) as tensors: no host sync on a GPU."""
         if sync is not None:
             sync([p.grad for p in self.params])
+        return self.apply()
+
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step on G's (already synchronised) gradients; returns (gradient norm, skipped)."""
         return _guarded_step(self.opt, self.params)
 
     def update_ema(self) -> None:
@@ -280,29 +303,51 @@ class DiscriminatorRole:
         h = self.settings.hyper
         _set_lr(self.opt, h.d_lr * self.settings.lr_factor(kimg), h.betas)
 
-    def d_step(self, real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor],
-               sync: Optional[GradSync]) -> dict[str, torch.Tensor]:
+    def real_side(self, real: torch.Tensor) -> RealSide:
+        """D's forward on the real rows, plus the lazy R1 term when this D step is due one.
+
+        Only D and the data enter here, so a replica runs it while G's gradients are still being
+        all-reduced (see `ReplicaStepper._round`)."""
         s = self.settings
         with _autocast(s):
-            real_logits = self.D(real).float()
-            fake_logits = self.D(fake).float()
-            loss = losses.d_loss(s.loss_kind, real_logits, fake_logits)
-        total = loss
-        if s.loss_kind == "wgan-gp" and s.gp_weight > 0 and alpha is not None:
-            total = total + s.gp_weight * losses.gradient_penalty(self.D, real, fake, alpha)
+            logits = self.D(real).float()
+        r1 = None
         gamma = s.hyper.r1_gamma
         if gamma > 0 and self.d_steps % s.r1_interval == 0:
             # Lazy R1 (StyleGAN2): applied every r1_interval steps, scaled by the interval so the
             # expected regularisation strength matches applying it every step.
-            total = total + (gamma / 2.0) * s.r1_interval * losses.r1_penalty(self.D, real)
+            r1 = (gamma / 2.0) * s.r1_interval * losses.r1_penalty(self.D, real)
+        return RealSide(real, logits, r1)
+
+    def backward(self, side: RealSide, fake: torch.Tensor, alpha: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """D's loss on `side` and the fake rows, backpropagated into D's gradients (not applied)."""
+        s = self.settings
+        with _autocast(s):
+            fake_logits = self.D(fake).float()
+            loss = losses.d_loss(s.loss_kind, side.logits, fake_logits)
+        total = loss
+        if s.loss_kind == "wgan-gp" and s.gp_weight > 0 and alpha is not None:
+            total = total + s.gp_weight * losses.gradient_penalty(self.D, side.real, fake, alpha)
+        if side.r1 is not None:
+            total = total + side.r1
         total.backward()
-        if sync is not None:
-            sync([p.grad for p in self.params])
+        return {"loss_D": loss.detach(), "real_score": side.logits.detach().mean(),
+                "fake_score": fake_logits.detach().mean()}
+
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step on D's (already synchronised) gradients; returns (gradient norm, skipped)."""
         norm, skipped = _guarded_step(self.opt, self.params)
         self.d_steps += 1
-        return {"loss_D": loss.detach(), "real_score": real_logits.detach().mean(),
-                "fake_score": fake_logits.detach().mean(), "grad_norm_D": norm.detach(),
-                "skipped_D": skipped}
+        return norm.detach(), skipped
+
+    def d_step(self, real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor],
+               sync: Optional[GradSync]) -> dict[str, torch.Tensor]:
+        """One whole D step: forward on both batches, backward, optional gradient sync, step."""
+        metrics = self.backward(self.real_side(real), fake, alpha)
+        if sync is not None:
+            sync([p.grad for p in self.params])
+        metrics["grad_norm_D"], metrics["skipped_D"] = self.apply()
+        return metrics
 
     def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
         """G's loss on `fake` through this D, with D's parameters frozen (no D gradients)."""
@@ -330,17 +375,40 @@ def _autocast(settings: StepSettings):
     return contextlib.nullcontext()
 
 
+class _PendingGStep:
+    """A round whose G gradients are still being averaged: its G step, EMA update and G metrics
+    are finished at the start of the next round (or at the end of the chunk)."""
+
+    def __init__(self, sync: PendingSync, record: dict[str, torch.Tensor]) -> None:
+        self.sync, self.record = sync, record
+
+
+class _NoSync:
+    """What a replica without peers (`local`, one worker) "starts": nothing to wait for."""
+
+    def wait(self) -> None:
+        return None
+
+
 class ReplicaStepper:
-    """One replica: G, D and G_ema in one process; `local` is the world-size-1 case."""
+    """One replica: G, D and G_ema in one process; `local` is the world-size-1 case.
+
+    With peers (`start_sync`), each phase's gradient all-reduce runs while the replica does work
+    that does not need its result, the way DDP overlaps buckets with the backward pass but at
+    phase granularity: D's reduce overlaps G's forward pass (the next fakes), and G's reduce
+    overlaps the next round's real-data half of D's step (batch, D on the real rows, R1). Every
+    value is computed from the same inputs as in the sequential order, so the results are
+    bit-identical to it and to `local`.
+    """
 
     def __init__(self, config: dict[str, Any], source: Any, sampler: Any, rank: int = 0, world: int = 1,
-                 grad_sync: Optional[GradSync] = None) -> None:
+                 start_sync: Optional[StartSync] = None) -> None:
         self.config = config
         self.settings = StepSettings.from_config(config)
         self.source = source
         self.sampler = sampler
         self.rank, self.world = rank, world
-        self.grad_sync = grad_sync
+        self.start_sync = start_sync
         shape = tuple(source.sample_shape)
         self.gen = GeneratorRole(config, shape, self.settings)
         self.disc = DiscriminatorRole(config, shape, self.settings)
@@ -354,14 +422,20 @@ class ReplicaStepper:
 
     # -- the round -------------------------------------------------------------------------
     def run_rounds(self, n_rounds: int, stop_at_images: Optional[int] = None) -> dict[str, Any]:
-        """Run up to `n_rounds` rounds; return per-round metric lists (local to this replica)."""
+        """Run up to `n_rounds` rounds; return per-round metric lists (local to this replica).
+
+        Every round is complete on return (the last G step is not left pending), so state,
+        checkpoints and samples taken between chunks see finished rounds."""
         records: list[dict[str, torch.Tensor]] = []
         t0 = time.perf_counter()
         comm_before = self.time_comm
+        pending: Optional[_PendingGStep] = None
         for _ in range(n_rounds):
             if stop_at_images is not None and self.images_seen >= stop_at_images:
                 break
-            records.append(self._round())
+            pending = self._round(pending)
+            records.append(pending.record)
+        self._finish_g_step(pending)
         elapsed = time.perf_counter() - t0
         comm = self.time_comm - comm_before
         out: dict[str, Any] = {"rounds": len(records), "images_seen": self.images_seen,
@@ -380,42 +454,84 @@ class ReplicaStepper:
             out["metrics"] = {}
         return out
 
-    def _timed_sync(self, grads: list[torch.Tensor]) -> None:
+    def _start_sync(self, params: list[nn.Parameter]) -> PendingSync:
+        if self.start_sync is None:
+            return _NoSync()
         t = time.perf_counter()
-        assert self.grad_sync is not None
-        self.grad_sync(grads)
+        pending = self.start_sync([p.grad for p in params])
+        self.time_comm += time.perf_counter() - t
+        return pending
+
+    def _wait(self, pending: PendingSync) -> None:
+        # Only the wait is counted as communication: the overlapped part is hidden behind compute.
+        t = time.perf_counter()
+        pending.wait()
         self.time_comm += time.perf_counter() - t
 
-    def _round(self) -> dict[str, torch.Tensor]:
+    def _finish_g_step(self, pending: Optional[_PendingGStep]) -> None:
+        """Complete a round's G step once its gradients are averaged: step, EMA, G metrics."""
+        if pending is None:
+            return
+        self._wait(pending.sync)
+        norm, skipped = self.gen.apply()
+        self.gen.update_ema()
+        pending.record["grad_norm_G"] = norm.detach()
+        pending.record["skipped"] = pending.record["skipped"] + skipped
+
+    def _real_side(self, step: int, std: float) -> RealSide:
+        s = self.settings
+        real = self.batches.next(self.sampler)
+        real = self.noise.add_noise(real, std, self.rounds, REAL_NOISE_SLOT + step, s.global_batch,
+                                    self.rank, self.world)
+        return self.disc.real_side(real)
+
+    def _fake_for_d(self, step: int, std: float) -> torch.Tensor:
+        s = self.settings
+        z = self.noise.latent(self.gen.latent, self.rounds, step, (s.global_batch, self.gen.z_dim),
+                              self.rank, self.world)
+        return self.noise.add_noise(self.gen.generate(z), std, self.rounds, FAKE_NOISE_SLOT + step,
+                                    s.global_batch, self.rank, self.world)
+
+    def _round(self, previous: Optional[_PendingGStep]) -> _PendingGStep:
+        """One round; the previous round's G step completes inside it, and this round's G step is
+        returned pending (its gradients in flight)."""
         s, h = self.settings, self.settings.hyper
         B, r, w = s.global_batch, self.rank, self.world
         kimg = self.images_seen / 1000.0
-        self.gen.apply_hyper(kimg)
-        self.disc.apply_hyper(kimg)
-        sync = self._timed_sync if self.grad_sync is not None else None
-        zshape = (B, self.gen.z_dim)
         std = s.noise_std(kimg)
+        self.disc.apply_hyper(kimg)
+        side = self._real_side(0, std)        # overlaps the previous round's G reduce
+        self._finish_g_step(previous)          # G steps at the previous round's learning rate...
+        self.gen.apply_hyper(kimg)             # ...and only then takes this round's
+        fake = self._fake_for_d(0, std)
         d_metrics: list[dict[str, torch.Tensor]] = []
         for k in range(h.n_critic):
-            real = self.batches.next(self.sampler)
-            z = self.noise.latent(self.gen.latent, self.rounds, k, zshape, r, w)
-            real, fake = self.noise.noisy_d_inputs(real, self.gen.generate(z), std, self.rounds, k, B, r, w)
             alpha = self.noise.uniform(self.rounds, ALPHA_SLOT + k, B, r, w) if s.loss_kind == "wgan-gp" else None
-            d_metrics.append(self.disc.d_step(real, fake, alpha, sync))
-        z = self.noise.latent(self.gen.latent, self.rounds, G_SLOT, zshape, r, w)
-        fake_g = self.noise.add_noise(self.gen.forward_with_graph(z), std, self.rounds, G_NOISE_SLOT, B, r, w)
+            metrics = self.disc.backward(side, fake, alpha)
+            d_sync = self._start_sync(self.disc.params)
+            # G's forward pass does not read D, so it runs while D's gradients travel.
+            if k + 1 < h.n_critic:
+                fake = self._fake_for_d(k + 1, std)
+            else:
+                z = self.noise.latent(self.gen.latent, self.rounds, G_SLOT, (B, self.gen.z_dim), r, w)
+                fake_g = self.noise.add_noise(self.gen.forward_with_graph(z), std, self.rounds, G_NOISE_SLOT, B, r, w)
+            self._wait(d_sync)
+            metrics["grad_norm_D"], metrics["skipped_D"] = self.disc.apply()
+            d_metrics.append(metrics)
+            if k + 1 < h.n_critic:
+                side = self._real_side(k + 1, std)
         loss_g = self.disc.g_loss(fake_g)
         loss_g.backward()
-        g_norm, g_skipped = self.gen.step(sync)
-        self.gen.update_ema()
+        g_sync = self._start_sync(self.gen.params)
         self.rounds += 1
         self.images_seen += h.n_critic * B
-        skipped = torch.stack([m["skipped_D"] for m in d_metrics]).sum() + g_skipped
         last = d_metrics[-1]
-        return {"loss_D": torch.stack([m["loss_D"] for m in d_metrics]).mean(),
-                "loss_G": loss_g.detach(), "real_score": last["real_score"],
-                "fake_score": last["fake_score"], "grad_norm_D": last["grad_norm_D"],
-                "grad_norm_G": g_norm.detach(), "skipped": skipped}
+        record = {"loss_D": torch.stack([m["loss_D"] for m in d_metrics]).mean(),
+                  "loss_G": loss_g.detach(), "real_score": last["real_score"],
+                  "fake_score": last["fake_score"], "grad_norm_D": last["grad_norm_D"],
+                  "grad_norm_G": torch.zeros(()),  # set when the G step completes
+                  "skipped": torch.stack([m["skipped_D"] for m in d_metrics]).sum()}
+        return _PendingGStep(g_sync, record)
 
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
