@@ -1,10 +1,14 @@
 """The gradient all-reduce among worker processes (gloo on CPU), outside Ray: the exchange path
-for power-of-two worlds and gloo's all_reduce otherwise give the mean, identical on every rank,
-and leave the tensors alone until the pending reduce is waited for."""
+for power-of-two worlds, gloo's all_reduce otherwise, and the same-node shared-memory slots give
+the mean, identical on every rank, and leave the tensors alone until the pending reduce is waited
+for; the shared slots notice a dead or hung rank instead of spinning forever."""
 
 from __future__ import annotations
 
+import os
 import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,21 +21,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rank_main(rank: int, world: int, port: int, out: "mp.Queue") -> None:
+def _rank_main(rank: int, world: int, port: int, shared: bool, out: "mp.Queue") -> None:
     from ganray.workers.collective import Collective
 
     torch.set_num_threads(1)
     group = Collective(rank, world, torch.device("cpu"))
-    group.join("127.0.0.1", port, timeout_s=60)
+    group.join("127.0.0.1", port, timeout_s=60, shared_numel=22 if shared else 0)
+    assert (group.slots is not None) == shared  # every rank of this host maps the segment
     gen = torch.Generator().manual_seed(rank)
-    # Two gradient-like tensors and a None (a parameter without a gradient), as the steps pass them.
-    grads = [torch.randn(3, 5, generator=gen), None, torch.randn(7, generator=gen) * 1e3]
-    original = [g.clone() if g is not None else None for g in grads]
-    pending = group.start_all_reduce_mean(grads)
-    # In flight, the tensors keep their local values (a replica runs other work meanwhile).
-    assert all(torch.equal(g, o) for g, o in zip(grads, original) if g is not None)
-    pending.wait()
-    pending.wait()  # a second wait changes nothing
+    for _ in range(3):  # more reduces than the shared slots' two buffers
+        # Two gradient-like tensors and a None (a parameter without a gradient), as the steps pass them.
+        grads = [torch.randn(3, 5, generator=gen), None, torch.randn(7, generator=gen) * 1e3]
+        original = [g.clone() if g is not None else None for g in grads]
+        pending = group.start_all_reduce_mean(grads)
+        # In flight, the tensors keep their local values (a replica runs other work meanwhile).
+        assert all(torch.equal(g, o) for g, o in zip(grads, original) if g is not None)
+        pending.wait()
+        pending.wait()  # a second wait changes nothing
     # Plain lists, not tensors: a tensor sent through the queue is shared memory that needs this
     # process alive until the parent reads it, and the rank exits right after.
     as_lists = lambda ts: [t.tolist() if t is not None else None for t in ts]  # noqa: E731
@@ -39,12 +45,19 @@ def _rank_main(rank: int, world: int, port: int, out: "mp.Queue") -> None:
     group.leave()
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_all_reduce_mean_is_the_mean_and_identical_on_every_rank(world: int) -> None:
+from ganray.workers.shared_slots import supported as shared_memory_supported  # noqa: E402
+
+needs_shm = pytest.mark.skipif(not shared_memory_supported(), reason="shared slots need x86-64 and /dev/shm")
+
+
+@pytest.mark.parametrize("world,shared", [(2, False), (3, False), (4, False),
+                                          pytest.param(2, True, marks=needs_shm),
+                                          pytest.param(3, True, marks=needs_shm)])
+def test_all_reduce_mean_is_the_mean_and_identical_on_every_rank(world: int, shared: bool) -> None:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, out)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, shared, out)) for r in range(world)]
     for p in procs:
         p.start()
     results = sorted((out.get(timeout=120) for _ in range(world)), key=lambda item: item[0])
@@ -59,3 +72,65 @@ def test_all_reduce_mean_is_the_mean_and_identical_on_every_rank(world: int) -> 
             torch.testing.assert_close(reduced[index], expected, rtol=1e-6, atol=1e-4)
             assert torch.equal(reduced[index], results[0][2][index])  # bit-identical replicas
     assert all(r[2][1] is None for r in results)
+
+
+def _absent_peer_main(rank: int, port: int, out: "mp.Queue") -> None:
+    from ganray.workers.collective import Collective
+
+    group = Collective(rank, 2, torch.device("cpu"))
+    group.join("127.0.0.1", port, timeout_s=2, shared_numel=4)
+    if rank == 1:
+        time.sleep(8)  # alive but never reduces: a replica that hangs
+        return
+    try:
+        group.all_reduce_mean([torch.ones(4)])
+        out.put("returned")
+    except RuntimeError as err:
+        out.put(str(err))
+
+
+def _dying_peer_main(rank: int, port: int, out: "mp.Queue") -> None:
+    from ganray.workers.collective import Collective
+
+    group = Collective(rank, 2, torch.device("cpu"))
+    group.join("127.0.0.1", port, timeout_s=600, shared_numel=4)
+    if rank == 1:
+        os._exit(1)  # dies without leaving the group, as a killed replica
+    t0 = time.monotonic()
+    try:
+        group.all_reduce_mean([torch.ones(4)])
+        out.put(("returned", 0.0))
+    except RuntimeError as err:
+        out.put((str(err), time.monotonic() - t0))
+
+
+@needs_shm
+def test_shared_slots_notice_a_dead_rank_at_once() -> None:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_dying_peer_main, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    message, waited = out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert "rank 1" in message and "exited" in message
+    assert waited < 60  # long before the 600 s timeout
+
+
+@needs_shm
+def test_shared_slots_give_up_on_a_rank_that_never_arrives() -> None:
+    before = set(Path("/dev/shm").glob("ganray-allreduce-*"))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_absent_peer_main, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    message = out.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert "rank 1 did not arrive within 2 s" in message  # it is alive (sleeping), so only the timeout tells
+    # The segment's name was removed as soon as both ranks had mapped it.
+    assert set(Path("/dev/shm").glob("ganray-allreduce-*")) == before

@@ -13,7 +13,9 @@ isend/irecv) instead of gloo's all_reduce: measured on one 2-core host, a 140 KB
 two ranks took about 0.3 ms by exchange against 1.1-2 ms by `all_reduce`, and a small MLP pays
 that twice a round.
 
-Both paths are asynchronous (`start_all_reduce_mean` returns a `PendingMean`): the replica starts
+Ranks that share a node (every rank could map one /dev/shm segment) sum through shared memory
+instead, with a spinning wait: see workers/shared_slots.py for why a sleeping receive costs
+milliseconds on a small VM. All paths are asynchronous (`start_all_reduce_mean` returns a `PendingMean`): the replica starts
 a phase's reduce right after its backward pass and waits only when the optimizer step needs the
 result, doing the other network's work in between (workers/steps.py, `ReplicaStepper`).
 """
@@ -26,6 +28,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+
+from ganray.workers.shared_slots import SharedSlots, open_shared_slots
 
 
 def node_address() -> str:
@@ -56,9 +60,14 @@ class Collective:
         self.device = device
         self.backend = backend_for(device)
         self.joined = False
+        self.slots: Optional[SharedSlots] = None  # same-node shared memory, when every rank has it
 
-    def join(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> None:
-        """Join the group rank 0 hosts at (address, port); blocks until every rank has joined."""
+    def join(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False,
+             shared_numel: int = 0) -> None:
+        """Join the group rank 0 hosts at (address, port); blocks until every rank has joined.
+
+        With `shared_numel` (the largest buffer the caller will reduce) CPU ranks that share this
+        node also map a shared-memory segment for their reduces (workers/shared_slots.py)."""
         if self.world == 1:
             return  # nothing to synchronise: no group, so one worker is exactly `local`
         self.backend = backend_for(self.device, shared_gpu)
@@ -67,6 +76,8 @@ class Collective:
         dist.init_process_group(self.backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=float(timeout_s)))
         self.joined = True
+        if self.backend == "gloo" and self.device.type == "cpu" and shared_numel > 0:
+            self.slots = open_shared_slots(self.rank, self.world, shared_numel, timeout_s)
 
     def all_reduce_mean(self, tensors: list[Optional[torch.Tensor]]) -> None:
         """Replace each tensor by its mean over the ranks, in place, with one collective call.
@@ -87,6 +98,10 @@ class Collective:
         present = [t for t in tensors if t is not None]
         if not self.joined or not present:
             return PendingMean(None, present, self.world)
+        if (self.slots is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
+                and sum(t.numel() for t in present) <= self.slots.capacity):
+            # Flattened straight into this rank's shared slot: no private copy first.
+            return PendingMean(_SharedSum(self.slots, present), present, self.world)
         flat = torch.cat([t.reshape(-1) for t in present])
         if (self.backend == "gloo" and flat.device.type == "cpu" and _power_of_two(self.world)
                 and flat.numel() <= EXCHANGE_MAX_NUMEL):
@@ -106,6 +121,9 @@ class Collective:
         _unflatten_into(flat, present)
 
     def leave(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
         if self.joined and dist.is_initialized():
             dist.destroy_process_group()
         self.joined = False
@@ -129,6 +147,17 @@ class _AsyncWork:
     def finish(self) -> torch.Tensor:
         self.work.wait()
         return self.flat
+
+
+class _SharedSum:
+    """A sum through the node's shared-memory slots (all ranks on this node)."""
+
+    def __init__(self, slots: SharedSlots, tensors: list[torch.Tensor]) -> None:
+        self.slots = slots
+        self.seq, self.numel = slots.publish(tensors)
+
+    def finish(self) -> torch.Tensor:
+        return self.slots.total(self.seq, self.numel)
 
 
 class _Exchange:

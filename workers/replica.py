@@ -64,8 +64,9 @@ class ReplicaWorker:
         The replicas are identical anyway (same seed), but the broadcast makes that a fact
         rather than an assumption (a custom model with unseeded init would otherwise diverge).
         """
-        self.group.join(address, port, timeout_s, shared_gpu)
         gen, disc = self.stepper.gen, self.stepper.disc
+        largest = max(sum(p.numel() for p in gen.params), sum(p.numel() for p in disc.params))
+        self.group.join(address, port, timeout_s, shared_gpu, shared_numel=largest)
         self.group.broadcast(module_tensors(gen.G, disc.D, gen.G_ema), src=0)
         return self.stepper.param_checksum()
 
