@@ -113,7 +113,7 @@ class GeneratorWorker:
         return node_address(), free_port()
 
     def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> float:
-        self.group.join(address, port, timeout_s, shared_gpu)
+        self.group.join(address, port, timeout_s, shared_gpu, shared_numel=sum(p.numel() for p in self.gen.params))
         self.group.broadcast(module_tensors(self.gen.G, self.gen.G_ema), src=0)
         return self.param_checksum()
 
