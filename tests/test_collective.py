@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ganray.workers.shared_slots import supported as shared_memory_supported
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -21,7 +23,24 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _rank_main(rank: int, world: int, port: int, shared: bool, out: "mp.Queue") -> None:
+def _run_ranks(target, world: int, *args, results: int, clean_exit: bool = True) -> list:
+    """Start `world` spawned processes running target(rank, port, *args, queue); return the
+    first `results` items they put on the queue, after every process has ended (with status 0,
+    unless `clean_exit` is off)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in range(results)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0 or not clean_exit, f"a rank exited with {p.exitcode}"
+    return got
+
+
+def _rank_main(rank: int, port: int, world: int, shared: bool, out: "mp.Queue") -> None:
     from ganray.workers.collective import Collective
 
     torch.set_num_threads(1)
@@ -45,8 +64,6 @@ def _rank_main(rank: int, world: int, port: int, shared: bool, out: "mp.Queue") 
     group.leave()
 
 
-from ganray.workers.shared_slots import supported as shared_memory_supported  # noqa: E402
-
 needs_shm = pytest.mark.skipif(not shared_memory_supported(), reason="shared slots need x86-64 and /dev/shm")
 
 
@@ -54,18 +71,9 @@ needs_shm = pytest.mark.skipif(not shared_memory_supported(), reason="shared slo
                                           pytest.param(2, True, marks=needs_shm),
                                           pytest.param(3, True, marks=needs_shm)])
 def test_all_reduce_mean_is_the_mean_and_identical_on_every_rank(world: int, shared: bool) -> None:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, shared, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = sorted((out.get(timeout=120) for _ in range(world)), key=lambda item: item[0])
+    results = sorted(_run_ranks(_rank_main, world, world, shared, results=world), key=lambda item: item[0])
     results = [(rank, [torch.tensor(t) if t is not None else None for t in orig],
                 [torch.tensor(t) if t is not None else None for t in red]) for rank, orig, red in results]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
     for index in (0, 2):
         expected = torch.stack([r[1][index] for r in results]).mean(dim=0)
         for _, _, reduced in results:
@@ -106,15 +114,7 @@ def _dying_peer_main(rank: int, port: int, out: "mp.Queue") -> None:
 
 @needs_shm
 def test_shared_slots_notice_a_dead_rank_at_once() -> None:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_dying_peer_main, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    message, waited = out.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
+    [(message, waited)] = _run_ranks(_dying_peer_main, 2, results=1, clean_exit=False)
     assert "rank 1" in message and "exited" in message
     assert waited < 60  # long before the 600 s timeout
 
@@ -122,15 +122,7 @@ def test_shared_slots_notice_a_dead_rank_at_once() -> None:
 @needs_shm
 def test_shared_slots_give_up_on_a_rank_that_never_arrives() -> None:
     before = set(Path("/dev/shm").glob("ganray-allreduce-*"))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_absent_peer_main, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    message = out.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
+    [message] = _run_ranks(_absent_peer_main, 2, results=1)
     assert "rank 1 did not arrive within 2 s" in message  # it is alive (sleeping), so only the timeout tells
     # The segment's name was removed as soon as both ranks had mapped it.
     assert set(Path("/dev/shm").glob("ganray-allreduce-*")) == before
