@@ -15,8 +15,9 @@ finished reduce k+1, which needed every rank's k+1 write, made after that rank f
 reduce k. So no slot is overwritten while someone may still read it, and no lock is needed.
 
 Only on x86-64, where stores become visible to other cores in program order (the data before
-the sequence number that announces it), and only when every rank could open the segment, that
-is, all of them share this node's /dev/shm. Otherwise the caller keeps using gloo.
+the sequence number that announces it), and only when every rank could open the segment and
+sees every other rank's process (one node, one pid namespace). Otherwise the caller keeps using
+gloo.
 """
 
 from __future__ import annotations
@@ -152,7 +153,14 @@ def open_shared_slots(rank: int, world: int, capacity: int, timeout_s: float) ->
             slots.close()
         return None
     pids: list[Optional[int]] = [None] * world
-    dist.all_gather_object(pids, os.getpid())  # one node, so the pids name the peers' processes
+    dist.all_gather_object(pids, os.getpid())
+    # The spin tells a dead peer by its pid, so every peer must be visible in this pid namespace
+    # (containers can share /dev/shm but not their pids): otherwise gloo it is, on every rank.
+    visible = torch.tensor([int(all(_alive(int(p)) for p in pids))], dtype=torch.int32)
+    dist.all_reduce(visible, op=dist.ReduceOp.MIN)
+    if int(visible) == 0:
+        slots.close()  # type: ignore[union-attr]
+        return None
     slots.peer_pids = [int(p) for p in pids]  # type: ignore[union-attr]
     return slots
 
