@@ -15,9 +15,10 @@ that twice a round.
 
 Ranks that share a node (every rank could map one /dev/shm segment) sum through shared memory
 instead, with a spinning wait: see workers/shared_slots.py for why a sleeping receive costs
-milliseconds on a small VM. All paths are asynchronous (`start_all_reduce_mean` returns a `PendingMean`): the replica starts
-a phase's reduce right after its backward pass and waits only when the optimizer step needs the
-result, doing the other network's work in between (workers/steps.py, `ReplicaStepper`).
+milliseconds on a small VM. All paths are asynchronous (`start_all_reduce_mean` returns a
+`PendingMean`): the replica starts a phase's reduce right after its backward pass and waits only
+when the optimizer step needs the result, doing the other network's work in between
+(workers/steps.py, `ReplicaStepper`).
 """
 
 from __future__ import annotations
