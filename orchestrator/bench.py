@@ -306,8 +306,9 @@ class EngineContender:
         self.engine.close()
 
 
-def plain_contender(config: Any, threads: int) -> Any:
-    """The plain loop on the same data, networks and batch as `config`."""
+def plain_contender(config: Any, threads: int, tuned: bool = False) -> Any:
+    """The plain loop on the same data, networks and batch as `config` (`tuned`: fused Adam,
+    foreach EMA, the data on the device: `PlainGAN`'s performance-minded variant)."""
     import numpy as np
 
     from ganray.orchestrator.bench_plain import PlainGAN
@@ -315,7 +316,7 @@ def plain_contender(config: Any, threads: int) -> Any:
 
     cfg = config.model_dump()
     source = load_dataset(cfg["data"], config.seed, "train")
-    return PlainGAN(cfg, source.get(np.arange(len(source))), threads)
+    return PlainGAN(cfg, source.get(np.arange(len(source))), threads, tuned=tuned)
 
 
 def add_ratio(row: dict[str, Any], key: str, num: str, den: str) -> None:

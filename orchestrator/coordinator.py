@@ -111,14 +111,19 @@ def _kill(actors: list[Any]) -> None:
             log.debug("killing an actor failed: %s", err)
 
 
-def _form_group(actors: list[Any], gpus_each: float, timeout_s: float) -> list[float]:
-    """Form the torch.distributed group among `actors` (rank = position); returns their checksums.
+def _form_group(actors: list[Any], gpus_each: float, timeout_s: float, role: str) -> tuple[list[float], str]:
+    """Form the torch.distributed group among `actors` (rank = position); returns their checksums
+    and how the group's all-reduces travel (`Collective.path`).
 
-    Workers with a fraction of a GPU may share a device, which NCCL refuses: they use gloo."""
+    Workers with a fraction of a GPU may share a device, which NCCL refuses: they use gloo. Logs
+    how the all-reduces travel: shared memory, gloo or nccl make a large difference in speed,
+    and a user tuning a job should not have to guess which one a group got."""
     address, port = get(actors[0].rendezvous.remote(), timeout_s, "group rendezvous")
     shared_gpu = 0 < gpus_each < 1
-    return get([a.join_group.remote(address, port, timeout_s, shared_gpu) for a in actors], timeout_s,
-               "joining the group")
+    joined = get([a.join_group.remote(address, port, timeout_s, shared_gpu) for a in actors], timeout_s,
+                 "joining the group")
+    log.info("%s gradient all-reduce: %s", role, joined[0][1])
+    return [checksum for checksum, _ in joined], joined[0][1]
 
 
 def _check_same(checksums: list[float], role: str) -> None:
@@ -147,8 +152,11 @@ class _ReplicatedJob:
                        _START_LIMIT)
             self.sample_shape = tuple(info[0]["sample_shape"])
             self.fingerprint = info[0]["fingerprint"]
+            self.allreduce = "none (one replica)"
             if n > 1:
-                _check_same(_form_group(self.workers, config.resources.gpus_per_worker, timeout_s), "replica")
+                checksums, self.allreduce = _form_group(self.workers, config.resources.gpus_per_worker, timeout_s,
+                                                        "replica")
+                _check_same(checksums, "replica")
         except BaseException:
             _kill(self.workers)
             raise
@@ -225,9 +233,12 @@ class _SplitJob:
             get(g_sums, start_timeout_s, "starting the generators", _START_LIMIT)
             self.sample_shape = tuple(infos[0]["sample_shape"])
             self.fingerprint = infos[0]["fingerprint"]
+            # Discriminators never all-reduce (each trains on its own share); generators do when M > 1.
+            self.allreduce = "none (one generator)"
             if self.m > 1:
                 gpus = config.resources.role("generator").gpus
-                _check_same(_form_group(self.gens, gpus, timeout_s), "generator")
+                checksums, self.allreduce = _form_group(self.gens, gpus, timeout_s, "generator")
+                _check_same(checksums, "generator")
         except BaseException:
             _kill(self.actors)
             raise
@@ -378,6 +389,11 @@ class RayEngine:
             raise
         self.sample_shape: tuple[int, ...] = self._job.sample_shape
         self.data_fingerprint: str = self._job.fingerprint
+
+    @property
+    def allreduce(self) -> str:
+        """How the current workers' gradient all-reduces travel (an MLflow tag of the run)."""
+        return self._job.allreduce if self._job is not None else "none (closed)"
 
     def _guard(self, what: str, fn: Any, *args: Any) -> Any:
         """Run a job call; a failure caused by a dead or hung worker becomes `WorkerLostError`."""

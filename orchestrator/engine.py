@@ -37,6 +37,7 @@ class ChunkResult:
 class Engine(Protocol):
     sample_shape: tuple[int, ...]
     data_fingerprint: str
+    allreduce: str  # how gradient all-reduces travel, in words (`Collective.path`)
 
     def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> ChunkResult: ...
 
@@ -79,6 +80,7 @@ class LocalEngine:
         self.source = load_dataset(cfg["data"], config.seed, "train")
         self.sample_shape = tuple(self.source.sample_shape)
         self.data_fingerprint = self.source.fingerprint
+        self.allreduce = "none (one process)"
         sampler = ShardSampler(len(self.source), config.schedule.batch_size, config.seed, 0, 1)
         self.stepper = ReplicaStepper(cfg, self.source, sampler)
 

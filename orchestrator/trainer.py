@@ -339,7 +339,7 @@ class Trainer:
             else:
                 self.logger.log_params(cfg.flat())
                 self.logger.log_text(cfg.to_yaml(), "config.yaml")
-                self.logger.set_tags({"ganray.data_hash": engine.data_fingerprint})
+                self.logger.set_tags({"ganray.data_hash": engine.data_fingerprint, "ganray.allreduce": engine.allreduce})
             if cfg.tracking.log_system_metrics:
                 self._system = SystemMetrics()  # the CPU figure of the first point covers its interval
         self._ipr = cfg.schedule.n_critic * cfg.schedule.batch_size

@@ -190,7 +190,7 @@ def trainable(config: dict[str, Any], base: dict[str, Any], tracking_uri: Option
     try:
         engine = make_engine(cfg)
         if run is not None:
-            run.logger.set_tags({"ganray.data_hash": engine.data_fingerprint})
+            run.logger.set_tags({"ganray.data_hash": engine.data_fingerprint, "ganray.allreduce": engine.allreduce})
         _train(cfg, sampled, engine, run, trial_id)
         status = "FINISHED"
     except SystemExit:

@@ -45,22 +45,25 @@ def _rank_main(rank: int, port: int, world: int, shared: bool, out: "mp.Queue") 
 
     torch.set_num_threads(1)
     group = Collective(rank, world, torch.device("cpu"))
-    group.join("127.0.0.1", port, timeout_s=60, shared_numel=22 if shared else 0)
+    group.join("127.0.0.1", port, timeout_s=60, shared_numel=118 if shared else 0)
     assert (group.slots is not None) == shared  # every rank of this host maps the segment
     gen = torch.Generator().manual_seed(rank)
     for _ in range(3):  # more reduces than the shared slots' two buffers
-        # Two gradient-like tensors and a None (a parameter without a gradient), as the steps pass them.
-        grads = [torch.randn(3, 5, generator=gen), None, torch.randn(7, generator=gen) * 1e3]
+        # Gradient-like tensors and a None (a parameter without a gradient), as the steps pass
+        # them; the last is strided like a channels_last conv weight's gradient.
+        grads = [torch.randn(3, 5, generator=gen), None, torch.randn(7, generator=gen) * 1e3,
+                 torch.randn(2, 3, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last)]
         original = [g.clone() if g is not None else None for g in grads]
         pending = group.start_all_reduce_mean(grads)
         # In flight, the tensors keep their local values (a replica runs other work meanwhile).
         assert all(torch.equal(g, o) for g, o in zip(grads, original) if g is not None)
         pending.wait()
         pending.wait()  # a second wait changes nothing
+        assert grads[3].is_contiguous(memory_format=torch.channels_last)  # the mean kept its layout
     # Plain lists, not tensors: a tensor sent through the queue is shared memory that needs this
     # process alive until the parent reads it, and the rank exits right after.
     as_lists = lambda ts: [t.tolist() if t is not None else None for t in ts]  # noqa: E731
-    out.put((rank, as_lists(original), as_lists(grads)))
+    out.put((rank, as_lists(original), as_lists(grads), group.path()))
     group.leave()
 
 
@@ -72,9 +75,12 @@ needs_shm = pytest.mark.skipif(not shared_memory_supported(), reason="shared slo
                                           pytest.param(3, True, marks=needs_shm)])
 def test_all_reduce_mean_is_the_mean_and_identical_on_every_rank(world: int, shared: bool) -> None:
     results = sorted(_run_ranks(_rank_main, world, world, shared, results=world), key=lambda item: item[0])
+    paths = {r[3] for r in results}
+    assert len(paths) == 1  # every rank took the same path
+    assert ("shared memory" in paths.pop()) == shared
     results = [(rank, [torch.tensor(t) if t is not None else None for t in orig],
-                [torch.tensor(t) if t is not None else None for t in red]) for rank, orig, red in results]
-    for index in (0, 2):
+                [torch.tensor(t) if t is not None else None for t in red]) for rank, orig, red, _ in results]
+    for index in (0, 2, 3):
         expected = torch.stack([r[1][index] for r in results]).mean(dim=0)
         for _, _, reduced in results:
             torch.testing.assert_close(reduced[index], expected, rtol=1e-6, atol=1e-4)

@@ -91,6 +91,17 @@ def test_two_replicas_with_instance_noise_match_local(ray_session) -> None:
     assert np.abs(_losses(local) - _losses(plain)).max() > 1e-3  # the noise was there
 
 
+def test_engine_says_how_its_replicas_all_reduce(one_worker_run, two_workers) -> None:
+    from ganray.workers.shared_slots import supported
+
+    one, _ = one_worker_run
+    two, _ = two_workers
+    assert one.allreduce == "none (one replica)"
+    # Both replicas run on this one node, so they sum through shared memory where it exists.
+    assert two.allreduce.startswith("shared memory" if supported() else "gloo"), two.allreduce
+    assert LocalEngine(small_config()).allreduce == "none (one process)"
+
+
 def test_replica_divergence_refuses_checkpoint(two_workers) -> None:
     # Perturb replica 1 only; the checksum comparison inside state() must name the replicas.
     def bump(worker):

@@ -80,6 +80,20 @@ class Collective:
         if self.backend == "gloo" and self.device.type == "cpu" and shared_numel > 0:
             self.slots = open_shared_slots(self.rank, self.world, shared_numel, timeout_s)
 
+    def path(self) -> str:
+        """How this group's all-reduces travel, in words (logged by the coordinator once formed)."""
+        if not self.joined:
+            return "none (one worker)"
+        if self.slots is not None:
+            return (f"shared memory on this node ({self.world} ranks; float32 buffers up to "
+                    f"{self.slots.capacity:,} elements)")
+        if self.backend == "nccl":
+            return f"nccl ({self.world} ranks)"
+        if self.device.type == "cpu" and _power_of_two(self.world):
+            return (f"gloo ({self.world} ranks): pairwise exchange up to {EXCHANGE_MAX_NUMEL:,} elements, "
+                    "ring all-reduce above")
+        return f"gloo ring all-reduce ({self.world} ranks)"
+
     def all_reduce_mean(self, tensors: list[Optional[torch.Tensor]]) -> None:
         """Replace each tensor by its mean over the ranks, in place, with one collective call.
 
@@ -151,14 +165,15 @@ class _AsyncWork:
 
 
 class _SharedSum:
-    """A sum through the node's shared-memory slots (all ranks on this node)."""
+    """A sum through the node's shared-memory slots (all ranks on this node), written straight
+    into the tensors (`finish_into`), not through a flat buffer."""
 
     def __init__(self, slots: SharedSlots, tensors: list[torch.Tensor]) -> None:
         self.slots = slots
         self.seq, self.numel = slots.publish(tensors)
 
-    def finish(self) -> torch.Tensor:
-        return self.slots.total(self.seq, self.numel)
+    def finish_into(self, tensors: list[torch.Tensor]) -> None:
+        self.slots.sum_into(self.seq, tensors)
 
 
 class _Exchange:
@@ -201,9 +216,13 @@ class PendingMean:
     def wait(self) -> None:
         if self.transfer is None:
             return
-        flat = self.transfer.finish()
-        self.transfer = None
+        transfer, self.transfer = self.transfer, None
         with torch.no_grad():
+            if isinstance(transfer, _SharedSum):
+                transfer.finish_into(self.tensors)
+                torch._foreach_div_(self.tensors, float(self.world))
+                return
+            flat = transfer.finish()
             flat.div_(self.world)
         _unflatten_into(flat, self.tensors)
 

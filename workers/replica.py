@@ -58,8 +58,9 @@ class ReplicaWorker:
         """(address, free port) for the group's TCP store; asked of rank 0 only."""
         return node_address(), free_port()
 
-    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> float:
-        """Join the replicas' group and take rank 0's parameters; returns this replica's checksum.
+    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> tuple[float, str]:
+        """Join the replicas' group and take rank 0's parameters; returns this replica's checksum
+        and how the group's all-reduces travel (`Collective.path`).
 
         The replicas are identical anyway (same seed), but the broadcast makes that a fact
         rather than an assumption (a custom model with unseeded init would otherwise diverge).
@@ -68,7 +69,7 @@ class ReplicaWorker:
         largest = max(sum(p.numel() for p in gen.params), sum(p.numel() for p in disc.params))
         self.group.join(address, port, timeout_s, shared_gpu, shared_numel=largest)
         self.group.broadcast(module_tensors(gen.G, disc.D, gen.G_ema), src=0)
-        return self.stepper.param_checksum()
+        return self.stepper.param_checksum(), self.group.path()
 
     def _start_all_reduce(self, grads: list[Optional[torch.Tensor]]) -> PendingMean:
         return self.group.start_all_reduce_mean(grads)

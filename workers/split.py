@@ -112,10 +112,10 @@ class GeneratorWorker:
     def rendezvous(self) -> tuple[str, int]:
         return node_address(), free_port()
 
-    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> float:
+    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> tuple[float, str]:
         self.group.join(address, port, timeout_s, shared_gpu, shared_numel=sum(p.numel() for p in self.gen.params))
         self.group.broadcast(module_tensors(self.gen.G, self.gen.G_ema), src=0)
-        return self.param_checksum()
+        return self.param_checksum(), self.group.path()
 
     def leave_group(self) -> None:
         self.group.leave()
