@@ -277,6 +277,7 @@ def peer(ctx: BenchContext) -> Report:
     return Report(data, ["model", "workers", "Ray Train DDP", "ganray replicated", "plain loop (N threads)",
                          "ganray / Ray Train", "Ray Train / plain", "tuned loop / Ray Train", "target"], rows,
                   ["samples/s: median (min-max) of timed windows after warm-up, ganray, the peer, the plain "
-                   "loop and the tuned plain loop (fused Adam, foreach EMA: the ceiling of any engine) taking turns; the peer times inside its train loop (rank 0), ganray in the driver around "
-                   "engine.run (the Ray call included). 1 thread per worker; the plain loop runs with as many "
+                   "loop and the tuned plain loop (fused Adam, foreach EMA: the ceiling of any engine) taking "
+                   "turns; the peer times inside its train loop (rank 0), ganray in the driver around "
+                   "engine.run (the Ray call included). 1 thread per worker; the plain loops run with as many "
                    "threads as there are workers."])

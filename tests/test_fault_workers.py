@@ -3,9 +3,9 @@
 Jobs run through `Trainer` on the session's Ray instance; one worker process (its PID from the
 actor's `process_info`) is killed with SIGKILL or frozen with SIGSTOP, just before a chunk starts
 (so the lost chunk is known: a chunk of these tiny jobs can be shorter than any timer) or, for
-split, while the chunk is in flight. The other workers meet the loss mid-round. The job must notice, recreate its workers, restore them from the snapshot
-and finish with exactly the history of an uninterrupted run, having redone at most
-`fault.snapshot_rounds` rounds. The multi-node case (`ray.cluster_utils.Cluster`) runs in a
+split, while the chunk is in flight. The other workers meet the loss mid-round. The job must
+notice, recreate its workers, restore them from the snapshot and finish with exactly the history
+of an uninterrupted run, having redone at most `fault.snapshot_rounds` rounds. The multi-node case (`ray.cluster_utils.Cluster`) runs in a
 subprocess of its own: the session's Ray instance is one per process.
 """
 

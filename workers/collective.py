@@ -154,26 +154,27 @@ def _power_of_two(n: int) -> bool:
 
 
 class _AsyncWork:
-    """A torch.distributed async work whose result lands in `flat`."""
+    """A torch.distributed async work whose sum lands in `flat`."""
 
     def __init__(self, work: Any, flat: torch.Tensor) -> None:
         self.work, self.flat = work, flat
 
-    def finish(self) -> torch.Tensor:
+    def finish_mean_into(self, tensors: list[torch.Tensor], world: int) -> None:
         self.work.wait()
-        return self.flat
+        _mean_into(self.flat, tensors, world)
 
 
 class _SharedSum:
     """A sum through the node's shared-memory slots (all ranks on this node), written straight
-    into the tensors (`finish_into`), not through a flat buffer."""
+    into the tensors, not through a flat buffer."""
 
     def __init__(self, slots: SharedSlots, tensors: list[torch.Tensor]) -> None:
         self.slots = slots
-        self.seq, self.numel = slots.publish(tensors)
+        self.seq = slots.publish(tensors)
 
-    def finish_into(self, tensors: list[torch.Tensor]) -> None:
+    def finish_mean_into(self, tensors: list[torch.Tensor], world: int) -> None:
         self.slots.sum_into(self.seq, tensors)
+        torch._foreach_div_(tensors, float(world))
 
 
 class _Exchange:
@@ -181,7 +182,7 @@ class _Exchange:
     partial sum with rank r XOR 2^k and adds. Both partners add the same two tensors (a+b on one,
     b+a on the other, equal in IEEE arithmetic), so every rank ends with bit-identical sums and
     the replicas stay identical. The first swap starts on construction; later ones (worlds > 2)
-    need its result, so they run in `finish`."""
+    need its result, so they run in `finish_mean_into`."""
 
     def __init__(self, flat: torch.Tensor, rank: int, world: int) -> None:
         self.flat, self.rank, self.world = flat, rank, world
@@ -193,16 +194,16 @@ class _Exchange:
         peer = self.rank ^ self.step
         return dist.isend(self.flat, peer), dist.irecv(self.other, peer)
 
-    @torch.no_grad()
-    def finish(self) -> torch.Tensor:
+    def finish_mean_into(self, tensors: list[torch.Tensor], world: int) -> None:
         while True:
             for op in self.ops:
                 op.wait()
             self.flat.add_(self.other)
             self.step <<= 1
             if self.step >= self.world:
-                return self.flat
+                break
             self.ops = self._swap()
+        _mean_into(self.flat, tensors, world)
 
 
 class PendingMean:
@@ -218,13 +219,13 @@ class PendingMean:
             return
         transfer, self.transfer = self.transfer, None
         with torch.no_grad():
-            if isinstance(transfer, _SharedSum):
-                transfer.finish_into(self.tensors)
-                torch._foreach_div_(self.tensors, float(self.world))
-                return
-            flat = transfer.finish()
-            flat.div_(self.world)
-        _unflatten_into(flat, self.tensors)
+            transfer.finish_mean_into(self.tensors, self.world)
+
+
+def _mean_into(flat: torch.Tensor, tensors: list[torch.Tensor], world: int) -> None:
+    """Divide the flat sum by the world size and copy it back into `tensors`."""
+    flat.div_(world)
+    _unflatten_into(flat, tensors)
 
 
 @torch.no_grad()

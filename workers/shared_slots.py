@@ -60,14 +60,14 @@ class SharedSlots:
         self.seq = 0
         self.peer_pids: list[int] = [os.getpid()] * world  # set by open_shared_slots
 
-    def publish(self, tensors: list[torch.Tensor]) -> tuple[int, int]:
+    def publish(self, tensors: list[torch.Tensor]) -> int:
         """Write `tensors`, flattened, into this rank's slot for the next reduce and announce it;
-        returns (that reduce's number, element count)."""
+        returns that reduce's number."""
         self.seq += 1
         n = sum(t.numel() for t in tensors)
         torch.cat([t.reshape(-1) for t in tensors], out=self._slots[self.seq % 2, self.rank, :n])
         self._seqs[self.rank * _SEQ_STRIDE] = self.seq  # after the data: announces it
-        return self.seq, n
+        return self.seq
 
     @torch.no_grad()
     def sum_into(self, seq: int, tensors: list[torch.Tensor]) -> None:
@@ -75,8 +75,8 @@ class SharedSlots:
         sum of every rank's values, added in rank order.
 
         Written straight into the tensors, one parameter-sized piece at a time: no buffer of the
-        whole size is allocated (for a DCGAN that is 14 MB of fresh pages per reduce) and no
-        second pass copies a flat result back, so the sum reads each slot once while it is warm."""
+        whole size is allocated (7 MB of fresh pages per reduce for DCGAN-32) and no second pass
+        copies a flat result back."""
         slots = self._slots[seq % 2]
         for r in range(self.world):
             if r != self.rank:
@@ -85,9 +85,10 @@ class SharedSlots:
         for t in tensors:
             n = t.numel()
             # `out=` keeps t's own strides (channels_last gradients stay channels_last).
-            torch.add(slots[0, offset:offset + n].view(t.shape), slots[1, offset:offset + n].view(t.shape), out=t)
+            piece = slots[:, offset:offset + n]
+            torch.add(piece[0].view(t.shape), piece[1].view(t.shape), out=t)
             for r in range(2, self.world):
-                t.add_(slots[r, offset:offset + n].view(t.shape))
+                t.add_(piece[r].view(t.shape))
             offset += n
 
     def _wait_for(self, peer: int, seq: int) -> None:
