@@ -1,4 +1,7 @@
-"""User-facing errors (the bottom layer, so workers and models can raise them too): one line naming what is wrong and how to fix it, exit code 2.
+"""User-facing errors of input every layer reads (configs, data, checkpoints): one line naming what
+is wrong and how to fix it, exit code 2. They live in the bottom layer so data readers in
+`workers/` and checks in `models/` can raise them; errors only the control plane raises (tracking,
+placement, the retrain lock) live in `ganray.orchestrator.errors`.
 
 Every bad input (config, data, checkpoint, model URI) raises a subclass of `GanrayError`;
 the CLI catches it, prints `error: <message>` on stderr and exits with `exit_code`,
@@ -28,17 +31,3 @@ class DataError(GanrayError):
 
 class CheckpointError(GanrayError):
     """A checkpoint is missing, incomplete, tampered with or does not fit the config."""
-
-
-class TrackingError(GanrayError):
-    """The MLflow tracking store or registry cannot be used as asked."""
-
-
-class PlacementError(GanrayError):
-    """The Ray cluster cannot place the resources the job asks for."""
-
-
-class LockHeldError(GanrayError):
-    """Another process holds the retrain lock of this model."""
-
-    exit_code = 3

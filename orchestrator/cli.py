@@ -30,7 +30,7 @@ def _emit(key: str, value: Any) -> None:
 
 
 def _load(config: Optional[Path], sets: Optional[list[str]]):
-    from ganray.orchestrator.config import load_config
+    from ganray.orchestrator.job.config import load_config
 
     return load_config(config, sets or [])
 
@@ -56,7 +56,7 @@ def train(config: Path = typer.Argument(..., help="job config (YAML)"),
     if dry_run:
         _dry_run(cfg)
         return
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.job.trainer import Trainer
 
     trainer = Trainer(cfg, tracking_uri=tracking_uri, resume=resume, stop_at_kimg=stop_at_kimg,
                       progress=not no_progress, on_run_id=lambda rid: _emit("run_id", rid))
@@ -91,8 +91,10 @@ def _dry_run(cfg: Any) -> None:
 def _generator_from(run: Optional[str], model: Optional[str], tracking_uri: Optional[str]):
     from mlflow import MlflowClient
 
-    from ganray.orchestrator import release, tracking
-    from ganray.orchestrator.engine import build_eval_generator
+    from ganray.orchestrator.tracking import release
+
+    from ganray.orchestrator.tracking import store as tracking
+    from ganray.orchestrator.job.engine import build_eval_generator
 
     if bool(run) == bool(model):
         raise GanrayError("give exactly one of --run RUN_ID or --model models:/NAME/VERSION (or models:/NAME@ALIAS)")
@@ -116,7 +118,7 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
     """Draw N samples from a run's (or a registered model's) EMA generator."""
     import numpy as np
 
-    from ganray.orchestrator.evaluate import sample_generator
+    from ganray.orchestrator.job.evaluate import sample_generator
 
     if out.suffix not in (".npy", ".png"):
         raise GanrayError(f"--out {out}: use a .npy (raw samples) or .png (grid) path")
@@ -127,7 +129,7 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
     if out.suffix == ".npy":
         np.save(tmp, samples.numpy())
     elif samples.dim() == 2:
-        from ganray.orchestrator.samples import scatter_figure
+        from ganray.orchestrator.tracking.samples import scatter_figure
 
         scatter_figure(samples.numpy(), cfg.data.name).savefig(tmp)
     else:
@@ -145,7 +147,7 @@ def evaluate(run: Optional[str] = typer.Option(None, "--run", help="MLflow run i
              num_samples: Optional[int] = typer.Option(None, "--num-samples"),
              tracking_uri: Optional[str] = UriOpt) -> None:
     """Score a run's (or a registered model's) EMA generator; one key=value line per figure."""
-    from ganray.orchestrator.evaluate import Evaluator
+    from ganray.orchestrator.job.evaluate import Evaluator
 
     G, cfg = _generator_from(run, model, tracking_uri)
     if num_samples:
@@ -158,21 +160,21 @@ _extensions_registered = False
 
 
 def _register_extensions() -> None:
-    """Commands of later layers (tune, retrain, promote, bench) register themselves if present."""
-    import importlib
+    """The `tune` and `retrain` commands, then commands other distributions declare under the
+    `ganray.commands` entry point (ganray's own `bench`): the control plane never imports them."""
+    from importlib.metadata import entry_points
+
+    from ganray.orchestrator.retrain import command as retrain_command
+    from ganray.orchestrator.tune import command as tune_command
 
     global _extensions_registered
     if _extensions_registered:
         return
     _extensions_registered = True
-    for name in ("tune_cli", "retrain_cli", "bench_cli"):
-        try:
-            module = importlib.import_module(f"ganray.orchestrator.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"ganray.orchestrator.{name}":
-                raise
-            continue
-        module.register(app)
+    tune_command.register(app)
+    retrain_command.register(app)
+    for entry in entry_points(group="ganray.commands"):
+        entry.load()(app)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

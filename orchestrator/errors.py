@@ -1,12 +1,21 @@
-"""Re-export of the user-facing errors, which live in the bottom layer (`ganray.models.errors`)
-so that data readers in `workers/` and checks in `models/` can raise them too."""
+"""Errors only the control plane raises: the tracking store, Ray placement, the retrain lock.
 
-from ganray.models.errors import (  # noqa: F401
-    CheckpointError,
-    ConfigError,
-    DataError,
-    GanrayError,
-    LockHeldError,
-    PlacementError,
-    TrackingError,
-)
+Like every `GanrayError` (`ganray.models.errors`), each is one line naming what is wrong and how
+to fix it; the CLI prints it as `error: ...` and exits with its `exit_code`.
+"""
+
+from ganray.models.errors import GanrayError
+
+
+class TrackingError(GanrayError):
+    """The MLflow tracking store or registry cannot be used as asked."""
+
+
+class PlacementError(GanrayError):
+    """The Ray cluster cannot place the resources the job asks for."""
+
+
+class LockHeldError(GanrayError):
+    """Another process holds the retrain lock of this model."""
+
+    exit_code = 3

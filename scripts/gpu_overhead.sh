@@ -17,4 +17,4 @@ if [[ -n "${BATCH:-}" ]]; then  # the same job at another batch size (64 is laun
   python3 -c "import json,sys; c=json.load(open(sys.argv[1])); c['schedule']['batch_size']=int(sys.argv[2]); json.dump(c,open(sys.argv[3],'w'))" \
     "$repo/scripts/dcgan64-gpu.json" "$BATCH" "$config"
 fi
-python3 -m ganray.orchestrator.bench_plain "$config" --out "$1" --reps "${REPS:-5}" --seconds "${SECONDS_PER_REP:-2}"
+python3 -m ganray.bench.plain "$config" --out "$1" --reps "${REPS:-5}" --seconds "${SECONDS_PER_REP:-2}"

@@ -1,7 +1,7 @@
 """Sweep and verify the shipped recipes (configs/grid25.yaml, ring8.yaml, digits.yaml).
 
 Each variant is a shipped config plus `--set`-style overrides; it is trained by the real loop
-(`ganray.orchestrator.trainer.Trainer`, `tracking.enabled=false`) and scored on G_ema by the
+(`ganray.orchestrator.job.trainer.Trainer`, `tracking.enabled=false`) and scored on G_ema by the
 job's own `Evaluator` at every `eval.every_kimg` and at the end. One JSON line per evaluation and
 a summary per variant (mean and spread over seeds) go to stdout, so a sweep can run under
 `nohup` and be read while it runs. The wall time and the 1-minute load average are printed
@@ -27,8 +27,8 @@ import sys
 import time
 from typing import Any
 
-from ganray.orchestrator.config import load_config
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.config import load_config
+from ganray.orchestrator.job.trainer import Trainer
 
 # Figures summarised per variant; the first present decides the ordering of the summary.
 SUMMARY_KEYS = ("modes", "hq", "kl", "fid", "fid_floor", "kid", "classifier_acc")

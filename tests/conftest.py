@@ -42,7 +42,7 @@ def mlflow_store(tmp_path, monkeypatch):
 
 def small_config(**sections):
     """A tiny job config for tests, overridable per section."""
-    from ganray.orchestrator.config import config_from_dict
+    from ganray.orchestrator.job.config import config_from_dict
 
     tree = {
         "seed": 0,

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from ganray.orchestrator.bench import Report, case_config, case_tree, fmt, machine_info
-from ganray.orchestrator.bench_plain import (GPU_VARIANTS, PlainGAN, alternate, gpu_variant_cfg, paired_ratios,
+from ganray.bench.harness import Report, case_config, case_tree, fmt, machine_info
+from ganray.bench.plain import (GPU_VARIANTS, PlainGAN, alternate, gpu_variant_cfg, paired_ratios,
                                              random_images, resolve_runtime, summary)
-from ganray.orchestrator.bench_quality import first_time, stats
-from ganray.orchestrator.bench_suites import gpu_engine_config, worker_counts
+from ganray.bench.quality import first_time, stats
+from ganray.bench.suites import gpu_engine_config, worker_counts
 from ganray.workers.steps import StepSettings
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ganray.models.errors import CheckpointError
-from ganray.orchestrator.checkpoint import (CheckpointManager, checkpoint_artifact_path, latest_checkpoint,
+from ganray.orchestrator.job.checkpoint import (CheckpointManager, checkpoint_artifact_path, latest_checkpoint,
                                             list_checkpoints, read_checkpoint, write_checkpoint)
 
 try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
@@ -151,7 +151,8 @@ def test_artifact_path_format() -> None:
 
 
 def test_manager_keeps_last_n_and_latest_ignores_incomplete(sqlite_store: Path) -> None:
-    from ganray.orchestrator.tracking import RunLogger, prepare_store, resolve_tracking_uri
+    from ganray.orchestrator.tracking.run_logger import RunLogger
+    from ganray.orchestrator.tracking.store import prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None, None)
     logger = RunLogger(uri, prepare_store(uri, "ckpt"))
@@ -204,7 +205,8 @@ def test_manager_keeps_last_n_and_latest_ignores_incomplete(sqlite_store: Path) 
 
 
 def test_latest_checkpoint_of_a_run_without_any(sqlite_store: Path) -> None:
-    from ganray.orchestrator.tracking import RunLogger, prepare_store, resolve_tracking_uri
+    from ganray.orchestrator.tracking.run_logger import RunLogger
+    from ganray.orchestrator.tracking.store import prepare_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(None, None)
     logger = RunLogger(uri, prepare_store(uri, "empty"))

@@ -6,7 +6,7 @@ import pytest
 
 from ganray.models.errors import ConfigError
 from ganray.orchestrator.cli import main
-from ganray.orchestrator.config import (RESUME_ALLOWED, TrainConfig, config_differences, config_from_dict,
+from ganray.orchestrator.job.config import (RESUME_ALLOWED, TrainConfig, config_differences, config_from_dict,
                                         load_config, parse_override)
 from tests.conftest import REPO
 

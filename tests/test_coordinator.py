@@ -14,9 +14,10 @@ import pytest
 import ray
 
 from conftest import small_config
-from ganray.models.errors import DataError, PlacementError
-from ganray.orchestrator.coordinator import RayEngine
-from ganray.orchestrator.engine import LocalEngine
+from ganray.models.errors import DataError
+from ganray.orchestrator.errors import PlacementError
+from ganray.orchestrator.job.coordinator import RayEngine
+from ganray.orchestrator.job.engine import LocalEngine
 
 
 def _replicated(workers: int, **sections):
@@ -152,8 +153,8 @@ def test_trainer_start_up_failures_release_what_the_other_half_started(ray_sessi
     leave the already opened run FAILED."""
     from mlflow import MlflowClient
 
-    from ganray.models.errors import TrackingError
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.errors import TrackingError
+    from ganray.orchestrator.job.trainer import Trainer
     from mlflow_server import free_port
 
     before = _live_groups()
@@ -191,7 +192,7 @@ def test_engine_inside_a_placement_group_uses_it(ray_session) -> None:
     @ray.remote(num_cpus=1)
     def trial(config) -> tuple[list[float], int]:
         import ray as ray_in_trial
-        from ganray.orchestrator.coordinator import RayEngine as Engine
+        from ganray.orchestrator.job.coordinator import RayEngine as Engine
 
         engine = Engine(config)
         try:
@@ -214,7 +215,7 @@ def test_engine_inside_a_placement_group_uses_it(ray_session) -> None:
 
 
 def test_trainer_runs_a_replicated_job_end_to_end(ray_session) -> None:
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.job.trainer import Trainer
 
     config = _replicated(2, tracking={"enabled": False},
                          schedule={"total_kimg": 1.28, "batch_size": 64, "sync_kimg": 0.32})

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from ganray.orchestrator.config import load_config
+from ganray.orchestrator.job.config import load_config
 
 jsonschema = pytest.importorskip("jsonschema")
 

@@ -26,11 +26,11 @@ from typing import Any, Optional
 import pytest
 import torch
 
-from ganray.orchestrator.config import config_from_dict
-from ganray.orchestrator.engine import LocalEngine, make_engine
-from ganray.orchestrator.fault import (ChunkClock, FaultError, SnapshotKeeper, WorkerLostError, is_worker_loss,
+from ganray.orchestrator.job.config import config_from_dict
+from ganray.orchestrator.job.engine import LocalEngine, make_engine
+from ganray.orchestrator.job.fault import (ChunkClock, FaultError, SnapshotKeeper, WorkerLostError, is_worker_loss,
                                        plan_chunk)
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.trainer import Trainer
 from tests.conftest import small_config
 from tests.mlflow_server import MlflowServer, mlflow_server, sqlite_store, template_db  # noqa: F401
 
@@ -80,7 +80,9 @@ if os.environ.get("GANRAY_TEST_MARKER"):
     import time
     from pathlib import Path
 
-    from ganray.orchestrator import engine as _engine, tracking as _tracking
+    from ganray.orchestrator.job import engine as _engine
+
+    from ganray.orchestrator.tracking import run_logger as _tracking
 
     _hold = os.environ.get("GANRAY_TEST_HOLD_MANIFEST")
     _pause_at = int(os.environ.get("GANRAY_TEST_PAUSE_AT", "-1"))
@@ -243,7 +245,7 @@ def test_persistent_nan_stops_with_a_resumable_checkpoint(sqlite_store: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.checkpoint import latest_checkpoint, list_checkpoints
+    from ganray.orchestrator.job.checkpoint import latest_checkpoint, list_checkpoints
 
     cfg = _poison_config(sqlite_store, monkeypatch, window=(25, 10**9), max_restarts=1)
     trainer = Trainer(cfg, progress=False)
@@ -345,7 +347,7 @@ def _assert_same_losses(job: dict[str, Any], client: Any, run_id: str) -> None:
 
 @pytest.mark.slow
 def test_driver_sigkilled_during_checkpoint_upload_resumes_exactly(job: dict[str, Any]) -> None:
-    from ganray.orchestrator.checkpoint import list_checkpoints
+    from ganray.orchestrator.job.checkpoint import list_checkpoints
 
     marker = job["root"] / "killed.marker"
     proc = _start(job, [], hooks={"GANRAY_TEST_MARKER": str(marker), "GANRAY_TEST_HOLD_MANIFEST": "kimg-000008",
@@ -372,7 +374,7 @@ def test_driver_sigkilled_during_checkpoint_upload_resumes_exactly(job: dict[str
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_exits_within_grace_and_resumes(job: dict[str, Any]) -> None:
-    from ganray.orchestrator.checkpoint import latest_checkpoint
+    from ganray.orchestrator.job.checkpoint import latest_checkpoint
 
     marker = job["root"] / "term.marker"
     proc = _start(job, [], hooks={"GANRAY_TEST_MARKER": str(marker), "GANRAY_TEST_PAUSE_AT": "6144",

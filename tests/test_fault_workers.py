@@ -27,9 +27,9 @@ import psutil
 import pytest
 import ray
 
-from ganray.orchestrator.engine import make_engine
-from ganray.orchestrator.fault import FaultError
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.engine import make_engine
+from ganray.orchestrator.job.fault import FaultError
+from ganray.orchestrator.job.trainer import Trainer
 from tests.conftest import REPO, small_config
 from tests.mlflow_server import sqlite_store  # noqa: F401
 
@@ -172,7 +172,7 @@ def test_hung_worker_times_out_and_is_replaced(reference: dict[str, Any]) -> Non
 def test_restart_budget_spent_stops_with_a_resumable_checkpoint(ray_session, sqlite_store: Path) -> None:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.checkpoint import latest_checkpoint
+    from ganray.orchestrator.job.checkpoint import latest_checkpoint
 
     box: list[Saboteur] = []
     config = _config("replicated", tracking=True, max_restarts=0)
@@ -196,9 +196,9 @@ import psutil
 import ray
 from ray.cluster_utils import Cluster
 
-from ganray.orchestrator.config import config_from_dict
-from ganray.orchestrator.engine import make_engine
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.config import config_from_dict
+from ganray.orchestrator.job.engine import make_engine
+from ganray.orchestrator.job.trainer import Trainer
 
 # Quick node-death detection; nodes are added and removed from the main thread (Ray asks that).
 fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 4, "health_check_timeout_ms": 500}

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ganray.orchestrator.cli import main
-from ganray.orchestrator.config import TrainConfig
+from ganray.orchestrator.job.config import TrainConfig
 from tests.conftest import REPO
 
 BASE = yaml.safe_load((REPO / "configs" / "grid25.yaml").read_text())

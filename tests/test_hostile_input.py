@@ -27,10 +27,10 @@ import torch
 import yaml
 from PIL import Image
 
-from ganray.orchestrator.checkpoint import list_checkpoints
+from ganray.orchestrator.job.checkpoint import list_checkpoints
 from ganray.orchestrator.cli import main
-from ganray.orchestrator.config import config_from_dict
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.config import config_from_dict
+from ganray.orchestrator.job.trainer import Trainer
 from tests.mlflow_server import template_db
 
 GANRAY = Path(sys.executable).with_name("ganray")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ganray.orchestrator.engine import LocalEngine
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.engine import LocalEngine
+from ganray.orchestrator.job.trainer import Trainer
 from tests.conftest import small_config
 
 
@@ -86,8 +86,8 @@ def test_short_grid25_run_improves_quality():
                                  "sync_kimg": 10, "ema_half_life_kimg": 2},
                        eval={"every_kimg": 30, "num_samples": 1000}, tracking={"enabled": False})
     trainer = Trainer(cfg, progress=False)
-    from ganray.orchestrator.evaluate import Evaluator
-    from ganray.orchestrator.engine import build_eval_generator
+    from ganray.orchestrator.job.evaluate import Evaluator
+    from ganray.orchestrator.job.engine import build_eval_generator
 
     engine = LocalEngine(cfg)
     before = Evaluator(cfg).evaluate(build_eval_generator(cfg, (2,), engine.generator_state()))

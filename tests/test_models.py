@@ -371,7 +371,7 @@ def test_vae_sampling_is_seeded_and_leaves_global_rng() -> None:
 
 def test_latent_distributions_and_generators_carry_theirs() -> None:
     from ganray.models.latent import draw_latent, latent_of
-    from ganray.orchestrator.evaluate import sample_generator
+    from ganray.orchestrator.job.evaluate import sample_generator
 
     gen = torch.Generator().manual_seed(0)
     z = draw_latent("uniform", (20000, 3), generator=gen)

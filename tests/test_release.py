@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import small_config
-from ganray.models.errors import TrackingError
+from ganray.orchestrator.errors import TrackingError
 from ganray.models.registry import build_generator
-from ganray.orchestrator.checkpoint import CheckpointManager
-from ganray.orchestrator.release import load_released_state, log_released_generator, resolve_model_uri
-from ganray.orchestrator.tracking import RunLogger, prepare_store, resolve_tracking_uri
+from ganray.orchestrator.job.checkpoint import CheckpointManager
+from ganray.orchestrator.tracking.release import load_released_state, log_released_generator, resolve_model_uri
+from ganray.orchestrator.tracking.run_logger import RunLogger
+from ganray.orchestrator.tracking.store import prepare_store, resolve_tracking_uri
 
 try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
     from tests.mlflow_server import template_db

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ganray.orchestrator.trainer import Trainer
+from ganray.orchestrator.job.trainer import Trainer
 from tests.conftest import small_config
 
 

@@ -20,10 +20,12 @@ from urllib.parse import unquote, urlparse
 import pytest
 import yaml
 
-from ganray.models.errors import ConfigError, LockHeldError
+from ganray.models.errors import ConfigError
+
+from ganray.orchestrator.errors import LockHeldError
 from ganray.orchestrator.cli import main
-from ganray.orchestrator.retrain import decide, resolve_metric, warm_start_factory
-from ganray.orchestrator.retrain_lock import RetrainLock, current_user, holder_id, lock_name
+from ganray.orchestrator.retrain.champion import decide, resolve_metric, warm_start_factory
+from ganray.orchestrator.retrain.lock import RetrainLock, current_user, holder_id, lock_name
 
 from conftest import small_config
 
@@ -144,7 +146,7 @@ def test_resolve_metric_defaults_and_refusals():
 def test_warm_start_loads_champion_nets_with_fresh_progress_and_optimizers():
     import torch
 
-    from ganray.orchestrator.engine import make_engine
+    from ganray.orchestrator.job.engine import make_engine
 
     cfg = small_config()
     donor = make_engine(small_config(seed=7))  # other seed: other initial weights
@@ -161,7 +163,7 @@ def test_warm_start_loads_champion_nets_with_fresh_progress_and_optimizers():
 
 def test_warm_start_refuses_weights_of_another_architecture():
     from ganray.models.errors import CheckpointError
-    from ganray.orchestrator.engine import make_engine
+    from ganray.orchestrator.job.engine import make_engine
 
     other = make_engine(small_config(model={"hidden": 16})).state()
     with pytest.raises(CheckpointError, match="do not fit this config's model"):

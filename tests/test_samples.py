@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ganray.models.metrics2d import mixture_modes
-from ganray.orchestrator.samples import SCATTER_SIZE, scatter_extent, scatter_image
+from ganray.orchestrator.tracking.samples import SCATTER_SIZE, scatter_extent, scatter_image
 from tests.conftest import small_config
 from tests.mlflow_server import sqlite_store  # noqa: F401
 
@@ -46,8 +46,8 @@ def test_scatter_is_the_same_frame_at_every_step_and_drops_outliers() -> None:
 def test_training_logs_a_scatter_per_sample_interval(sqlite_store: Path) -> None:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.tracking import resolve_tracking_uri
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.tracking.store import resolve_tracking_uri
+    from ganray.orchestrator.job.trainer import Trainer
 
     config = small_config(schedule={"total_kimg": 2, "sample_kimg": 1})
     result = Trainer(config, progress=False).run()

@@ -16,8 +16,8 @@ import torch
 
 from conftest import small_config
 from ganray.models.errors import ConfigError
-from ganray.orchestrator.coordinator import RayEngine
-from ganray.orchestrator.engine import LocalEngine
+from ganray.orchestrator.job.coordinator import RayEngine
+from ganray.orchestrator.job.engine import LocalEngine
 from ganray.workers.split import feedback_weights, g_parts_for, rows_of
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import small_config
-from ganray.models.errors import TrackingError
-from ganray.orchestrator.run_logger import RunLogger
-from ganray.orchestrator.tracking import default_artifact_root, prepare_store, redact, resolve_tracking_uri, run_tags
+from ganray.orchestrator.errors import TrackingError
+from ganray.orchestrator.tracking.run_logger import RunLogger
+from ganray.orchestrator.tracking.store import default_artifact_root, prepare_store, redact, resolve_tracking_uri, run_tags
 
 try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
     from tests.mlflow_server import free_port, mlflow_server, sqlite_store  # noqa: F401
@@ -87,15 +87,6 @@ def test_unreachable_server_fails_fast_with_one_line() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Run logger on the embedded store
-
-
-def test_run_logger_is_reexported_from_tracking() -> None:
-    from ganray.orchestrator import tracking
-    from ganray.orchestrator.tracking import RunLogger as FromTracking
-
-    assert FromTracking is RunLogger and tracking.RunLogger is RunLogger
-    with pytest.raises(AttributeError):
-        tracking.NoSuchName  # noqa: B018
 
 
 def test_logger_logs_and_reopens_a_run(sqlite_store: Path) -> None:
@@ -277,8 +268,8 @@ def test_short_run_logs_system_metrics_at_the_training_steps(sqlite_store: Path)
     pytest.importorskip("psutil")
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.system_metrics import NAMES
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.tracking.system_metrics import NAMES
+    from ganray.orchestrator.job.trainer import Trainer
 
     config = small_config(schedule={"total_kimg": 2})
     assert config.tracking.log_system_metrics is True  # on by default
@@ -299,7 +290,7 @@ def test_short_run_logs_system_metrics_at_the_training_steps(sqlite_store: Path)
 def test_system_metrics_off_logs_none(sqlite_store: Path) -> None:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.job.trainer import Trainer
 
     result = Trainer(small_config(schedule={"total_kimg": 1}, tracking={"log_system_metrics": False}),
                      progress=False).run()
@@ -312,7 +303,7 @@ def test_system_metrics_without_psutil_are_empty(monkeypatch: pytest.MonkeyPatch
                                                  caplog: pytest.LogCaptureFixture) -> None:
     import sys
 
-    from ganray.orchestrator.system_metrics import SystemMetrics
+    from ganray.orchestrator.tracking.system_metrics import SystemMetrics
 
     monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
     caplog.set_level(logging.DEBUG, logger="ganray")

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import small_config
 from ganray.models.errors import CheckpointError, ConfigError
-from ganray.orchestrator.tune_search import (check_search, check_storage, parse_search, reported_eval_metrics,
+from ganray.orchestrator.tune.spec import (check_search, check_storage, parse_search, reported_eval_metrics,
                                              trial_config)
 
 try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
@@ -97,7 +97,7 @@ def test_trial_config_applies_sampled_keys() -> None:
 
 
 def test_relative_paths_are_made_absolute_for_the_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ganray.orchestrator.tune_search import absolute_paths
+    from ganray.orchestrator.tune.spec import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = absolute_paths(small_config(data={"name": "imagefolder", "path": "images"},
@@ -155,7 +155,7 @@ def test_cli_rejects_a_bad_search_before_any_trial(store: Path, capsys: pytest.C
 
 
 def test_pbt_exploits_and_applies_its_own_hyperparameters(ray_session: Any, store: Path) -> None:
-    from ganray.orchestrator.checkpoint import read_checkpoint
+    from ganray.orchestrator.job.checkpoint import read_checkpoint
     from ganray.orchestrator.tune import search
 
     base = small_config(schedule={"total_kimg": 2, "batch_size": 64, "sync_kimg": 0.5},

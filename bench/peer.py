@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ganray.orchestrator.bench import (BenchContext, EngineContender, Report, add_ratio, plain_contender,
+from ganray.bench.harness import (BenchContext, EngineContender, Report, add_ratio, plain_contender,
                                        ratio_cell, spread)
-from ganray.orchestrator.bench_plain import rounds_for, summary
+from ganray.bench.plain import rounds_for, summary
 
 # BENCHMARKS.md: ganray replicated / Ray Train DDP, same GAN and workers.
 PEER_TARGETS = {("mlp", 1): 1.15, ("mlp", 2): 1.15, ("dcgan32", 1): 1.0, ("dcgan32", 2): 1.15}

@@ -29,8 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ganray.models.errors import ConfigError
-from ganray.orchestrator.config import TrainConfig, config_from_dict
-from ganray.orchestrator.evaluate import MIXTURES
+from ganray.orchestrator.job.config import TrainConfig, config_from_dict
+from ganray.orchestrator.job.evaluate import MIXTURES
 
 # Keys PBT may change in a running trial: the engine re-applies them to the restored optimizers
 # and schedule (`Engine.set_hyper`). Everything else shapes the networks or the data and is only

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ganray.orchestrator.evaluate import MIXTURES, sample_generator
+from ganray.orchestrator.job.evaluate import MIXTURES, sample_generator
 
 FIXED_LATENT_SEED = 20_240_601  # the same latent batch at every step, so grids are comparable
 

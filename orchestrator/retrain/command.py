@@ -31,8 +31,8 @@ def retrain_command(config: Path = typer.Argument(..., help="job config (YAML) n
                                                                help="MLflow tracking URI (over tracking.uri and MLFLOW_TRACKING_URI)"),
                     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")) -> None:
     """Retrain the champion of NAME on new data; promote the challenger only if it beats the champion."""
-    from ganray.orchestrator.config import load_config
-    from ganray.orchestrator.retrain import retrain
+    from ganray.orchestrator.job.config import load_config
+    from ganray.orchestrator.retrain.champion import retrain
 
     overrides = list(set_ or [])
     if model_name:
@@ -69,7 +69,7 @@ def promote_command(name: str = typer.Argument(..., help="registered model name"
                     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                                help="MLflow tracking URI (over MLFLOW_TRACKING_URI)")) -> None:
     """Move the `champion` alias of NAME to VERSION by hand (a rollback), recording who and why."""
-    from ganray.orchestrator.retrain import promote
+    from ganray.orchestrator.retrain.champion import promote
 
     outcome = promote(name, version, reason=reason, tracking_uri=tracking_uri)
     _emit("model", outcome.model_name)

@@ -1,4 +1,4 @@
-"""The `ganray bench` command, registered on the main typer app by `cli._register_extensions`."""
+"""The `ganray bench` command, found through the `ganray.commands` entry point (pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
               datasets: Optional[str] = typer.Option(None, "--datasets", help="quality: only these sets: ring8,grid25,digits"),
               kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="quality: total_kimg of each training run")) -> None:
         """Measure ganray against a plain PyTorch loop and Ray Train; print Markdown tables, write JSON."""
-        from ganray.orchestrator.bench import DEFAULT_SUITES, BenchOptions, run_suites
+        from ganray.bench.harness import DEFAULT_SUITES, BenchOptions, run_suites
 
         options = BenchOptions(out=out, quick=quick, reps=reps, seeds=seeds,
                                models=_csv(models, ("mlp", "dcgan32", "dcgan64"), "--models"),

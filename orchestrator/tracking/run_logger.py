@@ -6,7 +6,7 @@ unreachable server only delays delivery (retries with backoff, points buffered u
 oldest dropped first and counted), and the order of everything queued is kept. `MlflowClient` is
 used throughout, never the fluent API, so several loggers (Tune trials) can live in one process
 without sharing global run state. Store resolution, run tags and the param/tag clean-up live in
-`ganray.orchestrator.tracking`.
+`ganray.orchestrator.tracking.store`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ganray.models.errors import TrackingError
-from ganray.orchestrator.tracking import _first_line, _tag_value, param_value, redact, scrub
+from ganray.orchestrator.errors import TrackingError
+from ganray.orchestrator.tracking.store import _first_line, _tag_value, param_value, redact, scrub
 
 if TYPE_CHECKING:  # MLflow costs seconds to import; only the functions that talk to it import it.
     from mlflow import MlflowClient

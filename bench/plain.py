@@ -9,7 +9,7 @@ an engine is ganray's overhead.
 
 This module needs only torch, `ganray.models` and `ganray.workers` (no pydantic, Ray or
 MLflow): configs arrive as plain dicts (`TrainConfig.model_dump()`), so the GPU rows can run on
-a machine that has nothing but PyTorch (`python -m ganray.orchestrator.bench_plain`).
+a machine that has nothing but PyTorch (`python -m ganray.bench.plain`).
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def gpu_rows(base: dict[str, Any], reps: int, target_s: float, warmup_rounds: in
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m ganray.orchestrator.bench_plain CONFIG.json --out DIR`: the GPU rows from a
+    """`python -m ganray.bench.plain CONFIG.json --out DIR`: the GPU rows from a
     resolved config dict (written by `ganray bench` where pydantic is installed)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("config", type=Path)

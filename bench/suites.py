@@ -19,9 +19,9 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from ganray.orchestrator.bench import (BenchContext, EngineContender, Report, add_ratio, fmt, plain_contender,
+from ganray.bench.harness import (BenchContext, EngineContender, Report, add_ratio, fmt, plain_contender,
                                        ratio_cell, spread)
-from ganray.orchestrator.bench_plain import compare, gpu_rows, paired_ratios, summary
+from ganray.bench.plain import compare, gpu_rows, paired_ratios, summary
 
 REPO = Path(__file__).resolve().parents[1]
 OVERHEAD_TARGET = 0.95
@@ -87,7 +87,7 @@ def overhead(ctx: BenchContext) -> Report:
 def gpu_engine_config(cfg: dict[str, Any]) -> Any:
     """The TrainConfig of ganray's contender in a GPU row: one replica holding one GPU, with the
     row's precision and memory format (`cfg` is a `bench_plain.gpu_variant_cfg` dict)."""
-    from ganray.orchestrator.config import config_from_dict
+    from ganray.orchestrator.job.config import config_from_dict
 
     topology = {k: v for k, v in cfg["topology"].items() if v is not None and k == "kind"}
     tree = {**cfg, "topology": {**topology, "kind": "replicated", "num_workers": 1},
@@ -235,9 +235,9 @@ def _tracking_tree(quick: bool) -> dict[str, Any]:
 
 
 def _train_timed(tree: dict[str, Any], enabled: bool, store: Path) -> dict[str, float]:
-    from ganray.orchestrator.config import config_from_dict
-    from ganray.orchestrator.engine import make_engine
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.job.config import config_from_dict
+    from ganray.orchestrator.job.engine import make_engine
+    from ganray.orchestrator.job.trainer import Trainer
 
     cfg = config_from_dict({**tree, "tracking": {**tree.get("tracking", {}), "enabled": enabled,
                                                  "experiment": "bench-tracking"}})

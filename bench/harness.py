@@ -35,13 +35,13 @@ log = logging.getLogger("ganray")
 
 # name -> "module:function"; imported when run, so `ganray bench quality` never imports Ray Train.
 SUITES: dict[str, str] = {
-    "overhead": "ganray.orchestrator.bench_suites:overhead",
-    "scaling": "ganray.orchestrator.bench_suites:scaling",
-    "split": "ganray.orchestrator.bench_suites:split",
-    "peer": "ganray.orchestrator.bench_peer:peer",
-    "tracking": "ganray.orchestrator.bench_suites:tracking",
-    "startup": "ganray.orchestrator.bench_suites:startup",
-    "quality": "ganray.orchestrator.bench_quality:quality",
+    "overhead": "ganray.bench.suites:overhead",
+    "scaling": "ganray.bench.suites:scaling",
+    "split": "ganray.bench.suites:split",
+    "peer": "ganray.bench.peer:peer",
+    "tracking": "ganray.bench.suites:tracking",
+    "startup": "ganray.bench.suites:startup",
+    "quality": "ganray.bench.quality:quality",
 }
 DEFAULT_SUITES = [s for s in SUITES if s != "quality"]
 MODELS = ("mlp", "dcgan32")
@@ -62,11 +62,11 @@ CASES: dict[str, dict[str, Any]] = {
             "model": {"generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 128, "depth": 3},
             "schedule": {"batch_size": 512, "n_critic": 1, "ema_half_life_kimg": 20.0}},
     # DCGAN at 32x32 at batch 64: compute dominates.
-    "dcgan32": {"data": {"name": "ganray.orchestrator.bench_plain:random_images", "size": 2048, "resolution": 32},
+    "dcgan32": {"data": {"name": "ganray.bench.plain:random_images", "size": 2048, "resolution": 32},
                 "model": {"generator": "dcgan", "discriminator": "dcgan", "z_dim": 100, "base_width": 64},
                 "schedule": {"batch_size": 64, "n_critic": 1, "ema_half_life_kimg": 10.0}},
     # DCGAN at 64x64 on a GPU (the `overhead` suite's GPU rows).
-    "dcgan64": {"data": {"name": "ganray.orchestrator.bench_plain:random_images", "size": 2048, "resolution": 64},
+    "dcgan64": {"data": {"name": "ganray.bench.plain:random_images", "size": 2048, "resolution": 64},
                 "model": {"generator": "dcgan", "discriminator": "dcgan", "z_dim": 100, "base_width": 64},
                 "schedule": {"batch_size": 64, "n_critic": 1, "ema_half_life_kimg": 10.0},
                 "resources": {"device": "cuda", "gpus_per_worker": 1.0}},
@@ -96,7 +96,7 @@ def case_tree(case: str, **sections: dict[str, Any]) -> dict[str, Any]:
 
 def case_config(case: str, **sections: dict[str, Any]) -> Any:
     """A validated `TrainConfig` of a benchmark case (see `case_tree`)."""
-    from ganray.orchestrator.config import config_from_dict
+    from ganray.orchestrator.job.config import config_from_dict
 
     return config_from_dict(case_tree(case, **sections))
 
@@ -282,7 +282,7 @@ class EngineContender:
     """
 
     def __init__(self, config: Any) -> None:
-        from ganray.orchestrator.engine import make_engine
+        from ganray.orchestrator.job.engine import make_engine
 
         self.threads = int(config.resources.threads_per_worker)
         self.local = config.topology.kind == "local"
@@ -311,7 +311,7 @@ def plain_contender(config: Any, threads: int, tuned: bool = False) -> Any:
     foreach EMA, the data on the device: `PlainGAN`'s performance-minded variant)."""
     import numpy as np
 
-    from ganray.orchestrator.bench_plain import PlainGAN
+    from ganray.bench.plain import PlainGAN
     from ganray.workers.data import load_dataset
 
     cfg = config.model_dump()
@@ -323,7 +323,7 @@ def add_ratio(row: dict[str, Any], key: str, num: str, den: str) -> None:
     """row[key] = median of the per-repetition ratios num/den, row[key_range] = [min, max]."""
     import statistics
 
-    from ganray.orchestrator.bench_plain import paired_ratios
+    from ganray.bench.plain import paired_ratios
 
     ratios = paired_ratios(row["samples_per_s"][num], row["samples_per_s"][den])
     row[key] = float(statistics.median(ratios))

@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ganray.models.errors import PlacementError
+from ganray.orchestrator.errors import PlacementError
 
 log = logging.getLogger("ganray")
 

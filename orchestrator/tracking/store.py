@@ -1,7 +1,7 @@
 """MLflow tracking: where the store is, what every run is tagged with, and how params/tags are cleaned.
 
 The coordinator is the only MLflow client of a job; it writes through `RunLogger`
-(`ganray.orchestrator.run_logger`, re-exported here), the buffered background writer. This
+(`ganray.orchestrator.tracking.run_logger`, re-exported here), the buffered background writer. This
 module keeps what does not need a run: resolving and probing the store (`resolve_tracking_uri`,
 `prepare_store`), run metadata (`run_tags`, `git_commit`, `ganray_version`) and the text
 clean-up every param and tag goes through (`param_value`, `redact`, `scrub`).
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
-from ganray.models.errors import TrackingError
+from ganray.orchestrator.errors import TrackingError
 
 if TYPE_CHECKING:  # MLflow costs seconds to import; only the functions that talk to it import it.
-    from ganray.orchestrator.config import TrainConfig
-    from ganray.orchestrator.run_logger import RunLogger
+    from ganray.orchestrator.job.config import TrainConfig
+    from ganray.orchestrator.tracking.run_logger import RunLogger
 
 log = logging.getLogger("ganray.tracking")
 
@@ -248,18 +248,3 @@ def param_value(value: Any) -> str:
 def _tag_value(value: Any) -> str:
     text = scrub(str(value))
     return text if len(text) <= MAX_TAG_CHARS else text[: MAX_TAG_CHARS - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Re-export: the run logger lives in `run_logger.py` (which imports the helpers above, so the
-# name is resolved lazily to keep either module importable first).
-
-_MOVED = frozenset({"RunLogger"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from ganray.orchestrator import run_logger
-
-        return getattr(run_logger, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

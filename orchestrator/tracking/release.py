@@ -30,12 +30,12 @@ import yaml
 from torch import nn
 
 from ganray.models.latent import draw_latent, latent_of
-from ganray.models.errors import TrackingError
-from ganray.orchestrator.checkpoint import (MANIFEST, latest_checkpoint, list_checkpoints, read_checkpoint, snapshot_state,
+from ganray.orchestrator.errors import TrackingError
+from ganray.orchestrator.job.checkpoint import (MANIFEST, latest_checkpoint, list_checkpoints, read_checkpoint, snapshot_state,
                                            write_checkpoint)
-from ganray.orchestrator.config import TrainConfig, config_from_dict
-from ganray.orchestrator.run_logger import RunLogger
-from ganray.orchestrator.tracking import CONFIG_ARTIFACT, ganray_version, redact, scrub
+from ganray.orchestrator.job.config import TrainConfig, config_from_dict
+from ganray.orchestrator.tracking.run_logger import RunLogger
+from ganray.orchestrator.tracking.store import CONFIG_ARTIFACT, ganray_version, redact, scrub
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -175,7 +175,7 @@ _MODEL_URI = re.compile(r"models:/(?P<name>[^@]+?)(?:/(?P<version>[^/@]+)|@(?P<a
 
 def _model_names(client: "MlflowClient") -> list[str]:
     """Registered model names in the store (retrain locks left out); [] when they cannot be listed."""
-    from ganray.orchestrator.retrain_lock import LOCK_SUFFIX
+    from ganray.orchestrator.retrain.lock import LOCK_SUFFIX
 
     try:
         models = client.search_registered_models(max_results=1000)

@@ -128,6 +128,6 @@ def make_engine(config: Any) -> Engine:
     """The engine for `topology.kind`; the Ray coordinator is imported only when needed."""
     if config.topology.kind == "local":
         return LocalEngine(config)
-    from ganray.orchestrator.coordinator import RayEngine
+    from ganray.orchestrator.job.coordinator import RayEngine
 
     return RayEngine(config)

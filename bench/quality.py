@@ -20,8 +20,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ganray.orchestrator.bench import BenchContext, Report
-from ganray.orchestrator.trainer import Trainer
+from ganray.bench.harness import BenchContext, Report
+from ganray.orchestrator.job.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SETS_2D = ("ring8", "grid25")
@@ -92,7 +92,7 @@ def stats(values: list[Optional[float]]) -> dict[str, Any]:
 
 
 def _trainer_config(name: str, seed: int, kimg: Optional[float], probe_kimg: float) -> Any:
-    from ganray.orchestrator.config import load_config
+    from ganray.orchestrator.job.config import load_config
 
     sets = [f"seed={seed}", "tracking.enabled=false", f"eval.every_kimg={probe_kimg}"]
     if kimg is not None:
@@ -145,7 +145,7 @@ def _quality_2d(ctx: BenchContext, name: str, seeds: int) -> dict[str, Any]:
 
 
 def _quality_digits(ctx: BenchContext, seeds: int) -> dict[str, Any]:
-    from ganray.orchestrator.config import load_config
+    from ganray.orchestrator.job.config import load_config
 
     kimg = ctx.options.kimg if ctx.options.kimg is not None else (2.0 if ctx.quick else None)
     per_seed = []

@@ -32,16 +32,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ganray.models.errors import CheckpointError, ConfigError, GanrayError, TrackingError
-from ganray.orchestrator.config import TrainConfig, config_from_dict
-from ganray.orchestrator.engine import Engine, build_eval_generator, make_engine
-from ganray.orchestrator.retrain_lock import RetrainLock, current_user
+from ganray.models.errors import CheckpointError, ConfigError, GanrayError
+
+from ganray.orchestrator.errors import TrackingError
+from ganray.orchestrator.job.config import TrainConfig, config_from_dict
+from ganray.orchestrator.job.engine import Engine, build_eval_generator, make_engine
+from ganray.orchestrator.retrain.lock import RetrainLock, current_user
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-    from ganray.orchestrator.evaluate import Evaluator
+    from ganray.orchestrator.job.evaluate import Evaluator
 
 log = logging.getLogger("ganray.retrain")
 
@@ -237,7 +239,7 @@ def _check_fits(config: TrainConfig, shape: tuple[int, ...], weights: dict[str, 
 
 def _evaluator(config: TrainConfig, metric: str, test_source: Any) -> "Evaluator":
     """One evaluator for both sides: the same held-out split, metric, sample count and seed."""
-    from ganray.orchestrator.evaluate import Evaluator
+    from ganray.orchestrator.job.evaluate import Evaluator
 
     eval_cfg = config.model_copy(deep=True)
     eval_cfg.eval.metrics = [metric]
@@ -266,7 +268,7 @@ def retrain(config: TrainConfig, model_name: Optional[str] = None, schedule_key:
     """One champion/challenger retrain of `model_name` on the data `config` names (see the module doc)."""
     from mlflow import MlflowClient
 
-    from ganray.orchestrator import tracking
+    from ganray.orchestrator.tracking import store as tracking
 
     name = model_name or config.tracking.model_name
     if not name:
@@ -292,9 +294,9 @@ def retrain(config: TrainConfig, model_name: Optional[str] = None, schedule_key:
 def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConfig, name: str,
                     schedule_key: Optional[str], uri: str, progress: bool,
                     on_run_id: Optional[Callable[[str], None]]) -> RetrainOutcome:
-    from ganray.orchestrator.checkpoint import latest_checkpoint
-    from ganray.orchestrator.release import load_released_state
-    from ganray.orchestrator.trainer import Trainer
+    from ganray.orchestrator.job.checkpoint import latest_checkpoint
+    from ganray.orchestrator.tracking.release import load_released_state
+    from ganray.orchestrator.job.trainer import Trainer
     from ganray.workers.data import load_dataset
 
     # The new run: retrain.kimg from 0 images, registered under `name` at its end. Set in the
@@ -413,8 +415,8 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ganray.orchestrator import tracking
-    from ganray.orchestrator.release import _no_model_error, _no_versions_error, _version_numbers
+    from ganray.orchestrator.tracking import store as tracking
+    from ganray.orchestrator.tracking.release import _no_model_error, _no_versions_error, _version_numbers
 
     version = str(version).strip()
     if not version.isdigit():
@@ -457,7 +459,7 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
 
 
 def _first_line(exc: BaseException) -> str:
-    from ganray.orchestrator.tracking import scrub
+    from ganray.orchestrator.tracking.store import scrub
 
     lines = scrub(str(exc)).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__

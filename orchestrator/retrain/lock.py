@@ -25,7 +25,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Optional
 
-from ganray.models.errors import LockHeldError, TrackingError
+from ganray.orchestrator.errors import LockHeldError, TrackingError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -215,7 +215,7 @@ class RetrainLock:
 
 
 def _first_line(exc: BaseException) -> str:
-    from ganray.orchestrator.tracking import scrub
+    from ganray.orchestrator.tracking.store import scrub
 
     lines = scrub(str(exc)).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__

@@ -8,7 +8,7 @@ What it keeps is what scales with the worker count: sharding, the per-phase all-
 overlap with compute.
 
 Usage (CONFIG is a resolved job config as JSON, e.g. `TrainConfig.model_dump()` of a bench case):
-    python scripts/cpu_scaling.py CONFIG.json [CONFIG.json ...] --workers 1,2,4,8 --out DIR
+    python -m ganray.bench.cpu_scaling CONFIG.json [CONFIG.json ...] --workers 1,2,4,8 --out DIR
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from ganray.orchestrator.bench_plain import PlainGAN, compare
+    from ganray.bench.plain import PlainGAN, compare
     from ganray.workers.data import load_dataset
 
     counts = [int(n) for n in args.workers.split(",")]

@@ -34,7 +34,7 @@ from ganray.models.errors import CheckpointError
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.run_logger import RunLogger
+    from ganray.orchestrator.tracking.run_logger import RunLogger
 
 log = logging.getLogger("ganray.checkpoint")
 
@@ -382,7 +382,7 @@ class CheckpointManager:
 
 
 def _reason(exc: BaseException) -> str:
-    from ganray.orchestrator.tracking import scrub
+    from ganray.orchestrator.tracking.store import scrub
 
     lines = scrub(str(exc)).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ganray.models.errors import CheckpointError, ConfigError, GanrayError
-from ganray.orchestrator.config import TrainConfig, config_differences, load_config
-from ganray.orchestrator.engine import ChunkResult, Engine, build_eval_generator, make_engine
-from ganray.orchestrator.evaluate import Evaluator
-from ganray.orchestrator.fault import (ChunkClock, FaultError, FaultPolicy, SnapshotKeeper, SnapshotLostError, brief,
+from ganray.orchestrator.job.config import TrainConfig, config_differences, load_config
+from ganray.orchestrator.job.engine import ChunkResult, Engine, build_eval_generator, make_engine
+from ganray.orchestrator.job.evaluate import Evaluator
+from ganray.orchestrator.job.fault import (ChunkClock, FaultError, FaultPolicy, SnapshotKeeper, SnapshotLostError, brief,
                                        is_worker_loss, plan_chunk, recover_workers, roll_back)
-from ganray.orchestrator.progress import Progress
-from ganray.orchestrator.system_metrics import SystemMetrics
+from ganray.orchestrator.job.progress import Progress
+from ganray.orchestrator.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger("ganray")
 
@@ -205,8 +205,8 @@ class Trainer:
                           on_run_id: Optional[Callable[[str], None]]) -> None:
         config = self.config
         if config.tracking.enabled:
-            from ganray.orchestrator import tracking
-            from ganray.orchestrator.run_logger import RunLogger
+            from ganray.orchestrator.tracking import store as tracking
+            from ganray.orchestrator.tracking.run_logger import RunLogger
 
             self.tracking_uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
             experiment_id = tracking.prepare_store(self.tracking_uri, config.tracking.experiment)
@@ -247,7 +247,7 @@ class Trainer:
 
     def _fetch_resume_checkpoint(self) -> tuple[dict[str, Any], dict]:
         """The run's latest complete checkpoint, digest-checked, before any worker is started."""
-        from ganray.orchestrator.checkpoint import latest_checkpoint
+        from ganray.orchestrator.job.checkpoint import latest_checkpoint
 
         assert self.logger is not None and self.resume
         with tempfile.TemporaryDirectory() as tmp:
@@ -329,7 +329,7 @@ class Trainer:
         cfg = self.config
         self._evaluator = Evaluator(cfg)
         if self.logger is not None:
-            from ganray.orchestrator.checkpoint import CheckpointManager
+            from ganray.orchestrator.job.checkpoint import CheckpointManager
 
             self.checkpoints = CheckpointManager(self.logger, cfg.schedule.keep_checkpoints,
                                                  Path(tempfile.mkdtemp(prefix="ganray-ckpt-")))
@@ -443,7 +443,7 @@ class Trainer:
         """The snapshot is gone: fall back to the run's latest complete checkpoint in MLflow."""
         if self.logger is None or self.checkpoints is None:
             raise FaultError(f"{lost}; with tracking disabled there is no checkpoint to fall back to") from None
-        from ganray.orchestrator.checkpoint import latest_checkpoint
+        from ganray.orchestrator.job.checkpoint import latest_checkpoint
 
         self.checkpoints.wait(timeout=_FINAL_UPLOAD_TIMEOUT_S)
         with tempfile.TemporaryDirectory() as tmp:
@@ -525,7 +525,7 @@ class Trainer:
     def _log_samples(self, engine: Engine, images_seen: int) -> None:
         if self.logger is None:
             return
-        from ganray.orchestrator.samples import log_samples
+        from ganray.orchestrator.tracking.samples import log_samples
 
         log_samples(self.logger, self.config, self._generator(engine), images_seen)
 
@@ -557,7 +557,7 @@ class Trainer:
                             "resume will use the last complete checkpoint")
             name = self.config.tracking.model_name
             if name and not interrupted:
-                from ganray.orchestrator.release import log_released_generator
+                from ganray.orchestrator.tracking.release import log_released_generator
 
                 mv = log_released_generator(self.logger, self.run_id, self._generator(engine), self.config, name)
                 version = str(getattr(mv, "version", mv))
@@ -567,7 +567,7 @@ class Trainer:
 
 
 # Keys ignored by the checkpoint's config hash: those allowed to change on resume.
-from ganray.orchestrator.config import RESUME_ALLOWED as _RESUME_IGNORE  # noqa: E402
+from ganray.orchestrator.job.config import RESUME_ALLOWED as _RESUME_IGNORE  # noqa: E402
 
 
 def train(config: TrainConfig | str | Path, overrides: Optional[list[str]] = None, **kwargs: Any) -> TrainResult:
@@ -575,7 +575,7 @@ def train(config: TrainConfig | str | Path, overrides: Optional[list[str]] = Non
     if not isinstance(config, TrainConfig):
         config = load_config(config, overrides)
     elif overrides:
-        from ganray.orchestrator.config import config_from_dict
+        from ganray.orchestrator.job.config import config_from_dict
 
         config = config_from_dict(config.model_dump(mode="json"), overrides)
     return Trainer(config, **kwargs).run()

@@ -39,9 +39,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
 from ganray.models.errors import CheckpointError, ConfigError, DataError, GanrayError
-from ganray.orchestrator.engine import ChunkResult, restore_rng_state, rng_state
-from ganray.orchestrator.fault import WorkerLostError, is_worker_loss
-from ganray.orchestrator.placement import Placement, WorkerSpec, connect
+from ganray.orchestrator.job.engine import ChunkResult, restore_rng_state, rng_state
+from ganray.orchestrator.job.fault import WorkerLostError, is_worker_loss
+from ganray.orchestrator.job.placement import Placement, WorkerSpec, connect
 
 log = logging.getLogger("ganray")
 

@@ -23,9 +23,9 @@ def tune_command(config: Path = typer.Argument(..., help="job config (YAML), the
                  tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (over tracking.uri and MLFLOW_TRACKING_URI)"),
                  resume: bool = typer.Option(False, "--resume", help="continue the interrupted search from its Tune storage")) -> None:
     """Search hyperparameters of CONFIG with Ray Tune (PBT, ASHA or plain random/grid search)."""
-    from ganray.orchestrator.config import load_config
+    from ganray.orchestrator.job.config import load_config
     from ganray.orchestrator.tune import search as run_search
-    from ganray.orchestrator.tune_search import load_search
+    from ganray.orchestrator.tune.spec import load_search
 
     cfg = load_config(config, set_ or [])
     spec = load_search(search)
