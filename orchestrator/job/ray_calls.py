@@ -1,0 +1,99 @@
+"""Calls from the coordinator to its worker actors: bounded waits that keep user errors one line,
+liveness probes, killing, forming a worker group and checking that replicas agree."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
+
+from ganray.models.errors import ConfigError, GanrayError
+
+log = logging.getLogger("ganray")
+
+def get(refs: Any, timeout_s: float, what: str, limit: str = "resources.step_timeout_s") -> Any:
+    """`ray.get` that turns a user error raised in a worker back into itself (one line, exit 2)
+    and a hung worker into a TimeoutError naming the limit."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise TimeoutError(f"{what} took longer than {limit}={timeout_s:g} s; "
+                           "a worker is hung or too slow (raise the limit for very large chunks)") from None
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, GanrayError):
+            raise cause from None
+        raise
+
+
+def lost_workers(actors: list[Any], timeout_s: float) -> dict[int, str]:
+    """Which of `actors` are dead or do not answer a probe within `timeout_s`: {index: why}.
+
+    A worker stuck in a collective whose peer died cannot answer either; it is lost too (its
+    group is broken and it would block until the collective's own timeout)."""
+    refs = [a.process_info.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    done = set(ready)
+    lost: dict[int, str] = {}
+    for i, ref in enumerate(refs):
+        if ref not in done:
+            lost[i] = f"no answer within {timeout_s:g} s"
+            continue
+        try:
+            ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - dead actors raise several Ray error types
+            lost[i] = type(err).__name__
+    return lost
+
+
+def check_split_batch(batch: int, generators: int, discriminators: int) -> None:
+    """The global batch must divide among the M generators and the K discriminators."""
+    for count, role in ((generators, "topology.num_generators"), (discriminators, "topology.num_discriminators")):
+        if batch % count:
+            raise ConfigError(f"schedule.batch_size {batch} does not divide among {role}={count} workers; "
+                              f"use a multiple of {count}")
+
+
+# Starting a worker (a process, a torch import, its data) is not a step: it may take as long as
+# placing it (or, when recovering, as long as the wait for capacity).
+START_LIMIT = "max(resources.step_timeout_s, resources.placement_timeout_s)"
+
+
+def mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def kill(actors: list[Any]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as err:  # already dead, or the cluster is gone
+            log.debug("killing an actor failed: %s", err)
+
+
+def form_group(actors: list[Any], gpus_each: float, timeout_s: float, role: str) -> tuple[list[float], str]:
+    """Form the torch.distributed group among `actors` (rank = position); returns their checksums
+    and how the group's all-reduces travel (`Collective.path`).
+
+    Workers with a fraction of a GPU may share a device, which NCCL refuses: they use gloo. Logs
+    how the all-reduces travel: shared memory, gloo or nccl make a large difference in speed,
+    and a user tuning a job should not have to guess which one a group got."""
+    address, port = get(actors[0].rendezvous.remote(), timeout_s, "group rendezvous")
+    shared_gpu = 0 < gpus_each < 1
+    joined = get([a.join_group.remote(address, port, timeout_s, shared_gpu) for a in actors], timeout_s,
+                 "joining the group")
+    log.info("%s gradient all-reduce: %s", role, joined[0][1])
+    return [checksum for checksum, _ in joined], joined[0][1]
+
+
+def check_same(checksums: list[float], role: str) -> None:
+    """Replicas apply identical averaged updates, so their parameters must agree to the bit
+    (up to a float64 sum's rounding); anything else means the synchronisation broke."""
+    ref = checksums[0]
+    bad = [i for i, c in enumerate(checksums) if abs(c - ref) > 1e-9 * max(1.0, abs(ref))]
+    if bad:
+        detail = ", ".join(f"{role} {i}: {checksums[i]!r}" for i in bad)
+        raise RuntimeError(f"parameter checksums differ across {role}s ({role} 0: {ref!r}; {detail}); "
+                           "the replicas diverged, refusing to checkpoint")

@@ -1,0 +1,84 @@
+"""The `replicated` topology on Ray: N `ReplicaWorker`s, one Ray call per chunk.
+
+The driver calls `run_rounds(n)` on every replica at once; the replicas synchronise among
+themselves (one gradient all-reduce per phase), so there is one Ray call per chunk, not per step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import ray
+
+from ganray.orchestrator.job.engine import ChunkResult
+from ganray.orchestrator.job.placement import Placement
+from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, kill, mean
+
+
+class ReplicatedJob:
+    """N `ReplicaWorker`s, one Ray call per chunk."""
+
+    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float,
+                 start_timeout_s: float) -> None:
+        from ganray.workers.replica import ReplicaWorker
+
+        self.timeout_s = timeout_s
+        n = config.topology.workers
+        self.workers = [ReplicaWorker.options(**placement.actor_options(r)).remote(cfg, r, n) for r in range(n)]
+        try:
+            info = get([w.setup.remote() for w in self.workers], start_timeout_s, "starting the replicas",
+                       START_LIMIT)
+            self.sample_shape = tuple(info[0]["sample_shape"])
+            self.fingerprint = info[0]["fingerprint"]
+            self.allreduce = "none (one replica)"
+            if n > 1:
+                checksums, self.allreduce = form_group(self.workers, config.resources.gpus_per_worker, timeout_s,
+                                                        "replica")
+                check_same(checksums, "replica")
+        except BaseException:
+            kill(self.workers)
+            raise
+
+    @property
+    def actors(self) -> list[Any]:
+        return self.workers
+
+    def run(self, n_rounds: int, stop_at_images: Optional[int]) -> ChunkResult:
+        t0 = time.perf_counter()
+        outs = get([w.run_rounds.remote(n_rounds, stop_at_images) for w in self.workers], self.timeout_s,
+                   f"a chunk of {n_rounds} rounds")
+        wall = time.perf_counter() - t0
+        first = outs[0]
+        metrics: dict[str, list[float]] = {}
+        for key in first["metrics"]:
+            # Per round, the mean over replicas: with averaged gradients, the global-batch value.
+            per_worker = [o["metrics"][key] for o in outs]
+            metrics[key] = [mean(vals) for vals in zip(*per_worker)]
+        compute = mean([o["time_compute_s"] for o in outs])
+        comm = mean([o["time_comm_s"] for o in outs])
+        return ChunkResult(rounds=first["rounds"], images_seen=first["images_seen"],
+                           round_index=first["round_index"], metrics=metrics, time_compute_s=compute,
+                           time_comm_s=comm, time_wait_s=max(0.0, wall - compute - comm),
+                           nonfinite_run=max(o["nonfinite_run"] for o in outs))
+
+    def state(self) -> dict[str, Any]:
+        check_same(get([w.param_checksum.remote() for w in self.workers], self.timeout_s, "checksums"), "replica")
+        full = get(self.workers[0].state.remote(True), self.timeout_s, "the replica state")
+        others = get([w.state.remote(False) for w in self.workers[1:]], self.timeout_s, "sampler states")
+        full["sampler"] = {"rank0": full["sampler"]["rank0"],
+                           **{f"rank{r}": o["sampler"] for r, o in enumerate(others, start=1)}}
+        return full
+
+    def load_state(self, state: dict[str, Any], keep_hyper: bool) -> None:
+        ref = ray.put(state)
+        get([w.load_state.remote(ref, keep_hyper) for w in self.workers], self.timeout_s, "loading state")
+
+    def generator_state(self) -> dict[str, Any]:
+        return get(self.workers[0].generator_state.remote(), self.timeout_s, "the generator state")
+
+    def set_hyper(self, hyper: dict[str, Any]) -> None:
+        get([w.set_hyper.remote(hyper) for w in self.workers], self.timeout_s, "set_hyper")
+
+    def scale_lr(self, factor: float) -> None:
+        get([w.scale_lr.remote(factor) for w in self.workers], self.timeout_s, "scale_lr")

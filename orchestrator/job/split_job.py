@@ -1,0 +1,180 @@
+"""The `split` topology on Ray: M `GeneratorWorker`s and K `DiscriminatorWorker`s.
+
+A round needs data to move between actors (fakes G -> D, dL/dx D -> G), so the driver submits
+each round as a chain of actor calls whose ObjectRefs feed each other; it never waits inside a
+chunk except to bound how many rounds are in flight, and fetches the small metric dicts once per
+chunk. (Ray inlines objects under ~100 KiB in the caller's memory store, so tiny 2D batches do
+pass the driver; image batches travel through plasma from G's node to D's.) With
+`topology.overlap` the fakes for round r+1 are made while the Ds step on round r; a restore drops
+those pre-made fakes, so the first round after `load_state` uses fresh ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import ray
+
+from ganray.models.errors import CheckpointError
+from ganray.orchestrator.job.engine import ChunkResult
+from ganray.orchestrator.job.placement import Placement
+from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, kill, mean
+
+# Rounds a split job may have submitted but not finished: enough to keep every actor busy
+# (G's next generation queues behind the current round), few enough to bound object-store use.
+INFLIGHT_ROUNDS = 3
+METRIC_KEYS = ("loss_D", "loss_G", "real_score", "fake_score", "grad_norm_D", "grad_norm_G", "skipped")
+
+
+class SplitJob:
+    """M `GeneratorWorker`s and K `DiscriminatorWorker`s; rounds as chains of ObjectRefs."""
+
+    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float,
+                 start_timeout_s: float) -> None:
+        from ganray.workers.split import DiscriminatorWorker, GeneratorWorker, g_parts_for
+
+        topo = config.topology
+        self.timeout_s = timeout_s
+        self.m, self.k = topo.generators, topo.discriminators
+        self.batch = config.schedule.batch_size
+        self.n_critic = config.schedule.n_critic
+        self.hyper = {"g_lr": config.schedule.g_lr, "d_lr": config.schedule.d_lr}
+        self.overlap = topo.overlapped
+        # Placement order: the M generators first, then the K discriminators.
+        self.discs = [DiscriminatorWorker.options(**placement.actor_options(self.m + i))
+                      .remote(cfg, i, self.k, topo.swap_epochs) for i in range(self.k)]
+        self.gens = [GeneratorWorker.options(**placement.actor_options(j))
+                     .remote(cfg, j, self.m, topo.feedback_mode, topo.feedback_lambda) for j in range(self.m)]
+        try:
+            d_infos = [d.setup.remote() for d in self.discs]
+            # The generators take the sample shape from D_0's data info as an ObjectRef resolved
+            # on their side: all actors start in parallel and the driver waits once.
+            g_sums = [g.setup.remote(d_infos[0]) for g in self.gens]
+            infos = get(d_infos, start_timeout_s, "starting the discriminators", START_LIMIT)
+            get(g_sums, start_timeout_s, "starting the generators", START_LIMIT)
+            self.sample_shape = tuple(infos[0]["sample_shape"])
+            self.fingerprint = infos[0]["fingerprint"]
+            # Discriminators never all-reduce (each trains on its own share); generators do when M > 1.
+            self.allreduce = "none (one generator)"
+            if self.m > 1:
+                gpus = config.resources.role("generator").gpus
+                checksums, self.allreduce = form_group(self.gens, gpus, timeout_s, "generator")
+                check_same(checksums, "generator")
+        except BaseException:
+            kill(self.actors)
+            raise
+        self.parts = [g_parts_for(i, self.k, self.m, self.batch) for i in range(self.k)]
+        self.rounds = 0
+        self.images_seen = 0
+        self.nonfinite_run = 0
+        self._pending: Optional[list[Any]] = None  # overlap: next round's fakes, already submitted
+
+    @property
+    def actors(self) -> list[Any]:
+        return [*self.gens, *self.discs]
+
+    def _submit_round(self) -> tuple[list[Any], list[Any]]:
+        r = self.rounds
+        if self.overlap:
+            # Staleness 1: round r's D steps use fakes made before G's step r-1 landed, and G
+            # makes round r+1's fakes while the Ds are busy with round r.
+            fakes = self._pending or [g.fakes.remote(r) for g in self.gens]
+            self._pending = [g.fakes.remote(r + 1) for g in self.gens]
+        else:
+            fakes = [g.fakes.remote(r) for g in self.gens]
+        d_refs = [d.d_phase.remote(r, self.parts[i][0], *[fakes[j] for j in self.parts[i]])
+                  for i, d in enumerate(self.discs)]
+        g_out = [g.forward.remote(r) for g in self.gens]
+        feedback = [d.feedback.options(num_returns=self.m + 1).remote(*g_out) for d in self.discs]
+        losses = [fb[0] for fb in feedback]
+        n_images = self.n_critic * self.batch
+        g_refs = [g.apply_feedback.remote(n_images, *losses, *[fb[1 + j] for fb in feedback])
+                  for j, g in enumerate(self.gens)]
+        self.rounds += 1
+        self.images_seen += n_images
+        return d_refs, g_refs
+
+    def run(self, n_rounds: int, stop_at_images: Optional[int]) -> ChunkResult:
+        per_round = self.n_critic * self.batch
+        todo = n_rounds
+        if stop_at_images is not None:
+            todo = min(n_rounds, max(0, math.ceil((stop_at_images - self.images_seen) / per_round)))
+        t0 = time.perf_counter()
+        wait_s = 0.0
+        rounds: list[tuple[list[Any], list[Any]]] = []
+        for q in range(todo):
+            if q >= INFLIGHT_ROUNDS:
+                tw = time.perf_counter()
+                ray.wait(rounds[q - INFLIGHT_ROUNDS][1], num_returns=self.m, timeout=self.timeout_s)
+                wait_s += time.perf_counter() - tw
+            rounds.append(self._submit_round())
+        flat = [ref for d_refs, g_refs in rounds for ref in (*d_refs, *g_refs)]
+        values = get(flat, self.timeout_s, f"a chunk of {todo} rounds")
+        wall = time.perf_counter() - t0
+        metrics: dict[str, list[float]] = {key: [] for key in METRIC_KEYS} if todo else {}
+        g_busy = d_busy = comm = 0.0
+        step = self.k + self.m
+        for q in range(todo):
+            d_out = values[q * step:q * step + self.k]
+            g_out = values[q * step + self.k:(q + 1) * step]
+            for key in ("loss_D", "real_score", "fake_score", "grad_norm_D"):
+                metrics[key].append(mean([d[key] for d in d_out]))
+            metrics["loss_G"].append(g_out[0]["loss_G"])
+            metrics["grad_norm_G"].append(g_out[0]["grad_norm_G"])
+            skipped = sum(d["skipped_D"] for d in d_out) + max(g["skipped_G"] for g in g_out)
+            metrics["skipped"].append(float(skipped))
+            self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+            d_busy += mean([d["compute_s"] for d in d_out])
+            g_busy += mean([g["compute_s"] for g in g_out])
+            comm += mean([g["comm_s"] for g in g_out])
+        # G and D alternate within a round (they overlap only with topology.overlap), so busy
+        # time adds up along the round; the rest of the wall time is transfer, call latency, idling.
+        compute = min(g_busy + d_busy, max(0.0, wall - comm))
+        return ChunkResult(rounds=todo, images_seen=self.images_seen, round_index=self.rounds, metrics=metrics,
+                           time_compute_s=compute, time_comm_s=comm,
+                           time_wait_s=max(wait_s, wall - compute - comm), nonfinite_run=self.nonfinite_run)
+
+    def state(self) -> dict[str, Any]:
+        if self.m > 1:
+            check_same(get([g.param_checksum.remote() for g in self.gens], self.timeout_s, "checksums"), "generator")
+        g_ref = self.gens[0].state.remote()
+        d_states = get([d.state.remote() for d in self.discs], self.timeout_s, "discriminator states")
+        g_state = get(g_ref, self.timeout_s, "the generator state")
+        names = [f"d{i}" for i in range(self.k)]
+        return {**g_state,
+                "D": {n: s["D"] for n, s in zip(names, d_states)},
+                "opt_D": {n: s["opt_D"] for n, s in zip(names, d_states)},
+                "sampler": {n: s["sampler"] for n, s in zip(names, d_states)},
+                "progress": {"rounds": self.rounds, "images_seen": self.images_seen,
+                             "d_steps": int(d_states[0]["d_steps"])}}
+
+    def load_state(self, state: dict[str, Any], keep_hyper: bool) -> None:
+        names = [f"d{i}" for i in range(self.k)]
+        saved = sorted(state.get("D", {}).keys()) if isinstance(state.get("D"), dict) else []
+        if saved != sorted(names):
+            raise CheckpointError(f"the state holds discriminators {saved or 'of another topology'}, this split job has "
+                                  f"{self.k} ({', '.join(names)}); resume with the run's topology")
+        progress = {k: int(v) for k, v in state["progress"].items()}
+        g_part = ray.put({"G": state["G"], "G_ema": state["G_ema"], "opt_G": state["opt_G"]})
+        refs = [g.load_state.remote(g_part, progress, keep_hyper) for g in self.gens]
+        for name, d in zip(names, self.discs):
+            part = {"D": state["D"][name], "opt_D": state["opt_D"][name], "sampler": state["sampler"][name]}
+            refs.append(d.load_state.remote(part, progress, keep_hyper))
+        get(refs, self.timeout_s, "loading state")
+        self.rounds, self.images_seen = progress["rounds"], progress["images_seen"]
+        self._pending = None  # stale fakes of the replaced generator must not be used
+
+    def generator_state(self) -> dict[str, Any]:
+        return get(self.gens[0].generator_state.remote(), self.timeout_s, "the generator state")
+
+    def set_hyper(self, hyper: dict[str, Any]) -> None:
+        get([a.set_hyper.remote(hyper) for a in self.actors], self.timeout_s, "set_hyper")
+        self.hyper.update({k: v for k, v in hyper.items() if k in self.hyper})
+        if "n_critic" in hyper:
+            self.n_critic = int(hyper["n_critic"])
+            self._pending = None  # pre-made fakes hold the old number of critic steps
+
+    def scale_lr(self, factor: float) -> None:
+        self.set_hyper({"g_lr": self.hyper["g_lr"] * factor, "d_lr": self.hyper["d_lr"] * factor})
