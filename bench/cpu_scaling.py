@@ -1,5 +1,5 @@
 """`replicated` scaling on a many-core host that has PyTorch but not Ray: N processes x 1 thread
-running ganray's replica round (`ReplicaStepper` + `Collective`, the code every `ReplicaWorker`
+running ganray's replica round (`build_replica` + `Collective`, the code every `ReplicaWorker`
 runs) against the plain loop with N threads, in alternation, as `ganray bench scaling` does.
 
 What it leaves out is Ray itself: the actors, the placement group and the driver's call per
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,28 +24,19 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from ganray.bench.plain import PlainGAN, training_set
+from ganray.bench.timing import close_all, compare
+from ganray.workers.collective import Collective, free_port
+from ganray.workers.stepper import build_replica
 
 
 def _rank_main(cfg: dict[str, Any], rank: int, world: int, port: int, commands: Any, results: Any) -> None:
     """One replica: build, join the group, then run `n` rounds per command until told to stop."""
     import torch.distributed as dist
 
-    from ganray.workers.collective import Collective
-    from ganray.workers.data import load_dataset
-    from ganray.workers.sharding import ShardSampler
-    from ganray.workers.steps import ReplicaStepper
-
     torch.set_num_threads(1)
-    seed, batch = int(cfg["seed"]), int(cfg["schedule"]["batch_size"])
-    source = load_dataset(cfg["data"], seed, "train")
     group = Collective(rank, world, torch.device("cpu"))
-    stepper = ReplicaStepper(cfg, source, ShardSampler(len(source), batch, seed, rank, world), rank, world,
-                             start_sync=group.start_all_reduce_mean if world > 1 else None)
+    stepper = build_replica(cfg, rank, world, start_sync=group.start_all_reduce_mean if world > 1 else None)
     group.join("127.0.0.1", port, timeout_s=120)
     results.put(("ready", rank))
     while True:
@@ -70,7 +60,7 @@ class ProcessReplicas:
         self.batch = int(cfg["schedule"]["batch_size"]) * int(cfg["schedule"]["n_critic"])
         self.commands = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_rank_main, args=(cfg, r, world, port, self.commands[r], self.results))
                       for r in range(world)]
         for p in self.procs:
@@ -105,26 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    import numpy as np
-
-    from ganray.bench.plain import PlainGAN, compare
-    from ganray.workers.data import load_dataset
-
     counts = [int(n) for n in args.workers.split(",")]
     report: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__, "workers": counts,
                               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for path in args.configs:
         cfg = json.loads(path.read_text())
-        source = load_dataset(cfg["data"], int(cfg["seed"]), "train")
-        data = torch.as_tensor(source.get(np.arange(len(source))))
+        data = training_set(cfg)
         rows = {}
         for n in counts:
             contenders: dict[str, Any] = {"plain": PlainGAN(cfg, data, n), "replicated": ProcessReplicas(cfg, n)}
             try:
                 row = compare(cfg, contenders, args.reps, args.seconds, warmup_rounds=3)
             finally:
-                for c in contenders.values():
-                    c.close()
+                close_all(contenders)
             row["replicated_comm_s"] = contenders["replicated"].comm_s
             rows[str(n)] = row
             s = row["summary"]

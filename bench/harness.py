@@ -1,4 +1,4 @@
-"""`ganray bench`: the harness shared by every suite (machine record, Ray, reports, cases).
+"""`ganray bench`: the harness shared by every suite (options, machine record, Ray, reports).
 
 A suite is a function `suite(ctx: BenchContext) -> Report`; `run_suites` runs the asked ones in
 order, prints each report's Markdown table and writes `<suite>.json` (every raw figure, the
@@ -6,14 +6,12 @@ machine, the date) and `<suite>.md` into `--out`. Timings are only ever compared
 one invocation (BENCHMARKS.md): every speed figure is a ratio of contenders measured in
 alternation, and ratios live under keys ending in `ratio`.
 
-The suites live in `bench_suites.py` (overhead, scaling, split, tracking, startup),
-`bench_peer.py` (Ray Train) and `bench_quality.py`; the plain reference loop and the timer in
-`bench_plain.py`.
+One file per suite (`SUITES`); the cases they time in `cases.py`, the contenders in
+`contenders.py`, the timer in `timing.py`, the plain reference loop in `plain.py`.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
 import importlib
 import json
@@ -29,76 +27,24 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ganray.bench.cases import MODELS, QUICK_SECTIONS, REP_SECONDS, case_config, merge
 from ganray.models.errors import GanrayError
 
 log = logging.getLogger("ganray")
 
 # name -> "module:function"; imported when run, so `ganray bench quality` never imports Ray Train.
 SUITES: dict[str, str] = {
-    "overhead": "ganray.bench.suites:overhead",
-    "scaling": "ganray.bench.suites:scaling",
-    "split": "ganray.bench.suites:split",
+    "overhead": "ganray.bench.overhead:overhead",
+    "scaling": "ganray.bench.scaling:scaling",
+    "split": "ganray.bench.split_suite:split",
     "peer": "ganray.bench.peer:peer",
-    "tracking": "ganray.bench.suites:tracking",
-    "startup": "ganray.bench.suites:startup",
+    "tracking": "ganray.bench.tracking_suite:tracking",
+    "startup": "ganray.bench.startup:startup",
     "quality": "ganray.bench.quality:quality",
 }
 DEFAULT_SUITES = [s for s in SUITES if s != "quality"]
-MODELS = ("mlp", "dcgan32")
 WORKER_NICENESS = 0  # see BenchContext.ensure_ray
-
-# The benchmark networks. R1 is off so the plain loop's phase table is exactly ganray's round
-# (the lazy-R1 cost is the same in both and says nothing about orchestration).
-_BASE: dict[str, Any] = {
-    "seed": 0,
-    "loss": {"kind": "nonsaturating", "r1_gamma": 0.0},
-    "resources": {"threads_per_worker": 1, "cpus_per_worker": 1.0, "device": "cpu"},
-    "tracking": {"enabled": False},
-    "topology": {"kind": "local"},
-}
-CASES: dict[str, dict[str, Any]] = {
-    # The tiny MLP of the 2D recipes at batch 512: orchestration overhead shows here.
-    "mlp": {"data": {"name": "grid25", "size": 100_000},
-            "model": {"generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 128, "depth": 3},
-            "schedule": {"batch_size": 512, "n_critic": 1, "ema_half_life_kimg": 20.0}},
-    # DCGAN at 32x32 at batch 64: compute dominates.
-    "dcgan32": {"data": {"name": "ganray.bench.plain:random_images", "size": 2048, "resolution": 32},
-                "model": {"generator": "dcgan", "discriminator": "dcgan", "z_dim": 100, "base_width": 64},
-                "schedule": {"batch_size": 64, "n_critic": 1, "ema_half_life_kimg": 10.0}},
-    # DCGAN at 64x64 on a GPU (the `overhead` suite's GPU rows).
-    "dcgan64": {"data": {"name": "ganray.bench.plain:random_images", "size": 2048, "resolution": 64},
-                "model": {"generator": "dcgan", "discriminator": "dcgan", "z_dim": 100, "base_width": 64},
-                "schedule": {"batch_size": 64, "n_critic": 1, "ema_half_life_kimg": 10.0},
-                "resources": {"device": "cuda", "gpus_per_worker": 1.0}},
-}
-# Seconds one timed repetition should last (full, quick), per case: long enough to dwarf the
-# timer and the Ray call, short enough to alternate several times.
-REP_SECONDS = {"mlp": (2.0, 0.3), "dcgan32": (4.0, 0.5), "dcgan64": (3.0, 0.5)}
-
-
-def _merge(tree: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(tree)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def case_tree(case: str, **sections: dict[str, Any]) -> dict[str, Any]:
-    """The config tree of a benchmark case with per-section overrides merged in."""
-    tree = _merge(_merge(_BASE, CASES[case]), sections)
-    if tree["topology"]["kind"] != "replicated":
-        tree["topology"].pop("num_workers", None)
-    return tree
-
-
-def case_config(case: str, **sections: dict[str, Any]) -> Any:
-    """A validated `TrainConfig` of a benchmark case (see `case_tree`)."""
-    from ganray.orchestrator.job.config import config_from_dict
-
-    return config_from_dict(case_tree(case, **sections))
+REPO = Path(__file__).resolve().parents[1]  # the shipped configs/ the suites train on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +132,7 @@ def fmt(value: Any) -> str:
 
 
 def spread(row: dict[str, Any], name: str) -> str:
-    """'median (min-max)' of a contender's samples/s in a `bench_plain.compare` row."""
+    """'median (min-max)' of a contender's samples/s in a `timing.compare` row."""
     s = row["summary"][name]
     return f"{fmt(s['median'])} ({fmt(s['min'])}-{fmt(s['max'])})"
 
@@ -216,12 +162,9 @@ class BenchContext:
         return [m for m in wanted if m in allowed]
 
     def config(self, case: str, **sections: dict[str, Any]) -> Any:
-        """`case_config`, shrunk under --quick: a narrow DCGAN on a small set proves the harness
-        without spending minutes on convolutions."""
-        if self.quick and case.startswith("dcgan"):
-            sections = _merge({"model": {"base_width": 16, "z_dim": 32}, "data": {"size": 256}}, sections)
-        if self.quick and case == "mlp":
-            sections = _merge({"data": {"size": 8192}}, sections)
+        """`case_config`, shrunk under --quick (`QUICK_SECTIONS`)."""
+        if self.quick:
+            sections = merge(QUICK_SECTIONS[case], sections)
         return case_config(case, **sections)
 
     def rep_seconds(self, case: str) -> float:
@@ -272,62 +215,6 @@ class BenchContext:
 
             ray.shutdown()
             self._owns_ray = False
-
-
-class EngineContender:
-    """A ganray engine (`make_engine`) as a timing contender: images consumed per `run(n)`.
-
-    Also sums the engine's own time split (compute / comm / wait) so a report can say where the
-    time goes when a ratio misses its target.
-    """
-
-    def __init__(self, config: Any) -> None:
-        from ganray.orchestrator.job.engine import make_engine
-
-        self.threads = int(config.resources.threads_per_worker)
-        self.local = config.topology.kind == "local"
-        self.engine = make_engine(config)
-        self.images = self.engine.run(0).images_seen
-        self.split = {"wall_s": 0.0, "compute_s": 0.0, "comm_s": 0.0, "wait_s": 0.0}
-
-    def run(self, n_rounds: int) -> int:
-        if self.local:
-            torch.set_num_threads(self.threads)  # LocalEngine sets it only when built
-        t0 = time.perf_counter()
-        res = self.engine.run(n_rounds)
-        self.split["wall_s"] += time.perf_counter() - t0
-        self.split["compute_s"] += res.time_compute_s
-        self.split["comm_s"] += res.time_comm_s
-        self.split["wait_s"] += res.time_wait_s
-        done, self.images = res.images_seen - self.images, res.images_seen
-        return done
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-def plain_contender(config: Any, threads: int, tuned: bool = False) -> Any:
-    """The plain loop on the same data, networks and batch as `config` (`tuned`: fused Adam,
-    foreach EMA, the data on the device: `PlainGAN`'s performance-minded variant)."""
-    import numpy as np
-
-    from ganray.bench.plain import PlainGAN
-    from ganray.workers.data import load_dataset
-
-    cfg = config.model_dump()
-    source = load_dataset(cfg["data"], config.seed, "train")
-    return PlainGAN(cfg, source.get(np.arange(len(source))), threads, tuned=tuned)
-
-
-def add_ratio(row: dict[str, Any], key: str, num: str, den: str) -> None:
-    """row[key] = median of the per-repetition ratios num/den, row[key_range] = [min, max]."""
-    import statistics
-
-    from ganray.bench.plain import paired_ratios
-
-    ratios = paired_ratios(row["samples_per_s"][num], row["samples_per_s"][den])
-    row[key] = float(statistics.median(ratios))
-    row[f"{key}_range"] = [float(min(ratios)), float(max(ratios))]
 
 
 # ---------------------------------------------------------------------------------------------

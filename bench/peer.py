@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ganray.bench.harness import (BenchContext, EngineContender, Report, add_ratio, plain_contender,
-                                       ratio_cell, spread)
-from ganray.bench.plain import rounds_for, summary
+from ganray.bench.contenders import EngineContender, plain_contender
+from ganray.bench.harness import BenchContext, Report, ratio_cell, spread
+from ganray.bench.timing import add_ratio, close_all, rounds_for, summary
 
 # BENCHMARKS.md: ganray replicated / Ray Train DDP, same GAN and workers.
 PEER_TARGETS = {("mlp", 1): 1.15, ("mlp", 2): 1.15, ("dcgan32", 1): 1.0, ("dcgan32", 2): 1.15}
@@ -260,8 +260,7 @@ def peer(ctx: BenchContext) -> Report:
                                 rates[name].append(contenders[name].run(rounds) / (time.perf_counter() - t0))
                     run.finish()
                 finally:
-                    for c in contenders.values():
-                        c.close()
+                    close_all(contenders)
                 row: dict[str, Any] = {"workers": workers, "threads_per_worker": 1, "batch": cfg.schedule.batch_size,
                                        "rounds_per_window": rounds, "samples_per_s": rates,
                                        "summary": {k: summary(v) for k, v in rates.items()},

@@ -1,4 +1,5 @@
-"""The zero-overhead reference of `ganray bench`: a minimal plain PyTorch GAN loop, and the timer.
+"""The zero-overhead reference of `ganray bench`: a minimal plain PyTorch GAN loop, ganray's round
+run in the same process, and the GPU rows that time the two against each other.
 
 `PlainGAN` is what a careful user writes by hand: the same networks (built by
 `ganray.models.registry` from the same config), the same global batch, Adam for both, the
@@ -7,9 +8,10 @@ without a graph, one G step with D frozen, an EMA update of G_ema), in one proce
 else: no gradient-norm checks, no per-round metrics, no noise streams. Any gap between it and
 an engine is ganray's overhead.
 
-This module needs only torch, `ganray.models` and `ganray.workers` (no pydantic, Ray or
-MLflow): configs arrive as plain dicts (`TrainConfig.model_dump()`), so the GPU rows can run on
-a machine that has nothing but PyTorch (`python -m ganray.bench.plain`).
+This module needs only torch, numpy, the standard library (`ganray.bench.timing`),
+`ganray.models` and `ganray.workers` (no pydantic, Ray or MLflow; tests/test_bench.py checks it):
+configs arrive as plain dicts (`TrainConfig.model_dump()`), so the GPU rows can run on a machine
+that has nothing but PyTorch (`python -m ganray.bench.plain`).
 """
 
 from __future__ import annotations
@@ -18,33 +20,19 @@ import argparse
 import contextlib
 import copy
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ganray.bench.timing import Contender, add_ratio, compare
 from ganray.models.ema import update_ema
 from ganray.models.registry import build_discriminator, build_generator
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic image data (no download, no disk): the `data.name` loader of the image benchmarks
-
-
-def random_images(data_cfg: dict[str, Any], seed: int, split: str) -> torch.Tensor:
-    """`data.size` random images (C, R, R) in [-1, 1]: `data.resolution` (default 32) and
-    `data.channels` (default 3). Throughput does not depend on pixel values, so noise will do;
-    the train and test splits use different streams."""
-    resolution = int(data_cfg.get("resolution") or 32)
-    channels = int(data_cfg.get("channels") or 3)
-    size = int(data_cfg.get("size") or 1024)
-    gen = torch.Generator().manual_seed(int(seed) * 2 + (0 if split == "train" else 1))
-    return torch.rand((size, channels, resolution, resolution), generator=gen) * 2.0 - 1.0
-
+from ganray.workers.data import load_dataset
+from ganray.workers.stepper import build_replica
 
 # ---------------------------------------------------------------------------------------------
 # Device, autocast and memory format, resolved from the `resources` section
@@ -90,6 +78,12 @@ def resolve_runtime(resources: dict[str, Any]) -> Runtime:
 
 # ---------------------------------------------------------------------------------------------
 # The plain loop
+
+
+def training_set(cfg: dict[str, Any]) -> torch.Tensor:
+    """Every training sample of the job `cfg` describes, as one tensor: the plain loop's data."""
+    source = load_dataset(cfg["data"], int(cfg["seed"]), "train")
+    return torch.as_tensor(source.get(np.arange(len(source))))
 
 
 class PlainGAN:
@@ -174,35 +168,21 @@ class PlainGAN:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing side by side
-
-
-class Contender(Protocol):
-    """Anything that trains `n_rounds` rounds when asked and says how many images it consumed."""
-
-    def run(self, n_rounds: int) -> int: ...
-
-    def close(self) -> None: ...
+# ganray's round in this process
 
 
 class StepperContender:
-    """ganray's round in this process: the `ReplicaStepper` that `LocalEngine` and every replica run.
+    """ganray's round in this process: the `ReplicaStepper` that `LocalEngine` and every replica
+    run, built by the same `build_replica`.
 
     Used where no `TrainConfig` can be built (the GPU rows on a machine without pydantic/Ray); it
     is exactly what `LocalEngine.run` does, minus packing the result into a `ChunkResult`.
     """
 
     def __init__(self, cfg: dict[str, Any], threads: int) -> None:
-        from ganray.workers.data import load_dataset
-        from ganray.workers.sharding import ShardSampler
-        from ganray.workers.steps import ReplicaStepper
-
         self.threads = int(threads)
         torch.set_num_threads(self.threads)
-        source = load_dataset(cfg["data"], int(cfg["seed"]), "train")
-        sampler = ShardSampler(len(source), int(cfg["schedule"]["batch_size"]), int(cfg["seed"]), 0, 1)
-        self.stepper = ReplicaStepper(cfg, source, sampler)
-        self.device = self.stepper.settings.device
+        self.stepper = build_replica(cfg)
 
     def run(self, n_rounds: int) -> int:
         torch.set_num_threads(self.threads)
@@ -212,75 +192,6 @@ class StepperContender:
 
     def close(self) -> None:
         pass
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    """Median and spread (min, max) of repeated measurements."""
-    return {"median": float(statistics.median(values)), "min": float(min(values)), "max": float(max(values))}
-
-
-def alternate(contenders: dict[str, Contender], reps: int, rounds: int, warmup_rounds: int,
-              on_rep: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, list[float]]:
-    """samples/s of each contender, `reps` times in alternation (each rep runs every contender
-    once, in a rotating order so none always follows the same neighbour); warm-up untimed."""
-    if warmup_rounds > 0:
-        for c in contenders.values():
-            c.run(warmup_rounds)
-    names = list(contenders)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        this_rep: dict[str, float] = {}
-        for name in order:
-            t0 = time.perf_counter()
-            images = contenders[name].run(rounds)
-            dt = time.perf_counter() - t0
-            this_rep[name] = images / max(dt, 1e-9)
-            out[name].append(this_rep[name])
-        if on_rep is not None:
-            on_rep(rep, this_rep)
-    return out
-
-
-def paired_ratios(num: list[float], den: list[float]) -> list[float]:
-    """Per-repetition ratios: pairs measured moments apart cancel most of a shared machine's drift."""
-    return [a / b for a, b in zip(num, den) if b > 0]
-
-
-def rounds_for(contender: Contender, target_s: float, lo: int, hi: int) -> int:
-    """Rounds that take about `target_s` on `contender`, from an untimed probe that grows until it
-    lasts long enough (a fifth of the target) to be measured reliably."""
-    probe = max(1, lo)
-    while True:
-        t0 = time.perf_counter()
-        contender.run(probe)
-        dt = max(time.perf_counter() - t0, 1e-6)
-        if dt >= target_s / 5 or probe >= hi:
-            break
-        probe = min(hi, probe * 4)
-    return int(min(hi, max(lo, round(target_s * probe / dt))))
-
-
-def compare(cfg: dict[str, Any], contenders: dict[str, Contender], reps: int, target_s: float,
-            warmup_rounds: int, reference: str = "plain", max_rounds: int = 10_000) -> dict[str, Any]:
-    """One row of figures: every contender against `contenders[reference]`, side by side.
-
-    The number of rounds per repetition is sized on the reference so that it lasts `target_s`;
-    every contender then runs that same number of rounds.
-    """
-    for c in contenders.values():  # warm-up first: the probe below must not time a cold start
-        c.run(warmup_rounds)
-    rounds = rounds_for(contenders[reference], target_s, max(1, warmup_rounds), max_rounds)
-    samples = alternate(contenders, reps, rounds, warmup_rounds=0)
-    row: dict[str, Any] = {"batch": int(cfg["schedule"]["batch_size"]), "rounds_per_rep": rounds, "reps": reps,
-                           "samples_per_s": samples, "summary": {k: summary(v) for k, v in samples.items()}}
-    for name, values in samples.items():
-        if name == reference:
-            continue
-        ratios = paired_ratios(values, samples[reference])
-        row[f"{name}_ratio"] = float(statistics.median(ratios))
-        row[f"{name}_ratio_range"] = [float(min(ratios)), float(max(ratios))]
-    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,9 +218,7 @@ def gpu_rows(base: dict[str, Any], reps: int, target_s: float, warmup_rounds: in
     threads = int(base["resources"]["threads_per_worker"])
     for precision, cl in GPU_VARIANTS:
         cfg = gpu_variant_cfg(base, precision, cl)
-        from ganray.workers.data import load_dataset
-
-        data = load_dataset(cfg["data"], int(cfg["seed"]), "train").get(np.arange(int(cfg["data"]["size"])))
+        data = training_set(cfg)
         ganray = engine_factory(cfg) if engine_factory is not None else StepperContender(cfg, threads)
         try:
             contenders = {"plain": PlainGAN(cfg, data, threads), "plain_tuned": PlainGAN(cfg, data, threads, tuned=True),
@@ -318,8 +227,7 @@ def gpu_rows(base: dict[str, Any], reps: int, target_s: float, warmup_rounds: in
         finally:
             ganray.close()
         row["ratio"] = row["ganray_ratio"]
-        tuned_ratios = paired_ratios(row["samples_per_s"]["ganray"], row["samples_per_s"]["plain_tuned"])
-        row["vs_tuned_ratio"] = float(statistics.median(tuned_ratios))
+        add_ratio(row, "vs_tuned_ratio", "ganray", "plain_tuned")
         row["settings"] = {"precision": precision, "channels_last": cl, "engine": type(ganray).__name__}
         rows[f"dcgan64_{precision}{'_cl' if cl else ''}"] = row
     return rows

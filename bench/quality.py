@@ -14,16 +14,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from ganray.bench.harness import BenchContext, Report
+from ganray.bench.harness import REPO, BenchContext, Report
 from ganray.orchestrator.job.trainer import Trainer
 
-REPO = Path(__file__).resolve().parents[1]
 SETS_2D = ("ring8", "grid25")
 MODE_COUNT = {"ring8": 8, "grid25": 25}
 TARGET = {"hq": 0.95, "kl": 0.03}

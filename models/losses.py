@@ -12,11 +12,15 @@ Conventions (logits `l`, softplus(t) = log(1 + e^t), sigmoid D = sigmoid(l)):
   The gradient penalty is added by the caller with `gradient_penalty`.
 - hinge (Lim & Ye 2017, SAGAN): D minimises E[relu(1 - l_real)] + E[relu(1 + l_fake)];
   G minimises -E[l_fake].
+- relativistic (RpGAN, Jolicoeur-Martineau 2018, as R3GAN uses it, Huang et al. 2024): the
+  logits come in pairs (real i, fake i); D minimises E[softplus(-(l_real - l_fake))], G minimises
+  E[softplus(-(l_fake - l_real))]. Each pair's term depends on its own two rows only, so halves
+  of a batch still average to the whole.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +28,9 @@ from torch import nn
 
 from ganray.models.errors import ConfigError
 
-LOSS_KINDS = ("minimax", "nonsaturating", "wgan-gp", "hinge")
+LOSS_KINDS = ("minimax", "nonsaturating", "wgan-gp", "hinge", "relativistic")
+# Kinds whose G loss pairs each fake with a real sample's logit.
+PAIRED_KINDS = ("relativistic",)
 
 
 def _check_kind(kind: str) -> None:
@@ -33,8 +39,12 @@ def _check_kind(kind: str) -> None:
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """The discriminator's loss (a scalar to minimise) for logits of real and fake batches."""
+    """The discriminator's loss (a scalar to minimise) for logits of real and fake batches
+    (row i of each a pair for the relativistic kind)."""
     _check_kind(kind)
+    if kind == "relativistic":
+        _check_pairs(real_logits, fake_logits)
+        return F.softplus(fake_logits - real_logits).mean()
     if kind in ("minimax", "nonsaturating"):
         # softplus is the numerically stable -log(sigmoid(-t)); it never overflows for large |t|.
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
@@ -43,14 +53,27 @@ def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> t
     return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
 
-def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
-    """The generator's loss (a scalar to minimise) for D's logits on the generated batch."""
+def g_loss(kind: str, fake_logits: torch.Tensor, real_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The generator's loss (a scalar to minimise) for D's logits on the generated batch;
+    `real_logits` (row i paired with fake row i) is required by, and only read for, the
+    relativistic kind."""
     _check_kind(kind)
+    if kind == "relativistic":
+        if real_logits is None:
+            raise ValueError("the relativistic G loss needs the paired real logits")
+        _check_pairs(real_logits, fake_logits)
+        return F.softplus(real_logits - fake_logits).mean()
     if kind == "minimax":
         return -F.softplus(fake_logits).mean()
     if kind == "nonsaturating":
         return F.softplus(-fake_logits).mean()
     return -fake_logits.mean()
+
+
+def _check_pairs(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
+    if real_logits.shape != fake_logits.shape:
+        raise ValueError(f"paired logits must have the same shape, got {tuple(real_logits.shape)} (real) "
+                         f"and {tuple(fake_logits.shape)} (fake)")
 
 
 def _input_gradient(D: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +94,14 @@ def r1_penalty(D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torc
     Unweighted: the caller multiplies by gamma/2 * interval (StyleGAN2's lazy regularisation).
     """
     return _input_gradient(D, real).pow(2).sum(dim=1).mean()
+
+
+def r2_penalty(D: nn.Module | Callable[[torch.Tensor], torch.Tensor], fake: torch.Tensor) -> torch.Tensor:
+    """R2 (Mescheder et al. 2018; R3GAN pairs it with R1): R1's penalty on generated samples.
+
+    The batch is detached: the penalty regularises D only. Unweighted, like `r1_penalty`.
+    """
+    return _input_gradient(D, fake).pow(2).sum(dim=1).mean()
 
 
 def gradient_penalty(D: nn.Module | Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,

@@ -195,3 +195,17 @@ def build_discriminator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, .
         return D
     raise ConfigError(f"unknown {key} '{name}': use one of {', '.join(sorted(_DISCRIMINATORS))} "
                       "or an import path 'pkg.module:Class'")
+
+
+def check_model_names(model_cfg: Mapping[str, Any]) -> None:
+    """Both model names resolve (a registered name, or an importable 'pkg.module:Class'), checked
+    without building: building needs the data's sample shape."""
+    cfg = _config(model_cfg)
+    for key, table in (("model.generator", _GENERATORS), ("model.discriminator", _DISCRIMINATORS)):
+        name = str(cfg[key.partition(".")[2]])
+        if name in table:
+            continue
+        if ":" not in name:
+            raise ConfigError(f"unknown {key} '{name}': use one of {', '.join(sorted(table))} "
+                              "or an import path 'pkg.module:Class'")
+        _import_callable(key, name)

@@ -30,15 +30,15 @@ def _emit(key: str, value: Any) -> None:
 
 
 def _load(config: Optional[Path], sets: Optional[list[str]]):
-    from ganray.orchestrator.job.config import load_config
+    from ganray.orchestrator.job.preflight import load_job
 
-    return load_config(config, sets or [])
+    return load_job(config, sets or [])
 
 
 @app.command()
 def validate(config: Path = typer.Argument(..., help="job config (YAML)"),
              set_: Optional[list[str]] = SetOpt) -> None:
-    """Validate CONFIG and print the resolved config."""
+    """Resolve CONFIG as `train` would (keys, layout, data name, model names) and print it."""
     cfg = _load(config, set_)
     print(cfg.to_yaml(), end="")
 
@@ -54,7 +54,12 @@ def train(config: Path = typer.Argument(..., help="job config (YAML)"),
     """Train a GAN as CONFIG describes; prints run_id=<id> first, then the final figures."""
     cfg = _load(config, set_)
     if dry_run:
-        _dry_run(cfg)
+        from ganray.orchestrator.job.preflight import dry_run as resolve_fully
+
+        sizes = resolve_fully(cfg)  # everything resolved before anything is printed
+        print(cfg.to_yaml(), end="")
+        for key, value in sizes.items():
+            _emit(key, value)
         return
     from ganray.orchestrator.job.trainer import Trainer
 
@@ -70,22 +75,6 @@ def train(config: Path = typer.Argument(..., help="job config (YAML)"),
         _emit("model_version", result.model_version)
     if result.stopped_early:
         _emit("stopped", "early")
-
-
-def _dry_run(cfg: Any) -> None:
-    from ganray.models.registry import build_discriminator, build_generator
-    from ganray.workers.data import load_dataset
-
-    print(cfg.to_yaml(), end="")
-    source = load_dataset(cfg.data.model_dump(), cfg.seed, "train")
-    shape = tuple(source.sample_shape)
-    G = build_generator(cfg.model.model_dump(), shape)
-    D = build_discriminator(cfg.model.model_dump(), shape)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    _emit("data_size", len(source))
-    _emit("sample_shape", "x".join(map(str, shape)))
-    _emit("params_G", count(G))
-    _emit("params_D", count(D))
 
 
 def _generator_from(run: Optional[str], model: Optional[str], tracking_uri: Optional[str]):

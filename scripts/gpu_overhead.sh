@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU rows of `ganray bench overhead` on a machine that has PyTorch but not ganray's other
 # dependencies (no Ray, MLflow or pydantic): DCGAN 64x64, bf16 autocast on/off, channels_last
-# on/off, ganray's round (the ReplicaStepper every replica runs) against the plain loop.
+# on/off, ganray's round (the ReplicaStepper every replica runs, from `build_replica`) against the
+# plain loop.
 # Usage: [BATCH=256] [REPS=5] [SECONDS_PER_REP=2] scripts/gpu_overhead.sh OUT_DIR
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 shim="$(mktemp -d)"
 mkdir -p "$shim/ganray"
-for layer in orchestrator workers models; do ln -s "$repo/$layer" "$shim/ganray/$layer"; done
+# ganray.bench.plain needs only these three folders (no orchestrator: no pydantic, Ray, MLflow).
+for layer in workers models bench; do ln -s "$repo/$layer" "$shim/ganray/$layer"; done
 export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"

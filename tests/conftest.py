@@ -1,19 +1,20 @@
-"""Shared fixtures: one Ray instance per test session, an isolated MLflow store per test."""
+"""Shared fixtures: one Ray instance per test session, an isolated MLflow store per test.
+
+Helpers (the small config, free ports, REPO) live in helpers.py: `from helpers import ...`."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("GANRAY_CACHE", str(Path(__file__).resolve().parents[1] / ".ganray_cache"))
+os.environ.setdefault("GANRAY_CACHE", str(REPO / ".ganray_cache"))
 # Keep torch in tests to one thread: the machine has 2 cores and Ray workers share them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -39,23 +40,3 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
 
-
-def small_config(**sections):
-    """A tiny job config for tests, overridable per section."""
-    from ganray.orchestrator.job.config import config_from_dict
-
-    tree = {
-        "seed": 0,
-        "data": {"name": "grid25", "size": 4096},
-        "model": {"z_dim": 4, "hidden": 32, "depth": 2},
-        "schedule": {"total_kimg": 4, "batch_size": 64, "sync_kimg": 1, "checkpoint_kimg": 2,
-                     "sample_kimg": 100, "ema_half_life_kimg": 1},
-        "topology": {"kind": "local"},
-        "eval": {"every_kimg": 100, "num_samples": 500},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            tree.setdefault(key, {}).update(value)
-        else:
-            tree[key] = value
-    return config_from_dict(tree)

@@ -6,8 +6,12 @@ harness measures, compares and reports (JSON keys, positive finite ratios, sane 
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,12 +19,16 @@ import numpy as np
 import pytest
 import torch
 
-from ganray.bench.harness import Report, case_config, case_tree, fmt, machine_info
-from ganray.bench.plain import (GPU_VARIANTS, PlainGAN, alternate, gpu_variant_cfg, paired_ratios,
-                                             random_images, resolve_runtime, summary)
+from ganray.bench.cases import case_config, case_tree
+from ganray.bench.harness import REPO, SUITES, Report, fmt, machine_info
+from ganray.bench.overhead import gpu_engine_config
+from ganray.bench.plain import GPU_VARIANTS, PlainGAN, gpu_variant_cfg, resolve_runtime
 from ganray.bench.quality import first_time, stats
-from ganray.bench.suites import gpu_engine_config, worker_counts
-from ganray.workers.steps import StepSettings
+from ganray.bench.scaling import worker_counts
+from ganray.bench.timing import alternate, paired_ratios, summary
+from ganray.models.errors import ConfigError
+from ganray.workers.data import load_dataset
+from ganray.workers.settings import StepSettings
 
 
 def _ratios(tree: Any, path: str = "") -> list[tuple[str, Any]]:
@@ -65,7 +73,7 @@ def test_gpu_rows_resolve_identically_with_a_visible_gpu(monkeypatch: pytest.Mon
     base = case_config("dcgan64").model_dump(mode="json")
     cfg = gpu_variant_cfg(base, precision, channels_last)
     engine_cfg = gpu_engine_config(cfg)
-    assert engine_cfg.topology.kind == "replicated" and engine_cfg.topology.workers == 1
+    assert engine_cfg.topology.kind == "replicated" and engine_cfg.layout.count("replica") == 1
     assert engine_cfg.resources.gpus_per_worker == 1.0 and engine_cfg.data.resolution == 64
     for tree in (cfg, engine_cfg.model_dump()):
         rt, st = resolve_runtime(tree["resources"]), StepSettings.from_config(tree)
@@ -87,12 +95,21 @@ def test_cuda_requested_without_gpu_fails_in_both(monkeypatch: pytest.MonkeyPatc
 # -- the plain loop and the timer ---------------------------------------------------------------
 
 
+def _all(data: dict[str, Any], seed: int, split: str) -> torch.Tensor:
+    source = load_dataset(data, seed, split)
+    return source.get(np.arange(len(source)))
+
+
 def test_random_images_shape_range_and_splits() -> None:
-    train = random_images({"resolution": 16, "channels": 3, "size": 20}, 0, "train")
-    test = random_images({"resolution": 16, "channels": 3, "size": 20}, 0, "test")
+    """The image cases' data set, built into the data readers (no bench code in the workers)."""
+    data = {"name": "random_images", "resolution": 16, "channels": 3, "size": 20}
+    train, test = _all(data, 0, "train"), _all(data, 0, "test")
     assert train.shape == (20, 3, 16, 16) and float(train.min()) >= -1.0 and float(train.max()) <= 1.0
-    assert not torch.equal(train, test)
-    assert torch.equal(train, random_images({"resolution": 16, "channels": 3, "size": 20}, 0, "train"))
+    assert not torch.equal(train, test) and not torch.equal(train, _all(data, 1, "train"))
+    assert torch.equal(train, _all(data, 0, "train"))
+    assert _all({**data, "channels": None}, 0, "train").shape == (20, 3, 16, 16)  # RGB unless told
+    with pytest.raises(ConfigError, match="data.resolution is required"):
+        load_dataset({**data, "resolution": None}, 0, "train")
 
 
 def test_plain_loop_trains_the_registry_networks() -> None:
@@ -195,6 +212,113 @@ def test_quality_helpers() -> None:
     s = stats([1.0, 3.0, None])
     assert s["mean"] == 2.0 and s["n"] == 2 and s["of"] == 3 and s["min"] == 1.0
     assert stats([None, float("inf")])["mean"] is None
+
+
+# -- the package boundary -----------------------------------------------------------------------
+
+# Installed as sitecustomize in a subprocess (and so in every process it spawns): the host has
+# torch and numpy, and none of ganray's control-plane dependencies.
+_REFUSE_HOOK = """
+import importlib.abc, sys
+
+REFUSED = ("ray", "mlflow", "pydantic", "typer", "ganray.orchestrator")
+
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == r or name.startswith(r + ".") for r in REFUSED):
+            raise ModuleNotFoundError(f"{name} is not installed on this host", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Refuse())
+"""
+
+# Trains the plain loop and ganray's in-process round side by side, as the GPU rows do.
+_PLAIN_SCRIPT = """
+import json, math, sys
+from ganray.bench.plain import PlainGAN, StepperContender, training_set
+from ganray.bench.timing import compare
+cfg = json.load(open(sys.argv[1]))
+row = compare(cfg, {"plain": PlainGAN(cfg, training_set(cfg), 1), "ganray": StepperContender(cfg, 1)},
+              reps=2, target_s=0.05, warmup_rounds=1)
+assert math.isfinite(row["ganray_ratio"]) and row["ganray_ratio"] > 0, row
+refused = [m for m in sys.modules if m.split(".")[0] in ("ray", "mlflow", "pydantic", "typer")
+           or m.startswith("ganray.orchestrator")]
+assert not refused, refused
+print("plain ok", row["ganray_ratio"])
+"""
+
+
+def _without_control_plane(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_REFUSE_HOOK)
+    env = {**os.environ, "PYTHONPATH": str(hook), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _tiny_mlp_json(tmp_path: Path) -> Path:
+    cfg = case_config("mlp", data={"size": 2048}, model={"hidden": 16, "depth": 2},
+                      schedule={"batch_size": 64}).model_dump(mode="json")
+    path = tmp_path / "mlp.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_the_hook_refuses_what_a_bare_gpu_host_lacks(tmp_path: Path) -> None:
+    """The check below can fail: under the hook, the control plane does not import."""
+    done = _without_control_plane(tmp_path, "-c", "import ganray.orchestrator.job.config")
+    assert done.returncode != 0 and "is not installed on this host" in done.stderr
+
+
+def test_plain_loop_runs_without_ray_mlflow_or_the_orchestrator(tmp_path: Path) -> None:
+    config = _tiny_mlp_json(tmp_path)
+    done = _without_control_plane(tmp_path, "-c", _PLAIN_SCRIPT, str(config))
+    assert done.returncode == 0 and "plain ok" in done.stdout, done.stderr[-3000:]
+    # Its command line parses and stops at the missing GPU, not at an import.
+    if not torch.cuda.is_available():
+        done = _without_control_plane(tmp_path, "-m", "ganray.bench.plain", str(config), "--out", "gpu")
+        assert done.returncode != 0 and "no GPU visible" in done.stderr, done.stderr[-3000:]
+
+
+def test_cpu_scaling_runs_without_ray_mlflow_or_the_orchestrator(tmp_path: Path) -> None:
+    config = _tiny_mlp_json(tmp_path)
+    done = _without_control_plane(tmp_path, "-m", "ganray.bench.cpu_scaling", str(config), "--workers", "1,2",
+                                  "--reps", "1", "--seconds", "0.05", "--out", "out", timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "cpu_scaling.json").read_text())["mlp"]
+    assert set(rows) == {"1", "2"}
+    for row in rows.values():
+        assert row["replicated_ratio"] > 0 and math.isfinite(row["replicated_ratio"])
+
+
+def test_nothing_outside_the_bench_names_it() -> None:
+    """The control plane, the workers and the models never import ganray.bench, and no shipped
+    config names bench code (a data loader, say) for the workers to import."""
+    offenders = [f"{path.relative_to(REPO)}:{n}" for folder in ("orchestrator", "workers", "models", "configs")
+                 for path in sorted((REPO / folder).rglob("*")) if path.suffix in (".py", ".yaml", ".json")
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if "ganray.bench" in line and not line.lstrip().startswith("#")]
+    assert not offenders
+    assert "ganray.bench" not in (REPO / "scripts" / "dcgan64-gpu.json").read_text()
+
+
+def test_every_suite_resolves_to_its_own_module() -> None:
+    modules = {target.partition(":")[0] for target in SUITES.values()}
+    assert len(modules) == len(SUITES)  # one file per suite
+    for name, target in SUITES.items():
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_gpu_script_config_is_the_dcgan64_case() -> None:
+    """scripts/dcgan64-gpu.json feeds `python -m ganray.bench.plain` on hosts without pydantic;
+    it must be the resolved case, every key present (regenerate it with
+    `python -m ganray.bench.cases dcgan64 > scripts/dcgan64-gpu.json`)."""
+    shipped = json.loads((REPO / "scripts" / "dcgan64-gpu.json").read_text())
+    assert shipped == case_config("dcgan64").model_dump(mode="json")
 
 
 # -- the CLI, --quick ------------------------------------------------------------------------------

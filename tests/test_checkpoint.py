@@ -15,10 +15,7 @@ from ganray.models.errors import CheckpointError
 from ganray.orchestrator.job.checkpoint import (CheckpointManager, checkpoint_artifact_path, latest_checkpoint,
                                             list_checkpoints, read_checkpoint, write_checkpoint)
 
-try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
-    from tests.mlflow_server import sqlite_store  # noqa: F401
-except ImportError:
-    from mlflow_server import sqlite_store  # noqa: F401
+from mlflow_server import sqlite_store  # noqa: F401
 
 
 class NotATensor:

@@ -6,7 +6,6 @@ for; the shared slots notice a dead or hung rank instead of spinning forever."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -15,12 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ganray.workers.shared_slots import supported as shared_memory_supported
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from helpers import free_port
 
 
 def _run_ranks(target, world: int, *args, results: int, clean_exit: bool = True) -> list:
@@ -29,7 +23,7 @@ def _run_ranks(target, world: int, *args, results: int, clean_exit: bool = True)
     unless `clean_exit` is off)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(world)]
     for p in procs:
         p.start()

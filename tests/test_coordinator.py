@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import ray
 
-from conftest import small_config
+from helpers import small_config
 from ganray.models.errors import DataError
 from ganray.orchestrator.errors import PlacementError
 from ganray.orchestrator.job.coordinator import RayEngine
@@ -25,7 +25,7 @@ def _replicated(workers: int, **sections):
 
 
 def _losses(result) -> np.ndarray:
-    return np.stack([result.metrics["loss_D"], result.metrics["loss_G"]])
+    return np.stack([result.metrics["loss/D"], result.metrics["loss/G"]])
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def test_one_replica_reproduces_local(one_worker_run) -> None:
     local = LocalEngine(small_config()).run(50)
     assert ray_result.rounds == 50 and ray_result.images_seen == 50 * 64 == local.images_seen
     np.testing.assert_allclose(_losses(ray_result), _losses(local), rtol=0, atol=1e-5)
-    for key in ("real_score", "fake_score", "grad_norm_D", "grad_norm_G"):
+    for key in ("D/real_score", "D/fake_score", "grad_norm/D", "grad_norm/G"):
         np.testing.assert_allclose(ray_result.metrics[key], local.metrics[key], rtol=0, atol=1e-5)
     # Training moved the losses: the comparison is not between two constant sequences.
-    assert np.ptp(ray_result.metrics["loss_D"]) > 1e-3
+    assert np.ptp(ray_result.metrics["loss/D"]) > 1e-3
 
 
 def test_two_replicas_match_one_and_restore_exactly(one_worker_run, two_workers) -> None:
@@ -90,6 +90,40 @@ def test_two_replicas_with_instance_noise_match_local(ray_session) -> None:
     plain = LocalEngine(small_config(loss={"r1_gamma": 0.1, "r1_interval": 2})).run(20)
     np.testing.assert_allclose(_losses(result), _losses(local), rtol=0, atol=1e-4)
     assert np.abs(_losses(local) - _losses(plain)).max() > 1e-3  # the noise was there
+
+
+# R2 (lazy, on the D steps R1 is due) and the relativistic pairing loss: each written once in
+# the round table, so they hold in every topology.
+R2_ON = {"r1_gamma": 0.1, "r2_gamma": 0.2, "r1_interval": 2}
+RELATIVISTIC = {"kind": "relativistic"}
+
+
+@pytest.mark.parametrize("loss", [R2_ON, RELATIVISTIC], ids=["r2", "relativistic"])
+def test_one_replica_reproduces_local_with_r2_and_relativistic(ray_session, loss) -> None:
+    engine = RayEngine(_replicated(1, loss=loss))
+    try:
+        result = engine.run(20)
+    finally:
+        engine.close()
+    local = LocalEngine(small_config(loss=loss)).run(20)
+    assert set(result.metrics) == set(local.metrics)
+    for key in local.metrics:
+        np.testing.assert_allclose(result.metrics[key], local.metrics[key], rtol=0, atol=1e-5, err_msg=key)
+    assert np.ptp(result.metrics["loss/G"]) > 1e-3
+    if "r2_gamma" in loss:
+        assert max(result.metrics["loss/R2"]) > 0 and result.metrics["loss/R2"][1] == 0.0  # lazy
+
+
+def test_two_replicas_pair_their_own_rows_like_local(ray_session) -> None:
+    # Fake j pairs with real j of the global batch: each replica holds the same rows of both.
+    loss = {**RELATIVISTIC, **R2_ON}
+    engine = RayEngine(_replicated(2, loss=loss))
+    try:
+        result = engine.run(20)
+    finally:
+        engine.close()
+    local = LocalEngine(small_config(loss=loss)).run(20)
+    np.testing.assert_allclose(_losses(result), _losses(local), rtol=0, atol=1e-4)
 
 
 def test_engine_says_how_its_replicas_all_reduce(one_worker_run, two_workers) -> None:
@@ -155,7 +189,7 @@ def test_trainer_start_up_failures_release_what_the_other_half_started(ray_sessi
 
     from ganray.orchestrator.errors import TrackingError
     from ganray.orchestrator.job.trainer import Trainer
-    from mlflow_server import free_port
+    from helpers import free_port
 
     before = _live_groups()
     with pytest.raises(TrackingError, match="--tracking-uri"):
@@ -197,7 +231,7 @@ def test_engine_inside_a_placement_group_uses_it(ray_session) -> None:
         engine = Engine(config)
         try:
             table = ray_in_trial.util.placement_group_table().values()
-            return engine.run(3).metrics["loss_D"], sum(1 for g in table if g["state"] == "CREATED")
+            return engine.run(3).metrics["loss/D"], sum(1 for g in table if g["state"] == "CREATED")
         finally:
             engine.close()
 
@@ -222,6 +256,6 @@ def test_trainer_runs_a_replicated_job_end_to_end(ray_session) -> None:
     result = Trainer(config, progress=False).run()
     assert result.run_id is None and not result.stopped_early
     assert result.images_seen == 1280 and result.rounds == 20
-    assert len(result.history["loss_D"]) == 20
-    assert all(math.isfinite(x) for x in result.history["loss_G"])
+    assert len(result.history["loss/D"]) == 20
+    assert all(math.isfinite(x) for x in result.history["loss/G"])
     assert result.eval  # the final evaluation ran on the generator fetched from rank 0

@@ -353,7 +353,7 @@ def test_train_entrypoint_loads_and_fits_its_cluster() -> None:
     gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get(
         "nvidia.com/gpu", 0)) for g in spec["workerGroupSpecs"])
     assert cfg.topology.kind == "replicated" and cfg.resources.gpus_per_worker >= 1
-    assert cfg.topology.workers * cfg.resources.gpus_per_worker <= gpus, "more GPUs asked than the cluster has"
+    assert sum(s.gpus for s in cfg.layout.workers) <= gpus, "more GPUs asked than the cluster has"
     assert cfg.tracking.model_name, "the training job must register a model for retraining to compare"
 
 

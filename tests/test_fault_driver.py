@@ -31,8 +31,9 @@ from ganray.orchestrator.job.engine import LocalEngine, make_engine
 from ganray.orchestrator.job.fault import (ChunkClock, FaultError, SnapshotKeeper, WorkerLostError, is_worker_loss,
                                        plan_chunk)
 from ganray.orchestrator.job.trainer import Trainer
-from tests.conftest import small_config
-from tests.mlflow_server import MlflowServer, mlflow_server, sqlite_store, template_db  # noqa: F401
+from ganray.workers.stats import SKIPPED
+from helpers import small_config, small_tree
+from mlflow_server import MlflowServer, mlflow_server, sqlite_store, template_db  # noqa: F401
 
 GANRAY = Path(sys.executable).with_name("ganray")
 
@@ -170,11 +171,11 @@ def test_snapshot_restore_replays_identically() -> None:
     engine.run(5)
     assert keeper.due(5) and not keeper.due(6)
     snap = keeper.take(engine, 5, 5 * 64)
-    assert not keeper.due(5) and not snap.in_object_store
-    first = engine.run(6).metrics["loss_D"]
+    assert not keeper.due(5) and isinstance(snap.handle, dict)  # local: a plain state kept in the driver
+    first = engine.run(6).metrics["loss/D"]
     keeper.restore(engine)
     assert engine.run(0).round_index == 5
-    assert engine.run(6).metrics["loss_D"] == first
+    assert engine.run(6).metrics["loss/D"] == first
 
 
 def test_chunks_end_at_snapshot_boundaries_and_change_nothing() -> None:
@@ -214,7 +215,7 @@ def test_nan_skips_steps_then_rolls_back_with_lower_lr(sqlite_store: Path, monke
     result = Trainer(cfg, progress=False, engine_factory=_recording_factory(box)).run()
 
     # The poisoned rounds skipped their D step (non-finite loss and gradient norm) ...
-    seen = [(start + i, res.metrics["skipped"][i], res.metrics["grad_norm_D"][i])
+    seen = [(start + i, res.metrics[SKIPPED][i], res.metrics["grad_norm/D"][i])
             for start, res in box[0].chunks for i in range(res.rounds)]
     skipped = [r for r, s, _ in seen if s]
     assert skipped == [25, 26, 27, 28, 29]
@@ -223,8 +224,8 @@ def test_nan_skips_steps_then_rolls_back_with_lower_lr(sqlite_store: Path, monke
     starts = [start for start, _ in box[0].chunks]
     assert starts.count(20) == 2
     assert result.rounds == 63 and result.images_seen == 63 * 64
-    assert len(result.history["loss_D"]) == 63 and sum(result.history["skipped"]) == 0
-    assert all(math.isfinite(v) for v in result.history["loss_D"] + result.history["loss_G"])
+    assert len(result.history["loss/D"]) == 63 and sum(result.history[SKIPPED]) == 0
+    assert all(math.isfinite(v) for v in result.history["loss/D"] + result.history["loss/G"])
     state = box[0].state()
     assert state["opt_D"]["param_groups"][0]["lr"] == pytest.approx(cfg.schedule.d_lr * 0.5)
     assert state["opt_G"]["param_groups"][0]["lr"] == pytest.approx(cfg.schedule.g_lr * 0.5)
@@ -265,16 +266,8 @@ def test_persistent_nan_stops_with_a_resumable_checkpoint(sqlite_store: Path,
 # The console script under SIGKILL, SIGTERM and a tracking outage
 
 
-BASE_TREE = {
-    "seed": 0,
-    "data": {"name": "grid25", "size": 4096},
-    "model": {"z_dim": 4, "hidden": 32, "depth": 2},
-    "schedule": {"total_kimg": 12, "batch_size": 64, "sync_kimg": 1, "checkpoint_kimg": 4,
-                 "sample_kimg": 1000, "ema_half_life_kimg": 1},
-    "topology": {"kind": "local"},
-    "eval": {"every_kimg": 1000, "num_samples": 500},
-    "fault": {"grace_s": 20},
-}
+BASE_TREE = small_tree(schedule={"total_kimg": 12, "checkpoint_kimg": 4, "sample_kimg": 1000},
+                       eval={"every_kimg": 1000}, fault={"grace_s": 20})
 TOTAL_IMAGES = 188 * 64  # ceil(12000 / 64) rounds
 
 

@@ -30,8 +30,8 @@ import ray
 from ganray.orchestrator.job.engine import make_engine
 from ganray.orchestrator.job.fault import FaultError
 from ganray.orchestrator.job.trainer import Trainer
-from tests.conftest import REPO, small_config
-from tests.mlflow_server import sqlite_store  # noqa: F401
+from helpers import REPO, small_config
+from mlflow_server import sqlite_store  # noqa: F401
 
 SNAPSHOT_ROUNDS = 8
 TOTAL_ROUNDS = 40  # 2.56 kimg at batch 64

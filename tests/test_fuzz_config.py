@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ganray.orchestrator.cli import main
 from ganray.orchestrator.job.config import TrainConfig
-from tests.conftest import REPO
+from helpers import REPO
 
 BASE = yaml.safe_load((REPO / "configs" / "grid25.yaml").read_text())
 SECTIONS = {name: field.annotation for name, field in TrainConfig.model_fields.items() if name != "seed"}

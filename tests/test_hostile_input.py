@@ -31,20 +31,15 @@ from ganray.orchestrator.job.checkpoint import list_checkpoints
 from ganray.orchestrator.cli import main
 from ganray.orchestrator.job.config import config_from_dict
 from ganray.orchestrator.job.trainer import Trainer
-from tests.mlflow_server import template_db
+from helpers import REPO, small_tree
+from mlflow_server import template_db
 
 GANRAY = Path(sys.executable).with_name("ganray")
 MODEL = "hostile-gan"
 
-TREE = {
-    "seed": 0,
-    "data": {"name": "grid25", "size": 2048},
-    "model": {"z_dim": 4, "hidden": 32, "depth": 2},
-    "schedule": {"total_kimg": 2, "batch_size": 64, "sync_kimg": 0.5, "checkpoint_kimg": 1,
-                 "sample_kimg": 1000, "ema_half_life_kimg": 1},
-    "topology": {"kind": "local"},
-    "eval": {"every_kimg": 1000, "num_samples": 200},
-}
+TREE = small_tree(data={"size": 2048},
+                  schedule={"total_kimg": 2, "sync_kimg": 0.5, "checkpoint_kimg": 1, "sample_kimg": 1000},
+                  eval={"every_kimg": 1000, "num_samples": 200})
 
 
 class Payload:
@@ -352,11 +347,14 @@ def test_bad_parquet_is_refused(tmp_path: Path, case: str, command: str) -> None
     ("torchvision:MNIST", {"path": "/nonexistent/ganray/mnist"}, ("never downloads",)),
     ("no_such_module_xyz:load", {}, ("cannot import the loader",)),
 ], ids=["imagefolder-missing", "imagefolder-no-path", "torchvision-missing", "bad-loader"])
-def test_missing_data_is_refused(tmp_path: Path, name: str, extra: dict, needles: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("command", [["train", "--dry-run"], ["validate"], ["train", "--no-progress"]])
+def test_missing_data_is_refused(tmp_path: Path, name: str, extra: dict, needles: tuple[str, ...],
+                                 command: list[str]) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({**TREE, "data": {"name": name, **extra}, "tracking": {"enabled": False}}))
-    code, _, err = _cli(["train", str(config), "--dry-run"])
+    code, out, err = _cli([*command, str(config)])
     _assert_refused(code, err, *needles)
+    assert out == ""  # resolved before anything is printed or started
 
 
 def test_failed_start_leaves_a_failed_run_without_checkpoints(tmp_path: Path,
@@ -377,6 +375,37 @@ def test_failed_start_leaves_a_failed_run_without_checkpoints(tmp_path: Path,
     client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FAILED"
     assert list_checkpoints(client, run_id) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A layout that cannot fit the local Ray instance ganray starts
+
+
+def test_layout_too_big_for_its_own_local_ray_fails_at_once(tmp_path: Path) -> None:
+    """`train` starts its own local Ray (no RAY_ADDRESS): no capacity can arrive there, so a split
+    job needing 3 CPUs on 1 logical CPU fails without waiting placement_timeout_s, naming the
+    one-machine fixes. A subprocess: the session's shared Ray instance is never touched."""
+    import time
+
+    import ray
+
+    before = ray.is_initialized()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    argv = ["train", str(REPO / "configs/grid25.yaml"), "--no-progress",
+            "--set", "topology.kind=split", "--set", "resources.num_cpus=1",
+            "--set", "resources.placement_timeout_s=900", "--set", "tracking.enabled=false"]
+    t0 = time.monotonic()
+    # A wait for placement would outlast this timeout (900 s asked), failing the test.
+    proc = subprocess.run([str(GANRAY), *argv], capture_output=True, text=True, timeout=450, cwd=tmp_path, env=env)
+    elapsed = time.monotonic() - t0
+    err = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    _assert_refused(proc.returncode, err, "local Ray instance ganray started", "(1 CPUs", "3 CPUs, 0 GPUs in all",
+                    "resources.num_cpus=3", "logical CPUs may exceed the cores", "resources.cpus_per_worker")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "topology.num_workers" in proc.stderr  # the note: the file's replicated key was dropped
+    assert elapsed < 300, f"took {elapsed:.0f} s: it waited for capacity"
+    assert ray.is_initialized() == before
 
 
 # ---------------------------------------------------------------------------------------------

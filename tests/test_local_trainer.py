@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
+from ganray.models.errors import CheckpointError, ConfigError
 from ganray.orchestrator.job.engine import LocalEngine
 from ganray.orchestrator.job.trainer import Trainer
-from tests.conftest import small_config
+from ganray.workers.stats import SKIPPED
+from ganray.workers.stepper import build_replica
+from helpers import small_config
 
 
 def _losses(cfg, rounds):
     engine = LocalEngine(cfg)
     out = engine.run(rounds)
-    return out.metrics["loss_D"], out.metrics["loss_G"], engine
+    return out.metrics["loss/D"], out.metrics["loss/G"], engine
 
 
 def test_local_is_deterministic():
@@ -29,11 +34,11 @@ def test_round_counts_images_of_the_discriminator():
     engine = LocalEngine(cfg)
     out = engine.run(4)
     assert out.rounds == 4 and out.images_seen == 4 * 3 * 32
-    assert engine.stepper.disc.d_steps == 12
+    assert engine.stepper.progress.d_steps == 12
 
 
 def test_every_loss_kind_trains_finitely():
-    for kind in ("minimax", "nonsaturating", "wgan-gp", "hinge"):
+    for kind in ("minimax", "nonsaturating", "wgan-gp", "hinge", "relativistic"):
         d, g, _ = _losses(small_config(loss={"kind": kind}), 5)
         assert all(math.isfinite(v) for v in d + g), kind
 
@@ -43,10 +48,10 @@ def test_state_round_trip_continues_identically():
     a = LocalEngine(cfg)
     a.run(5)
     snapshot = a.state()
-    tail_a = a.run(5).metrics["loss_D"]
+    tail_a = a.run(5).metrics["loss/D"]
     b = LocalEngine(cfg)
     b.load_state(snapshot)
-    tail_b = b.run(5).metrics["loss_D"]
+    tail_b = b.run(5).metrics["loss/D"]
     assert tail_a == tail_b
 
 
@@ -73,10 +78,10 @@ def test_instance_noise_decays_over_absolute_kimg_or_stays_constant():
     noisy = LocalEngine(small_config(loss={"instance_noise": 0.4, "instance_noise_kimg": 0.064}))
     clean = LocalEngine(small_config())
     clean.load_state(noisy.state())
-    first_noisy, first_clean = noisy.run(1).metrics["loss_D"][0], clean.run(1).metrics["loss_D"][0]
+    first_noisy, first_clean = noisy.run(1).metrics["loss/D"][0], clean.run(1).metrics["loss/D"][0]
     assert first_noisy != first_clean
     clean.load_state(noisy.state())
-    assert noisy.run(3).metrics["loss_D"] == clean.run(3).metrics["loss_D"]
+    assert noisy.run(3).metrics["loss/D"] == clean.run(3).metrics["loss/D"]
 
 
 def test_short_grid25_run_improves_quality():
@@ -107,7 +112,7 @@ def test_nonfinite_step_is_skipped_without_touching_weights():
     stepper.batches.device_data = None
     stepper.source.get = lambda idx: real_get(idx) * float("nan")  # a poisoned batch
     out = engine.run(1)
-    assert out.metrics["skipped"][0] >= 1 and out.nonfinite_run == 1
+    assert out.metrics[SKIPPED][0] >= 1 and out.nonfinite_run == 1
     after = stepper.disc.D.state_dict()
     assert all(bool((before[k] == after[k]).all()) for k in before)
     step_counts = [s["step"] for s in stepper.disc.opt.state_dict()["state"].values()]
@@ -116,7 +121,7 @@ def test_nonfinite_step_is_skipped_without_touching_weights():
     assert engine.run(1).nonfinite_run == 0
 
 
-def test_on_eval_hook_sees_every_evaluation_and_the_final_one():
+def test_on_eval_hook_sees_every_evaluation_and_the_final_one_once():
     cfg = small_config(schedule={"total_kimg": 2, "sync_kimg": 0.5}, eval={"every_kimg": 1, "num_samples": 200},
                        tracking={"enabled": False})
     seen = []
@@ -126,6 +131,35 @@ def test_on_eval_hook_sees_every_evaluation_and_the_final_one():
             return super()._evaluate(engine, evaluator, images_seen)
 
     result = Overriding(cfg, progress=False, on_eval=lambda images, scores: seen.append((images, scores))).run()
-    assert [images for images, _ in seen] == [1024, 2048, 2048]  # periodic, periodic, final
+    # Periodic, then final: the job's last point is evaluated once (no periodic evaluation there).
+    assert [images for images, _ in seen] == [1024, 2048]
     assert all(set(scores) == {"modes", "hq", "kl"} for _, scores in seen)
     assert seen[-1][1] == result.eval and seen[-1][1] is not result.eval  # a copy
+
+
+def test_lazy_r1_and_r2_report_their_terms_on_the_same_d_steps():
+    cfg = small_config(loss={"r1_gamma": 0.5, "r2_gamma": 0.5, "r1_interval": 2})
+    out = LocalEngine(cfg).run(4)
+    for name in ("loss/R1", "loss/R2"):
+        values = out.metrics[name]
+        assert values[0] > 0 and values[2] > 0, (name, values)  # due on D steps 0 and 2...
+        assert values[1] == 0.0 == values[3], (name, values)    # ...and weighed 0 in between
+    assert "loss/R2" not in LocalEngine(small_config(loss={"r1_gamma": 0.5})).run(1).metrics
+    # R2 reaches D's update: the second round's D loss differs from a run without it.
+    plain = LocalEngine(small_config(loss={"r1_gamma": 0.5, "r1_interval": 2})).run(2)
+    assert plain.metrics["loss/D"][0] == out.metrics["loss/D"][0]
+    assert plain.metrics["loss/D"][1] != out.metrics["loss/D"][1]
+
+
+def test_set_hyper_refuses_unknown_names_and_a_replica_reads_only_its_own_sampler():
+    engine = LocalEngine(small_config())
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'lr'; use one of g_lr, d_lr, betas"):
+        engine.set_hyper({"lr": 1e-3, "g_lr": 5e-4})
+    assert engine.stepper.settings.hyper.g_lr == small_config().schedule.g_lr  # nothing changed
+    engine.set_hyper({"r2_gamma": 0.5})
+    assert "loss/R2" in engine.run(1).metrics
+    state = engine.state()
+    assert set(state["sampler"]) == {"rank0"}
+    second = build_replica(small_config().model_dump(), rank=1, world=2)
+    with pytest.raises(CheckpointError, match="not 'rank1'"):
+        second.load_state(state)

@@ -1,4 +1,4 @@
-"""Adversarial losses and the R1 / WGAN-GP penalties (ganray.models.losses) on hand-computed cases."""
+"""Adversarial losses and the R1 / R2 / WGAN-GP penalties (ganray.models.losses) on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from ganray.models.errors import ConfigError
-from ganray.models.losses import LOSS_KINDS, d_loss, g_loss, gradient_penalty, r1_penalty
+from ganray.models.losses import LOSS_KINDS, d_loss, g_loss, gradient_penalty, r1_penalty, r2_penalty
 
 LOG2 = math.log(2.0)
 
 
 def test_kinds() -> None:
-    assert LOSS_KINDS == ("minimax", "nonsaturating", "wgan-gp", "hinge")
+    assert LOSS_KINDS == ("minimax", "nonsaturating", "wgan-gp", "hinge", "relativistic")
 
 
 @pytest.mark.parametrize("kind", ["minimax", "nonsaturating"])
@@ -65,16 +65,41 @@ def test_wgan_and_hinge_on_known_logits() -> None:
 def test_halves_average_to_the_whole(kind: str) -> None:
     gen = torch.Generator().manual_seed(0)
     real, fake = torch.randn(8, generator=gen) * 3, torch.randn(8, generator=gen) * 3
-    whole_d, whole_g = d_loss(kind, real, fake), g_loss(kind, fake)
+    whole_d, whole_g = d_loss(kind, real, fake), g_loss(kind, fake, real)
     halves_d = (d_loss(kind, real[:4], fake[:4]) + d_loss(kind, real[4:], fake[4:])) / 2
-    halves_g = (g_loss(kind, fake[:4]) + g_loss(kind, fake[4:])) / 2
+    halves_g = (g_loss(kind, fake[:4], real[:4]) + g_loss(kind, fake[4:], real[4:])) / 2
     assert torch.allclose(whole_d, halves_d, atol=1e-6)
     assert torch.allclose(whole_g, halves_g, atol=1e-6)
     assert whole_d.dim() == 0 and whole_g.dim() == 0
 
 
+def test_relativistic_losses_on_known_pairs() -> None:
+    real = torch.tensor([1.0, -2.0])
+    fake = torch.tensor([0.5, 3.0])
+    sp = lambda t: math.log1p(math.exp(t))  # noqa: E731  softplus by hand
+    # D: softplus(-(real_i - fake_i)); G: softplus(-(fake_i - real_i)), each pair on its own.
+    assert d_loss("relativistic", real, fake).item() == pytest.approx((sp(-0.5) + sp(5.0)) / 2, rel=1e-6)
+    assert g_loss("relativistic", fake, real).item() == pytest.approx((sp(0.5) + sp(-5.0)) / 2, rel=1e-6)
+    # Equal logits in a pair: D cannot tell them apart, log 2 for both players.
+    assert d_loss("relativistic", real, real).item() == pytest.approx(LOG2)
+    # Only the gap matters: shifting both logits of every pair changes nothing.
+    shifted = d_loss("relativistic", real + 7.0, fake + 7.0)
+    assert shifted.item() == pytest.approx(d_loss("relativistic", real, fake).item())
+    big = torch.tensor([1000.0])
+    assert d_loss("relativistic", big, -big).item() == pytest.approx(0.0, abs=1e-6)
+    assert g_loss("relativistic", -big, big).item() == pytest.approx(2000.0)
+
+
+def test_relativistic_needs_paired_logits() -> None:
+    with pytest.raises(ValueError, match="paired real logits"):
+        g_loss("relativistic", torch.zeros(3))
+    with pytest.raises(ValueError, match="same shape"):
+        d_loss("relativistic", torch.zeros(3), torch.zeros(4))
+
+
 def test_unknown_kind_names_the_accepted_ones() -> None:
-    with pytest.raises(ConfigError, match="unknown loss.kind 'wgan'.*minimax, nonsaturating, wgan-gp, hinge"):
+    accepted = "minimax, nonsaturating, wgan-gp, hinge, relativistic"
+    with pytest.raises(ConfigError, match=f"unknown loss.kind 'wgan'.*{accepted}"):
         d_loss("wgan", torch.zeros(1), torch.zeros(1))
     with pytest.raises(ConfigError, match="unknown loss.kind 'lsgan'"):
         g_loss("lsgan", torch.zeros(1))
@@ -108,6 +133,20 @@ def test_r1_of_sum_of_squares() -> None:
     r1.backward()  # R1 = scale^2 * 14 -> d/dscale = 28 at scale 1
     assert scale.grad.item() == pytest.approx(28.0)
     assert not x.requires_grad  # the caller's batch is left alone
+
+
+def test_r2_is_r1_on_the_fakes_and_leaves_them_alone() -> None:
+    # D(x) = scale * sum(x^2): ||grad||^2 = 4 scale^2 ||x||^2, averaged over the batch.
+    fake = torch.tensor([[1.0, 2.0], [0.0, 3.0]], requires_grad=True)
+    scale = nn.Parameter(torch.tensor(2.0))
+    r2 = r2_penalty(lambda t: scale * t.pow(2).sum(1), fake)
+    assert r2.item() == pytest.approx(4 * 4 * (5 + 9) / 2)
+    r2.backward()  # R2 = scale^2 * 28 -> d/dscale = 56 scale = 112
+    assert scale.grad.item() == pytest.approx(112.0)
+    assert fake.grad is None  # the penalty regularises D only: no gradient reaches G's output
+    D = _Linear(torch.tensor([3.0, 4.0]))
+    x = torch.randn(5, 2)
+    assert r2_penalty(D, x).item() == pytest.approx(r1_penalty(D, x).item())
 
 
 def test_gradient_penalty_on_linear_d() -> None:

@@ -6,41 +6,42 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ganray.workers.data import load_dataset
-from ganray.workers.sharding import ShardSampler
-from ganray.workers.steps import ALPHA_SLOT, G_NOISE_SLOT, G_SLOT, ReplicaStepper
-from tests.conftest import small_config
+from ganray.workers.noise import ALPHA_SLOT, G_NOISE_SLOT, G_SLOT
+from ganray.workers.phases import table_of
+from ganray.workers.stats import GRAD_NORM_G, RoundStats
+from ganray.workers.stepper import ReplicaStepper, build_replica
+from helpers import small_config
 
 
 def _stepper(cfg, start_sync=None) -> ReplicaStepper:
-    config = cfg.model_dump()
-    source = load_dataset(config["data"], int(config["seed"]), "train")
-    sampler = ShardSampler(len(source), int(config["schedule"]["batch_size"]), int(config["seed"]), 0, 1)
-    return ReplicaStepper(config, source, sampler, start_sync=start_sync)
+    return build_replica(cfg.model_dump(), start_sync=start_sync)
 
 
 def _sequential_round(st: ReplicaStepper) -> None:
-    """The round as written before the overlap: each phase's sync and step right after its
-    backward, both learning rates set at the start of the round."""
-    s, h = st.settings, st.settings.hyper
-    B = s.global_batch
-    kimg = st.images_seen / 1000.0
+    """The round table run phase after phase, each phase's step right after its backward, both
+    learning rates set at the start of the round."""
+    s = st.settings
+    B, r = s.global_batch, st.progress.rounds
+    table = table_of(s)
+    kimg = st.progress.kimg
     st.gen.apply_hyper(kimg)
     st.disc.apply_hyper(kimg)
     std = s.noise_std(kimg)
-    for k in range(h.n_critic):
+    stats = RoundStats()
+    for phase in table.d_steps:
+        k = phase.step
         real = st.batches.next(st.sampler)
-        z = st.noise.latent(st.gen.latent, st.rounds, k, (B, st.gen.z_dim), 0, 1)
-        real, fake = st.noise.noisy_d_inputs(real, st.gen.generate(z), std, st.rounds, k, B, 0, 1)
-        alpha = st.noise.uniform(st.rounds, ALPHA_SLOT + k, B, 0, 1) if s.loss_kind == "wgan-gp" else None
-        st.disc.d_step(real, fake, alpha, None)
-    z = st.noise.latent(st.gen.latent, st.rounds, G_SLOT, (B, st.gen.z_dim), 0, 1)
-    fake_g = st.noise.add_noise(st.gen.forward_with_graph(z), std, st.rounds, G_NOISE_SLOT, B, 0, 1)
-    st.disc.g_loss(fake_g).backward()
-    st.gen.step(None)
+        z = st.noise.latent(st.gen.latent, r, k, (B, st.gen.z_dim), 0, 1)
+        real, fake = st.noise.noisy_d_inputs(real, st.gen.generate(z), std, r, k, B, 0, 1)
+        alpha = st.noise.uniform(r, ALPHA_SLOT + k, B, 0, 1) if s.loss_kind == "wgan-gp" else None
+        st.disc.d_step(phase, real, fake, alpha, st.progress.d_steps, stats)
+        st.progress.d_steps += 1
+    z = st.noise.latent(st.gen.latent, r, G_SLOT, (B, st.gen.z_dim), 0, 1)
+    fake_g = st.noise.add_noise(st.gen.forward_with_graph(z), std, r, G_NOISE_SLOT, B, 0, 1)
+    st.disc.g_loss(fake_g, real).backward()
+    st.gen.apply(stats)
     st.gen.update_ema()
-    st.rounds += 1
-    st.images_seen += h.n_critic * B
+    st.progress.end_round(table, B)
 
 
 class _RecordingSync:
@@ -70,12 +71,13 @@ class _RecordingSync:
 
 def _states(st: ReplicaStepper) -> list[dict[str, torch.Tensor]]:
     return [st.gen.G.state_dict(), st.disc.D.state_dict(), st.gen.G_ema.state_dict(),
-            {"d_steps": torch.tensor(st.disc.d_steps)}]
+            {"d_steps": torch.tensor(st.progress.d_steps)}]
 
 
 @pytest.mark.parametrize("loss", [
     {"kind": "nonsaturating", "r1_gamma": 0.5, "r1_interval": 2, "instance_noise": 0.3, "instance_noise_kimg": 2},
     {"kind": "wgan-gp"},
+    {"kind": "relativistic", "r1_gamma": 0.5, "r2_gamma": 0.5, "r1_interval": 2},
 ])
 def test_overlapped_round_equals_the_sequential_round(loss) -> None:
     # A learning rate that changes every round: the deferred G step must use its own round's.
@@ -88,8 +90,8 @@ def test_overlapped_round_equals_the_sequential_round(loss) -> None:
     chunks = [3, 1, 4]
     for n in chunks:
         out = overlapped.run_rounds(n)
-        assert out["rounds"] == n and len(out["metrics"]["grad_norm_G"]) == n
-        assert all(v > 0 for v in out["metrics"]["grad_norm_G"])  # filled in once G stepped
+        assert out["rounds"] == n and len(out["metrics"][GRAD_NORM_G]) == n
+        assert all(v > 0 for v in out["metrics"][GRAD_NORM_G])  # filled in once G stepped
     for _ in range(sum(chunks)):
         _sequential_round(reference)
     assert overlapped.rounds == reference.rounds and overlapped.images_seen == reference.images_seen

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_config
+from helpers import small_config
 from ganray.orchestrator.errors import TrackingError
 from ganray.models.registry import build_generator
 from ganray.orchestrator.job.checkpoint import CheckpointManager
@@ -17,10 +17,7 @@ from ganray.orchestrator.tracking.release import load_released_state, log_releas
 from ganray.orchestrator.tracking.run_logger import RunLogger
 from ganray.orchestrator.tracking.store import prepare_store, resolve_tracking_uri
 
-try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
-    from tests.mlflow_server import template_db
-except ImportError:
-    from mlflow_server import template_db
+from mlflow_server import template_db
 
 MODEL = "ganray-test-gen"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ganray.orchestrator.job.trainer import Trainer
-from tests.conftest import small_config
+from helpers import small_config
 
 
 def _config(kind: str):
@@ -26,10 +26,10 @@ def test_stop_and_resume_gives_identical_losses(kind, mlflow_store, request):
     assert first.stopped_early and first.images_seen == 2048
     rest = Trainer(cfg, progress=False, resume=first.run_id).run()
     assert rest.run_id == first.run_id and rest.images_seen == full.images_seen
-    done = len(first.history["loss_D"])
+    done = len(first.history["loss/D"])
     assert done == 32
-    assert rest.history["loss_D"] == full.history["loss_D"][done:]
-    assert rest.history["loss_G"] == full.history["loss_G"][done:]
+    assert rest.history["loss/D"] == full.history["loss/D"][done:]
+    assert rest.history["loss/G"] == full.history["loss/G"][done:]
 
     from mlflow import MlflowClient
 

@@ -27,7 +27,7 @@ from ganray.orchestrator.cli import main
 from ganray.orchestrator.retrain.champion import decide, resolve_metric, warm_start_factory
 from ganray.orchestrator.retrain.lock import RetrainLock, current_user, holder_id, lock_name
 
-from conftest import small_config
+from helpers import small_config
 
 NAME = "g25"
 # A champion trained 4 kimg scores kl ~2.4 on grid25 (some 40 of 1000 samples high-quality):

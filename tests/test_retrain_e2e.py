@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,19 +25,11 @@ from typing import Iterator
 import pytest
 import yaml
 
+from helpers import free_ports
 from test_retrain import BASE, NAME, WRECK
 
 VENV_BIN = Path(sys.executable).parent
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (all held open together so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def started_processes(temp_dir: str) -> list:

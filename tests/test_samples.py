@@ -8,8 +8,8 @@ import numpy as np
 
 from ganray.models.metrics2d import mixture_modes
 from ganray.orchestrator.tracking.samples import SCATTER_SIZE, scatter_extent, scatter_image
-from tests.conftest import small_config
-from tests.mlflow_server import sqlite_store  # noqa: F401
+from helpers import small_config
+from mlflow_server import sqlite_store  # noqa: F401
 
 WHITE = (255, 255, 255)
 

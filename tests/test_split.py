@@ -14,10 +14,12 @@ import pytest
 import ray
 import torch
 
-from conftest import small_config
+from helpers import small_config
+from ganray.models import losses
 from ganray.models.errors import ConfigError
 from ganray.orchestrator.job.coordinator import RayEngine
 from ganray.orchestrator.job.engine import LocalEngine
+from ganray.workers import phase_loss
 from ganray.workers.split import feedback_weights, g_parts_for, rows_of
 
 
@@ -31,7 +33,7 @@ def _split(generators: int, discriminators: int, data: dict | None = None, loss:
 
 
 def _losses(result) -> np.ndarray:
-    return np.stack([result.metrics["loss_D"], result.metrics["loss_G"]])
+    return np.stack([result.metrics["loss/D"], result.metrics["loss/G"]])
 
 
 # --- pure functions -----------------------------------------------------------------------------
@@ -60,6 +62,19 @@ def test_discriminator_slices_come_from_the_right_generator_parts() -> None:
     assert g_parts_for(1, 2, 1, 8) == [0]
 
 
+def test_a_discriminator_pairs_all_fakes_with_its_own_reals() -> None:
+    # D worker i of K holds B/K reals and scores all B fakes: fake j pairs with real j mod B/K.
+    D = torch.nn.Linear(2, 1)
+    params = list(D.parameters())
+    real, fake = torch.randn(2, 2), torch.randn(4, 2)
+    mine = phase_loss.g_loss(lambda x: D(x).squeeze(1), params, "relativistic", fake, real, False)
+    pairs = real[torch.tensor([0, 1, 0, 1])]
+    expected = losses.g_loss("relativistic", D(fake).squeeze(1), D(pairs).squeeze(1))
+    assert mine.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="cannot pair"):
+        phase_loss.g_loss(lambda x: D(x).squeeze(1), params, "relativistic", fake, real[:1].repeat(3, 1), False)
+
+
 def test_batch_must_divide_among_generators() -> None:
     # batch 64 divides by K=2 but not by M=3: refused when the config is read (so --dry-run and
     # validate catch it too), before any Ray call.
@@ -82,7 +97,14 @@ def one_g_two_d_max(ray_session):
 NOISY = {"instance_noise": 0.5, "instance_noise_kimg": 1.0, "r1_gamma": 0.1, "r1_interval": 2}
 
 
-@pytest.mark.parametrize("loss", [{}, NOISY], ids=["plain", "instance-noise"])
+# R2 and the relativistic loss, written once in the round table: D worker 0 of 1 pairs its fakes
+# with its own reals (all of them), exactly as `local` does.
+R2_ON = {"r1_gamma": 0.1, "r2_gamma": 0.2, "r1_interval": 2}
+RELATIVISTIC = {"kind": "relativistic"}
+
+
+@pytest.mark.parametrize("loss", [{}, NOISY, R2_ON, RELATIVISTIC],
+                         ids=["plain", "instance-noise", "r2", "relativistic"])
 def test_one_generator_one_discriminator_matches_local(ray_session, loss) -> None:
     engine = RayEngine(_split(1, 1, loss=loss))
     try:
@@ -92,15 +114,15 @@ def test_one_generator_one_discriminator_matches_local(ray_session, loss) -> Non
     local = LocalEngine(small_config(loss=loss)).run(20)
     assert result.images_seen == local.images_seen == 20 * 64
     np.testing.assert_allclose(_losses(result), _losses(local), rtol=0, atol=1e-4)
-    for key in ("real_score", "fake_score", "grad_norm_D", "grad_norm_G"):
+    for key in ("D/real_score", "D/fake_score", "grad_norm/D", "grad_norm/G"):
         np.testing.assert_allclose(result.metrics[key], local.metrics[key], rtol=0, atol=1e-4)
-    assert np.ptp(result.metrics["loss_G"]) > 1e-3
+    assert np.ptp(result.metrics["loss/G"]) > 1e-3
 
 
 def test_two_discriminators_are_independent_and_state_round_trips(one_g_two_d_max) -> None:
     engine, result = one_g_two_d_max
     assert result.rounds == 12 and result.images_seen == 12 * 64  # real images the Ds consumed
-    assert all(math.isfinite(x) for key in ("loss_D", "loss_G") for x in result.metrics[key])
+    assert all(math.isfinite(x) for key in ("loss/D", "loss/G") for x in result.metrics[key])
     assert result.time_compute_s > 0 and result.time_wait_s >= 0
     state = engine.state()
     assert set(state["D"]) == set(state["opt_D"]) == set(state["sampler"]) == {"d0", "d1"}
@@ -113,6 +135,18 @@ def test_two_discriminators_are_independent_and_state_round_trips(one_g_two_d_ma
     resumed = engine.run(5)
     np.testing.assert_array_equal(_losses(resumed), _losses(uninterrupted))
     assert resumed.round_index == 17
+
+
+def test_two_discriminators_with_relativistic_and_r2(ray_session) -> None:
+    # K > 1: each critic pairs the G step's fakes with its own reals (a variant, not `local`).
+    engine = RayEngine(_split(1, 2, loss={**RELATIVISTIC, **R2_ON}))
+    try:
+        result = engine.run(6)
+    finally:
+        engine.close()
+    assert result.images_seen == 6 * 64
+    assert all(math.isfinite(x) for key in ("loss/D", "loss/G", "loss/R1", "loss/R2") for x in result.metrics[key])
+    assert result.metrics["loss/R2"][0] > 0 and result.metrics["loss/R2"][1] == 0.0
 
 
 def test_two_generators_match_one(one_g_two_d_max) -> None:
@@ -143,7 +177,7 @@ def test_softmax_feedback_with_overlap_and_swap(ray_session) -> None:
     finally:
         engine.close()
     for result in (first, second):
-        assert all(math.isfinite(x) for key in ("loss_D", "loss_G") for x in result.metrics[key])
+        assert all(math.isfinite(x) for key in ("loss/D", "loss/G") for x in result.metrics[key])
     assert second.images_seen == 20 * 64
     assert shards_before == [0, 1]  # first epoch: D i reads shard i
     assert epochs == 3

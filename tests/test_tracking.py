@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import small_config
+from helpers import free_port, small_config
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.tracking.run_logger import RunLogger
 from ganray.orchestrator.tracking.store import default_artifact_root, prepare_store, redact, resolve_tracking_uri, run_tags
 
-try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
-    from tests.mlflow_server import free_port, mlflow_server, sqlite_store  # noqa: F401
-except ImportError:
-    from mlflow_server import free_port, mlflow_server, sqlite_store  # noqa: F401
+from mlflow_server import mlflow_server, sqlite_store  # noqa: F401
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float, int]]:

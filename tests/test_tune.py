@@ -14,15 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import small_config
+from helpers import small_config
 from ganray.models.errors import CheckpointError, ConfigError
 from ganray.orchestrator.tune.spec import (check_search, check_storage, parse_search, reported_eval_metrics,
                                              trial_config)
 
-try:  # run as `python -m pytest` from the repo root, or with tests/ on sys.path
-    from tests.mlflow_server import template_db
-except ImportError:
-    from mlflow_server import template_db
+from mlflow_server import template_db
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,6 +246,34 @@ def test_asha_on_digits_nests_runs_and_registers_the_winner(ray_session: Any, st
     assert all(float(values["best_eval/fid"]) <= reports[t][-1]["eval/fid"] + 1e-9 for t in reports)
     mv = client.get_model_version("tune-digits", values["model_version"])
     assert mv.run_id == best_run and mv.tags["ganray.tune.trial_id"] == values["best_trial"]
+
+
+def test_a_trial_runs_the_training_loop_of_ganray_train(ray_session: Any, store: Path) -> None:
+    """A trial is `ganray train`'s Trainer: the same config gives the same points, to the bit,
+    and the trial reports at the evaluations the plain run logs."""
+    from ganray.orchestrator.job.trainer import Trainer
+    from ganray.orchestrator.tune import search
+
+    base = small_config(schedule={"total_kimg": 1, "batch_size": 64, "sync_kimg": 0.25},
+                        eval={"every_kimg": 0.5, "num_samples": 200})
+    spec = {"metric": "eval/kl", "num_samples": 1, "name": "same-loop",
+            "space": {"schedule.d_lr": {"choice": [base.schedule.d_lr]}}}  # the base config itself
+    found = search(base, spec)
+    assert found.num_errors == 0 and found.best_trial is not None
+    plain = Trainer(base, progress=False).run()
+
+    client = _client(store)
+    (child,) = _children(client, found.parent_run_id)
+
+    def points(run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    for key in ("loss/D", "loss/G", "eval/kl", "eval/modes"):
+        assert points(child.info.run_id, key) == points(plain.run_id, key), key
+    assert [step for step, _ in points(plain.run_id, "loss/D")] == [256, 512, 768, 1024]
+    rows = _trial_reports(found.experiment_path)[found.best_trial]
+    assert [(r["images_seen"], r["eval/kl"]) for r in rows] == points(plain.run_id, "eval/kl")
+    assert [r["done"] for r in rows] == [False, True]
 
 
 def test_replicated_trial_uses_its_own_placement_group_and_resumes(ray_session: Any, store: Path) -> None:

@@ -4,8 +4,10 @@ A `SampleSource` is what every trainer reads real samples from: `get(indices)` r
 tensor `(n, *sample_shape)` for the indices a `ShardSampler` hands out. Small sets (the 2D mixtures,
 digits, user arrays, torchvision's in-memory sets) are held as one tensor so `get` is a single
 `index_select` on the hot path; image folders decode files lazily in `get`; Parquet datasets are
-read by row group (see `parquet_source.py`). `fingerprint` is a cheap content hash used as the
-data hash and cache key. Every user mistake is a one-line `ConfigError` / `DataError`.
+read by row group (see `parquet_source.py`), torchvision's sets from a local root (see
+`torchvision_source.py`). `fingerprint` is a cheap content hash used as the data hash and cache
+key. Every user mistake is a one-line `ConfigError` / `DataError`. `check_data_config` resolves
+the data name without reading anything (`ganray validate`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import difflib
 import functools
 import hashlib
 import importlib
-import inspect
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from PIL import Image, ImageOps
 from ganray.models.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
-BUILTIN_NAMES = ("ring8", "grid25", "digits", "imagefolder", "parquet")
+BUILTIN_NAMES = ("ring8", "grid25", "digits", "imagefolder", "parquet", "random_images")
 # Fixed, not the job seed: every job (any seed, any retrain) evaluates on the same digits split.
 DIGITS_SPLIT_SEED = 1797
 # The synthetic test split is at least the BENCHMARKS.md evaluation size.
@@ -149,6 +150,18 @@ def _digits_source(test_fraction: float, split: str) -> TensorSource:
     idx = np.sort(train_idx if split == "train" else test_idx)
     fingerprint = content_digest("digits", split, test_fraction, arrays=[x[idx], y[idx]])
     return TensorSource("digits", x[idx], fingerprint, labels=y[idx], kind="image")
+
+
+def _random_images_source(size: int, resolution: int, channels: int | None, seed: int, split: str) -> TensorSource:
+    """`size` images of uniform noise in [-1, 1], `channels` (default 3) x `resolution`^2: a data
+    set that needs no download and no disk, for throughput runs (`ganray bench`) and smoke tests
+    of image models. Each split is its own stream of the seed."""
+    stream = SPLITS.index(split)
+    gen = torch.Generator().manual_seed(int(seed) * 2 + stream)
+    shape = (int(size), int(channels or 3), int(resolution), int(resolution))
+    images = torch.rand(shape, generator=gen) * 2.0 - 1.0
+    fingerprint = content_digest("random-images-v1", shape, int(seed), stream)
+    return TensorSource("random_images", images, fingerprint, kind="image")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,96 +292,6 @@ def _scan_image_folder(root: Path) -> list[tuple[str, int, int, int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# torchvision datasets from a local root
-
-
-class TorchvisionSource(SampleSource):
-    """`torchvision.datasets.<Name>` read from a local root with download=False.
-
-    Sets torchvision keeps in memory (MNIST family, CIFAR, SVHN, ...: a `.data` array) are
-    converted once into a uint8 tensor; file-backed ones are decoded lazily in `get`.
-    """
-
-    def __init__(self, dataset: str, root: str, resolution: int | None, channels: int | None,
-                 split: str) -> None:
-        import torchvision.datasets as tvd
-
-        self.name = f"torchvision:{dataset}"
-        cls = getattr(tvd, dataset, None)
-        if not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):
-            raise ConfigError(f"data.name '{self.name}': torchvision.datasets has no dataset "
-                              f"'{dataset}'; use a class name such as MNIST or CIFAR10")
-        params = inspect.signature(cls).parameters
-        kwargs: dict[str, Any] = {"root": root}
-        if "download" in params:
-            kwargs["download"] = False
-        if "train" in params:
-            kwargs["train"] = split == "train"
-        elif "split" in params:
-            kwargs["split"] = split
-        else:
-            raise ConfigError(f"data.name '{self.name}' has no train/test split argument; "
-                              "use data.name: imagefolder on its files instead")
-        missing = (f"torchvision dataset {dataset} ({split} split) is not at data.path '{root}'; "
-                   f"download it there beforehand (torchvision.datasets.{dataset}(root, download=True)), "
-                   "ganray never downloads at run time")
-        if not Path(root).exists():
-            raise DataError(missing)
-        try:
-            self._dataset = cls(**kwargs)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise DataError(f"{missing} ({exc})") from None
-        if len(self._dataset) == 0:
-            raise DataError(f"{self.name} at '{root}' ({split} split) is empty; check data.path")
-        first = self._image(0)
-        native_channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-        self._mode = image_mode(channels, default=native_channels)
-        self._resolution = int(resolution) if resolution else min(first.size)
-        self.sample_shape = (len(self._mode), self._resolution, self._resolution)
-        self.kind = "image"
-        targets = getattr(self._dataset, "targets", getattr(self._dataset, "labels", None))
-        self.labels = None if targets is None else np.asarray(targets, dtype=np.int64).reshape(-1)
-        self._memory: torch.Tensor | None = None
-        if isinstance(getattr(self._dataset, "data", None), (np.ndarray, torch.Tensor)):
-            self._memory = torch.from_numpy(self._decode(np.arange(len(self._dataset))))
-        self.fingerprint = content_digest("torchvision", dataset, split, self._resolution, self._mode,
-                                          len(self._dataset), _tree_stats(Path(root)))
-
-    def _image(self, i: int) -> Image.Image:
-        item = self._dataset[int(i)]
-        img = item[0] if isinstance(item, tuple) else item
-        if not isinstance(img, Image.Image):
-            raise DataError(f"{self.name} item {i} is a {type(img).__name__}, not a PIL image; "
-                            "use an import-path loader for non-image datasets")
-        return img
-
-    def _decode(self, idx: np.ndarray) -> np.ndarray:
-        out = np.empty((len(idx), *self.sample_shape), dtype=np.uint8)
-        for k, i in enumerate(idx):
-            out[k] = pil_to_uint8(self._image(i), self._resolution, self._mode)
-        return out
-
-    def __len__(self) -> int:
-        return len(self._dataset)
-
-    def get(self, indices: np.ndarray) -> torch.Tensor:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if self._memory is not None:
-            return uint8_to_unit(self._memory.index_select(0, torch.from_numpy(idx)))
-        return uint8_to_unit(self._decode(idx))
-
-
-def _tree_stats(root: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file under root: a cheap change detector."""
-    stats = []
-    for dirpath, _, filenames in os.walk(root):
-        for fname in filenames:
-            stat = (Path(dirpath) / fname).stat()
-            stats.append((str(Path(dirpath, fname).relative_to(root)), stat.st_size, stat.st_mtime_ns))
-    return sorted(stats)
-
-
-# ---------------------------------------------------------------------------------------------
 # User loaders and the dispatcher
 
 
@@ -428,6 +351,9 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
         source: SampleSource = _mixture_source(name, int(cfg.get("size", 100_000)), test_fraction, seed, split)
     elif name == "digits":
         source = _digits_source(test_fraction, split)
+    elif name == "random_images":
+        source = _random_images_source(int(cfg.get("size", 100_000)), _require_resolution(cfg, name),
+                                       cfg.get("channels"), seed, split)
     elif name == "imagefolder":
         root = _require_local(_require_path(cfg, name), name)
         source = ImageFolderSource(root, _require_resolution(cfg, name), cfg.get("channels"), split,
@@ -438,6 +364,8 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
         source = ParquetSource(_require_path(cfg, name), cfg.get("column"), cfg.get("resolution"),
                                cfg.get("channels"), split, test_fraction)
     elif name.startswith("torchvision:"):
+        from ganray.workers.torchvision_source import TorchvisionSource  # imports torchvision only when used
+
         dataset = name.partition(":")[2]
         if not dataset:
             raise ConfigError("data.name 'torchvision:' names no dataset; use e.g. torchvision:MNIST")
@@ -446,10 +374,42 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
     elif ":" in name:
         source = _from_loader(name, cfg, seed, split)
     else:
-        close = difflib.get_close_matches(name, BUILTIN_NAMES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"data.name '{name}' is not a dataset{hint}; use one of {', '.join(BUILTIN_NAMES)}, "
-                          "torchvision:<Name> or an import path 'pkg.module:loader'")
+        raise _unknown_name(name)
     if len(source) == 0:
         raise DataError(f"dataset '{name}' ({split} split) is empty; check data.path and data.test_fraction")
     return source
+
+
+def _unknown_name(name: str) -> ConfigError:
+    close = difflib.get_close_matches(name, BUILTIN_NAMES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"data.name '{name}' is not a dataset{hint}; use one of {', '.join(BUILTIN_NAMES)}, "
+                       "torchvision:<Name> or an import path 'pkg.module:loader'")
+
+
+def check_data_config(data_cfg: dict) -> None:
+    """What `load_dataset` resolves before it reads anything, checked without reading the data:
+    the name (a built-in, torchvision:<Name>, an importable loader), a required local path, a
+    required resolution. `ganray validate` runs it; it mirrors the dispatch of `load_dataset`."""
+    cfg = dict(data_cfg)
+    name = str(cfg.get("name") or "grid25")
+    if name in ("imagefolder", "random_images"):
+        _require_resolution(cfg, name)
+    if name in ("imagefolder", "parquet"):
+        path = _require_path(cfg, name)
+        if "://" not in path:  # parquet also reads URIs (s3://, gs://): only a local path is checked here
+            _require_local(path, name)
+    elif name.startswith("torchvision:"):
+        dataset = name.partition(":")[2]
+        if not dataset:
+            raise ConfigError("data.name 'torchvision:' names no dataset; use e.g. torchvision:MNIST")
+        from ganray.workers.torchvision_source import torchvision_class, torchvision_missing
+
+        torchvision_class(dataset)
+        root = _require_path(cfg, name)
+        if not Path(root).exists():
+            raise DataError(torchvision_missing(dataset, root))
+    elif ":" in name:
+        _import_loader(name)
+    elif name not in BUILTIN_NAMES:
+        raise _unknown_name(name)

@@ -2,33 +2,41 @@
 
 The network is cut where G's output meets D's input. Per round:
 
-- D phase: each of the M generator workers generates its part j of the n_critic fake batches
-  (`fakes`); the parts reach the K discriminator workers through the object store; D worker i
-  steps on its B/K real samples and slice i of K of each fake batch (`d_phase`).
+- D phases of the round table: each of the M generator workers generates its part j of the
+  fake batches of the D phases (`fakes`); the parts reach the K discriminator workers through the
+  object store; D worker i runs every D phase on its B/K real samples and slice i of K of each
+  fake batch (`d_phase`).
 - G phase: each generator worker runs G with its graph kept (`forward`) and sends the detached
   batch; every D worker returns (L_i, dL_i/dx) for the whole batch, split into the M parts
   (`feedback`); generator worker j weighs the K gradients (mean, max, or GMAN softmax), back-
-  propagates them through its kept graph, all-reduces among the generators and steps
-  (`apply_feedback`).
+  propagates them through its kept graph, all-reduces among the generators, steps and runs the
+  G_ema phase (`apply_feedback`).
 
 Data and noise follow the `local` conventions exactly (sampler rank i of K, noise streams drawn
-for the global batch and sliced), so 1 G + 1 D with mean feedback reproduces `local`.
+for the global batch and sliced), so 1 G + 1 D with mean feedback reproduces `local`. With the
+relativistic loss, D worker i pairs the G phase's B fakes with the B/K reals of its own last D
+phase (fake j with real j mod B/K): for K = 1 that is `local`'s pairing, for K > 1 a variant in
+which every critic judges the fakes against its own data.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Optional
 
 import ray
 import torch
+from torch import nn
 
-from ganray.workers.collective import Collective, free_port, module_tensors, node_address
+from ganray.workers.collective import Collective
 from ganray.workers.data import load_dataset
+from ganray.workers.noise import ALPHA_SLOT, G_NOISE_SLOT, G_SLOT, NoiseStreams
+from ganray.workers.phases import Progress, table_of
+from ganray.workers.settings import StepSettings
 from ganray.workers.sharding import RealBatches, ShardSampler
-from ganray.workers.steps import (ALPHA_SLOT, G_NOISE_SLOT, G_SLOT, DiscriminatorRole, GeneratorRole, NoiseStreams,
-                                  StepSettings, cpu_tree)
+from ganray.workers.stats import LOSS_G, RoundStats, per_round_lists
+from ganray.workers.steps import DiscriminatorRole, GeneratorRole, cpu_tree
+from ganray.workers.worker_base import WorkerBase
 
 FEEDBACK_MODES = ("mean", "max", "softmax")
 
@@ -76,66 +84,63 @@ class _Timed:
         return out
 
 
+def _round_record(stats: RoundStats) -> dict[str, float]:
+    """A round's statistics as floats (one device-to-host transfer)."""
+    return {name: values[0] for name, values in per_round_lists([stats]).items()}
+
+
 @ray.remote
-class GeneratorWorker:
+class GeneratorWorker(WorkerBase):
     """Generator worker j of M: G, G_ema and opt_G (all-reduced among the M when M > 1)."""
 
     def __init__(self, config: dict[str, Any], rank: int, world: int, feedback: str = "mean",
                  softmax_lambda: float = 1.0) -> None:
-        torch.set_num_threads(int(config["resources"]["threads_per_worker"]))
+        super().__init__(config, rank, world)
         if feedback not in FEEDBACK_MODES:
             raise ValueError(f"feedback must be one of {FEEDBACK_MODES} (got {feedback!r})")
-        self.config = config
-        self.rank, self.world = int(rank), int(world)
         self.feedback_mode, self.softmax_lambda = feedback, float(softmax_lambda)
 
     def setup(self, data_info: dict[str, Any]) -> float:
         """Build G from `data_info` = `DiscriminatorWorker.setup()` (G needs the sample shape,
         not the data); returns the parameter checksum. Errors raised here (not in `__init__`)
         reach the driver with their type."""
-        config = self.config
-        self.settings = StepSettings.from_config(config)
-        self.gen = GeneratorRole(config, tuple(data_info["sample_shape"]), self.settings)
+        self.settings = StepSettings.from_config(self.config)
+        self.gen = GeneratorRole(self.config, tuple(data_info["sample_shape"]), self.settings)
         self.noise = NoiseStreams(self.settings.seed, self.settings.device)
         self.group = Collective(self.rank, self.world, self.settings.device)
-        self.images_seen = 0
-        self.rounds = 0
+        self.progress = Progress()
         self.timer = _Timed()
         self._fake: Optional[torch.Tensor] = None  # G's output with its graph, between forward and apply
         return self.param_checksum()
 
-    def process_info(self) -> dict[str, Any]:
-        """This worker's process id and node: a liveness probe for the coordinator (and fault tests)."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    def modules(self) -> tuple[nn.Module, ...]:
+        return (self.gen.G, self.gen.G_ema)
 
-    # -- group -------------------------------------------------------------------------------
-    def rendezvous(self) -> tuple[str, int]:
-        return node_address(), free_port()
+    def generator(self) -> nn.Module:
+        return self.gen.G_ema
 
-    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> tuple[float, str]:
-        self.group.join(address, port, timeout_s, shared_gpu, shared_numel=sum(p.numel() for p in self.gen.params))
-        self.group.broadcast(module_tensors(self.gen.G, self.gen.G_ema), src=0)
-        return self.param_checksum(), self.group.path()
+    def reduced_numel(self) -> int:
+        return sum(p.numel() for p in self.gen.params)
 
-    def leave_group(self) -> None:
-        self.group.leave()
+    def apply_hyper(self) -> None:
+        self.gen.apply_hyper(self.progress.kimg)
 
     # -- the round ---------------------------------------------------------------------------
     def fakes(self, round_idx: int) -> torch.Tensor:
-        """Part j of the n_critic fake batches of round `round_idx`: (n_critic, B/M, *shape)."""
+        """Part j of the fake batches of round `round_idx`'s D phases: (D phases, B/M, *shape)."""
         t0 = time.perf_counter()
-        B = self.settings.global_batch
-        zshape = (B, self.gen.z_dim)
-        out = torch.stack([self.gen.generate(self.noise.latent(self.gen.latent, round_idx, k, zshape, self.rank, self.world))
-                           for k in range(self.settings.hyper.n_critic)])
+        zshape = (self.settings.global_batch, self.gen.z_dim)
+        out = torch.stack([self.gen.generate(self.noise.latent(self.gen.latent, round_idx, phase.step, zshape,
+                                                               self.rank, self.world))
+                           for phase in table_of(self.settings).d_steps])
         out = out.cpu() if out.device.type != "cpu" else out
         self.timer.compute += time.perf_counter() - t0
         return out
 
     def forward(self, round_idx: int) -> torch.Tensor:
-        """G's part j of the G-step batch, kept with its graph here; the detached copy goes to the Ds."""
+        """G's part j of the G phase's batch, kept with its graph here; the detached copy goes to the Ds."""
         t0 = time.perf_counter()
-        self.gen.apply_hyper(self.images_seen / 1000.0)
+        self.gen.apply_hyper(self.progress.kimg)
         B = self.settings.global_batch
         z = self.noise.latent(self.gen.latent, round_idx, G_SLOT, (B, self.gen.z_dim), self.rank, self.world)
         self._fake = self.gen.forward_with_graph(z)
@@ -143,8 +148,9 @@ class GeneratorWorker:
         self.timer.compute += time.perf_counter() - t0
         return out
 
-    def apply_feedback(self, n_images: int, *losses_and_grads: torch.Tensor) -> dict[str, float]:
-        """Combine the K discriminators' feedback, backpropagate it, all-reduce, step, EMA.
+    def apply_feedback(self, *losses_and_grads: torch.Tensor) -> dict[str, Any]:
+        """Combine the K discriminators' feedback, backpropagate it, all-reduce, step (the G
+        phase), then the G_ema phase; returns the round's G statistics and times.
 
         `losses_and_grads` holds the K G-losses, then the K gradients dL_i/dx of this worker's
         rows. The losses are means over the global batch, so each worker's backward gives only
@@ -161,20 +167,19 @@ class GeneratorWorker:
         grad = sum(float(w[i]) * grads[i] for i in range(k)) * float(self.world)
         self._fake.backward(grad.to(self._fake.device))
         self._fake = None
-        comm_before = self.timer.comm
-        norm, skipped = self.gen.step(self._timed_all_reduce if self.world > 1 else None)
+        if self.world > 1:
+            tc = time.perf_counter()
+            assert self.group is not None
+            self.group.all_reduce_mean([p.grad for p in self.gen.params])
+            self.timer.comm += time.perf_counter() - tc
+        stats = RoundStats()
+        stats.report(LOSS_G, (w * losses).sum())
+        self.gen.apply(stats)
         self.gen.update_ema()
-        self.rounds += 1
-        self.images_seen += int(n_images)
-        self.timer.compute += time.perf_counter() - t0 - (self.timer.comm - comm_before)
+        self.progress.end_round(table_of(self.settings), self.settings.global_batch)
+        self.timer.compute += time.perf_counter() - t0 - self.timer.comm
         compute, comm = self.timer.take()
-        return {"loss_G": float((w * losses).sum()), "grad_norm_G": float(norm), "skipped_G": float(skipped),
-                "compute_s": compute, "comm_s": comm}
-
-    def _timed_all_reduce(self, grads: list[Optional[torch.Tensor]]) -> None:
-        t = time.perf_counter()
-        self.group.all_reduce_mean(grads)
-        self.timer.comm += time.perf_counter() - t
+        return {"stats": _round_record(stats), "compute_s": compute, "comm_s": comm}
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -185,29 +190,21 @@ class GeneratorWorker:
         self.gen.G.load_state_dict(state["G"])
         self.gen.G_ema.load_state_dict(state["G_ema"])
         self.gen.opt.load_state_dict(state["opt_G"])
-        self.images_seen, self.rounds = int(progress["images_seen"]), int(progress["rounds"])
+        self.progress.load(progress)
         self._fake = None
         if keep_hyper:
-            self.gen.apply_hyper(self.images_seen / 1000.0)
-
-    def generator_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.gen.G_ema.state_dict().items()}
-
-    def set_hyper(self, hyper: dict[str, Any]) -> None:
-        _set_hyper(self.settings, hyper)
-        self.gen.apply_hyper(self.images_seen / 1000.0)
-
-    def param_checksum(self) -> float:
-        return _checksum(self.gen.G, self.gen.G_ema)
+            self.apply_hyper()
 
 
 @ray.remote
-class DiscriminatorWorker:
-    """Discriminator worker i of K: its own D, opt_D, data and shard (B/K real samples per step)."""
+class DiscriminatorWorker(WorkerBase):
+    """Discriminator worker i of K: its own D, opt_D, data and shard (B/K real samples per step).
+
+    The K discriminators are independent critics, not peers of one model: each is its own group
+    of one (no all-reduce)."""
 
     def __init__(self, config: dict[str, Any], index: int, count: int, swap_every_epochs: int = 0) -> None:
-        torch.set_num_threads(int(config["resources"]["threads_per_worker"]))
-        self.config = config
+        super().__init__(config, 0, 1)
         self.index, self.count = int(index), int(count)
         self.swap_every_epochs = int(swap_every_epochs)
 
@@ -224,17 +221,21 @@ class DiscriminatorWorker:
         self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
         self.batches = RealBatches(self.source, self.settings.device)
         self.noise = NoiseStreams(seed, self.settings.device)
-        self.images_seen = 0
-        self.rounds = 0
-        # Round index and instance-noise std of the last D phase: the feedback call of a round
-        # always follows its D phase on this actor (one caller, calls run in submission order).
+        self.group = Collective(0, 1, self.settings.device)
+        self.progress = Progress()
+        # Round index, instance-noise std and (noisy) reals of the last D phase: the feedback call
+        # of a round always follows its D phases on this actor (one caller, calls run in
+        # submission order).
         self._noise_round, self._noise_std = 0, 0.0
+        self._last_real: Optional[torch.Tensor] = None
         self.timer = _Timed()
         return self.info()
 
-    def process_info(self) -> dict[str, Any]:
-        """This worker's process id and node: a liveness probe for the coordinator (and fault tests)."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    def modules(self) -> tuple[nn.Module, ...]:
+        return (self.disc.D,)
+
+    def apply_hyper(self) -> None:
+        self.disc.apply_hyper(self.progress.kimg)
 
     def info(self) -> dict[str, Any]:
         return {"sample_shape": self.shape, "fingerprint": self.source.fingerprint,
@@ -263,35 +264,36 @@ class DiscriminatorWorker:
         offset = first_part * part_rows
         return whole.narrow(dim, start - offset, stop - start)
 
-    def d_phase(self, round_idx: int, first_part: int, *fake_parts: torch.Tensor) -> dict[str, float]:
-        """n_critic D steps on this D's real batches and its slice of the round's fake batches."""
+    def d_phase(self, round_idx: int, first_part: int, *fake_parts: torch.Tensor) -> dict[str, Any]:
+        """The round's D phases on this D's real batches and its slice of the fake batches."""
         t0 = time.perf_counter()
         s = self.settings
-        self.disc.apply_hyper(self.images_seen / 1000.0)
-        std = s.noise_std(self.images_seen / 1000.0)
+        table = table_of(s)
+        kimg = self.progress.kimg
+        self.disc.apply_hyper(kimg)
+        std = s.noise_std(kimg)
         self._noise_round, self._noise_std = round_idx, std
         fakes = self._my_rows(first_part, fake_parts, dim=1).to(s.device, non_blocking=True)
-        n_critic = fakes.shape[0]
+        if fakes.shape[0] != len(table.d_steps):
+            raise RuntimeError(f"{fakes.shape[0]} fake batches for {len(table.d_steps)} D phases in round {round_idx}")
         B, i, K = s.global_batch, self.index, self.count
-        steps = []
-        for k in range(n_critic):
+        stats = RoundStats()
+        for phase in table.d_steps:
+            k = phase.step
             real, fake = self.noise.noisy_d_inputs(self._next_real(), fakes[k], std, round_idx, k, B, i, K)
-            alpha = (self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K)
-                     if s.loss_kind == "wgan-gp" else None)
-            steps.append(self.disc.d_step(real, fake, alpha, None))
-        self.rounds += 1
-        self.images_seen += n_critic * s.global_batch
-        last = steps[-1]
+            alpha = self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K) if s.loss_kind == "wgan-gp" else None
+            self.disc.d_step(phase, real, fake, alpha, self.progress.d_steps, stats)
+            self.progress.d_steps += 1
+            self._last_real = real
+        self.progress.end_round(table, B)
+        record = _round_record(stats)
         self.timer.compute += time.perf_counter() - t0
         # Includes the previous round's feedback call (which returns only tensors).
         compute, _ = self.timer.take()
-        return {"loss_D": float(torch.stack([m["loss_D"] for m in steps]).mean()),
-                "real_score": float(last["real_score"]), "fake_score": float(last["fake_score"]),
-                "grad_norm_D": float(last["grad_norm_D"]),
-                "skipped_D": float(sum(float(m["skipped_D"]) for m in steps)), "compute_s": compute}
+        return {"stats": record, "compute_s": compute}
 
     def feedback(self, *fake_parts: torch.Tensor) -> tuple[Any, ...]:
-        """(L_i, dL_i/dx of part 0, ..., of part M-1) for the whole G-step batch.
+        """(L_i, dL_i/dx of part 0, ..., of part M-1) for the whole G-phase batch.
 
         Returned as separate objects (the caller sets num_returns = M + 1), so generator j
         fetches only its own rows' gradient.
@@ -301,7 +303,7 @@ class DiscriminatorWorker:
         whole = whole.to(self.settings.device, non_blocking=True)
         # Additive noise leaves dL/dx unchanged in form: the gradient at x + n is G's feedback for x.
         whole = self.noise.add_noise(whole, self._noise_std, self._noise_round, G_NOISE_SLOT, whole.shape[0], 0, 1)
-        loss, grad = self.disc.feedback(whole)
+        loss, grad = self.disc.feedback(whole, self._last_real)
         grad = grad.cpu()
         sizes = [p.shape[0] for p in fake_parts]
         out = (loss.cpu(), *torch.split(grad, sizes, dim=0))
@@ -309,42 +311,23 @@ class DiscriminatorWorker:
         return out
 
     # -- state -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """This discriminator's key in the job state's D, opt_D and sampler parts."""
+        return f"d{self.index}"
+
     def state(self) -> dict[str, Any]:
-        return {"D": cpu_tree(self.disc.D.state_dict()),
-                "opt_D": cpu_tree(self.disc.opt.state_dict()), "d_steps": self.disc.d_steps,
-                "sampler": self.sampler.state_dict()}
+        """D, opt_D and the sampler under this worker's own name, and its D step count."""
+        return {"D": {self.name: cpu_tree(self.disc.D.state_dict())},
+                "opt_D": {self.name: cpu_tree(self.disc.opt.state_dict())},
+                "sampler": {self.name: self.sampler.state_dict()}, "d_steps": self.progress.d_steps}
 
     def load_state(self, state: dict[str, Any], progress: dict[str, int], keep_hyper: bool = True) -> None:
-        self.disc.D.load_state_dict(state["D"])
-        self.disc.opt.load_state_dict(state["opt_D"])
-        self.disc.d_steps = int(state.get("d_steps", progress["d_steps"]))
-        self.sampler.load_state_dict(state["sampler"])
-        self.images_seen, self.rounds = int(progress["images_seen"]), int(progress["rounds"])
+        """Restore from job-state parts holding this worker's name; `progress` is the job's."""
+        self.disc.D.load_state_dict(state["D"][self.name])
+        self.disc.opt.load_state_dict(state["opt_D"][self.name])
+        self.sampler.load_state_dict(state["sampler"][self.name])
+        self.progress.load(progress)
+        self._last_real = None
         if keep_hyper:
-            self.disc.apply_hyper(self.images_seen / 1000.0)
-
-    def set_hyper(self, hyper: dict[str, Any]) -> None:
-        _set_hyper(self.settings, hyper)
-        self.disc.apply_hyper(self.images_seen / 1000.0)
-
-    def param_checksum(self) -> float:
-        return _checksum(self.disc.D)
-
-
-def _set_hyper(settings: StepSettings, hyper: dict[str, Any]) -> None:
-    h = settings.hyper
-    for key, value in hyper.items():
-        if not hasattr(h, key):
-            raise ValueError(f"unknown hyperparameter '{key}'; use one of g_lr, d_lr, betas, n_critic, r1_gamma")
-        if key == "betas":
-            value = (float(value[0]), float(value[1]))
-        setattr(h, key, value)
-
-
-def _checksum(*modules: torch.nn.Module) -> float:
-    with torch.no_grad():
-        total = torch.zeros((), dtype=torch.float64)
-        for m in modules:
-            for p in m.parameters():
-                total += p.detach().double().sum().cpu()
-        return float(total)
+            self.apply_hyper()

@@ -11,13 +11,17 @@ import copy
 import difflib
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ganray.models.errors import ConfigError
+from ganray.orchestrator.job.layout import KEY_OWNER, Layout, resolve_layout
+
+log = logging.getLogger("ganray")
 
 
 class _Section(BaseModel):
@@ -26,11 +30,11 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: str = Field("grid25", description="ring8 | grid25 | digits | imagefolder | parquet | "
+    name: str = Field("grid25", description="ring8 | grid25 | digits | imagefolder | parquet | random_images | "
                       "torchvision:<Dataset> | an import path 'pkg.mod:loader'")
     path: Optional[str] = Field(None, description="root folder or URI for imagefolder/parquet/torchvision")
     size: int = Field(100_000, ge=16, le=100_000_000,
-                      description="samples drawn once from a synthetic 2D mixture")
+                      description="samples drawn once from a synthetic set (2D mixture, random_images)")
     resolution: Optional[int] = Field(None, description="image side for imagefolder/parquet/torchvision (8, 16, 32, 64)")
     channels: Optional[int] = Field(None, ge=1, le=4, description="image channels (1 or 3)")
     column: Optional[str] = Field(None, description="parquet column holding encoded images or arrays")
@@ -63,9 +67,13 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    kind: Literal["minimax", "nonsaturating", "wgan-gp", "hinge"] = "nonsaturating"
-    r1_gamma: float = Field(0.0, ge=0.0, le=1e4, description="R1 weight: gamma/2 * E||grad D(x)||^2")
-    r1_interval: int = Field(16, ge=1, le=1024, description="lazy regularisation: R1 every k D steps")
+    kind: Literal["minimax", "nonsaturating", "wgan-gp", "hinge", "relativistic"] = Field("nonsaturating", description=(
+        "adversarial loss; relativistic is RpGAN (R3GAN): softplus of the logit gap of (real, fake) pairs"))
+    r1_gamma: float = Field(0.0, ge=0.0, le=1e4, description="R1 weight: gamma/2 * E||grad D(x)||^2 on real samples")
+    r2_gamma: float = Field(0.0, ge=0.0, le=1e4, description=(
+        "R2 weight: gamma/2 * E||grad D(G(z))||^2 on generated samples; lazy on r1_interval like R1"))
+    r1_interval: int = Field(16, ge=1, le=1024, description=(
+        "lazy regularisation: R1 and R2 every k D steps (weighted by k), on the same D steps"))
     gp_weight: float = Field(10.0, ge=0.0, le=1e4, description="WGAN-GP weight")
     instance_noise: float = Field(0.0, ge=0.0, le=1e3, description=(
         "std of Gaussian noise added to every input of D, real and fake (Sonderby et al. 2016); "
@@ -111,50 +119,20 @@ class TopologyConfig(_Section):
     swap_every_epochs: Optional[int] = Field(None, ge=0, description="split: MD-GAN discriminator swap (0 = off)")
     overlap: Optional[bool] = Field(None, description="split: D trains on fakes of the previous G (staleness 1)")
 
+    # Unset keys stay None here; `TrainConfig.layout` holds the resolved values and defaults.
+
     @model_validator(mode="after")
     def _check_keys_belong(self) -> "TopologyConfig":
-        split_only = ("num_generators", "num_discriminators", "feedback", "softmax_lambda",
-                      "swap_every_epochs", "overlap")
         given = {k for k in self.model_fields_set if getattr(self, k) is not None}
-        if self.kind != "replicated" and "num_workers" in given:
+        wrong = [k for k, owner in KEY_OWNER.items() if k in given and owner != self.kind]
+        if wrong and KEY_OWNER[wrong[0]] == "replicated":
             raise ValueError(f"topology.num_workers belongs to topology.kind 'replicated', not "
                              f"'{self.kind}'; remove it" + (" and use topology.num_generators / "
                              "topology.num_discriminators" if self.kind == "split" else ""))
-        if self.kind != "split":
-            wrong = [k for k in split_only if k in given]
-            if wrong:
-                raise ValueError(f"topology.{wrong[0]} belongs to topology.kind 'split', not "
-                                 f"'{self.kind}'; remove it or set topology.kind: split")
+        if wrong:
+            raise ValueError(f"topology.{wrong[0]} belongs to topology.kind 'split', not "
+                             f"'{self.kind}'; remove it or set topology.kind: split")
         return self
-
-    # Resolved values with the documented defaults, so code never sees None.
-    @property
-    def workers(self) -> int:
-        return self.num_workers or 1
-
-    @property
-    def generators(self) -> int:
-        return self.num_generators or 1
-
-    @property
-    def discriminators(self) -> int:
-        return self.num_discriminators or 2
-
-    @property
-    def feedback_mode(self) -> str:
-        return self.feedback or "mean"
-
-    @property
-    def feedback_lambda(self) -> float:
-        return 1.0 if self.softmax_lambda is None else self.softmax_lambda
-
-    @property
-    def swap_epochs(self) -> int:
-        return self.swap_every_epochs or 0
-
-    @property
-    def overlapped(self) -> bool:
-        return bool(self.overlap)
 
 
 class RoleResources(_Section):
@@ -178,11 +156,6 @@ class ResourcesConfig(_Section):
         None, description="channels_last memory format for conv nets; unset: on for CPU (oneDNN's NHWC "
                           "kernels ran a DCGAN-32 round ~7% faster), off on CUDA (mixed there: see docs)")
     step_timeout_s: float = Field(600.0, gt=0.0, description="a worker call slower than this counts as hung")
-
-    def role(self, name: str) -> RoleResources:
-        """Resources of one split role, falling back to the per-worker defaults."""
-        explicit = self.generator if name == "generator" else self.discriminator
-        return explicit or RoleResources(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker)
 
 
 class TrackingConfig(_Section):
@@ -234,25 +207,20 @@ class TrainConfig(_Section):
     fault: FaultConfig = Field(default_factory=FaultConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
+    _layout: Optional[Layout] = PrivateAttr(None)
+
     @model_validator(mode="after")
-    def _check_batch_divides(self) -> "TrainConfig":
-        parts = self.batch_parts()
-        if self.schedule.batch_size % parts:
-            raise ValueError(f"schedule.batch_size {self.schedule.batch_size} does not divide among "
-                             f"{parts} workers; use a multiple of {parts}")
-        if self.topology.kind == "split" and self.schedule.batch_size % self.topology.generators:
-            g = self.topology.generators
-            raise ValueError(f"schedule.batch_size {self.schedule.batch_size} does not divide among "
-                             f"topology.num_generators={g} workers; use a multiple of {g}")
+    def _resolve_layout(self) -> "TrainConfig":
+        # Every section is valid here; the layout is resolved (and checked) once, also when a
+        # section is reassigned (validate_assignment runs this again).
+        self._layout = resolve_layout(self)
         return self
 
-    def batch_parts(self) -> int:
-        """How many ways the global batch is divided (replicas, or discriminators in split)."""
-        if self.topology.kind == "replicated":
-            return self.topology.workers
-        if self.topology.kind == "split":
-            return self.topology.discriminators
-        return 1
+    @property
+    def layout(self) -> Layout:
+        """The resolved topology: worker specs, batch parts, bundles (see layout.py)."""
+        assert self._layout is not None
+        return self._layout
 
     def flat(self) -> dict[str, Any]:
         """The resolved config flattened to dotted keys (MLflow params, resume comparison)."""
@@ -356,6 +324,22 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"{dotted}: {first.get('msg', 'invalid value').lower()}{got_text}"
 
 
+def _drop_keys_of_other_kinds(tree: dict[str, Any], overrides: list[str]) -> None:
+    """`--set topology.kind=K` switches the topology in one override: the file's topology keys
+    that belong to another kind are dropped (with a note), so they are in neither the resolved
+    config nor its hash. Keys given by `--set` are never dropped: a conflict there is an error."""
+    given = [parse_override(text)[0] for text in overrides]
+    if ["topology", "kind"] not in given or not isinstance(tree.get("topology"), dict):
+        return
+    topology = tree["topology"]
+    kind = topology.get("kind")
+    for key, owner in KEY_OWNER.items():
+        if owner != kind and topology.get(key) is not None and ["topology", key] not in given:
+            log.warning("topology.%s belongs to topology.kind '%s': dropped from the config for "
+                        "--set topology.kind=%s", key, owner, kind)
+            del topology[key]
+
+
 def config_from_dict(tree: Any, overrides: Optional[list[str]] = None) -> TrainConfig:
     if tree is None:
         tree = {}
@@ -363,6 +347,7 @@ def config_from_dict(tree: Any, overrides: Optional[list[str]] = None) -> TrainC
         raise ConfigError(f"the config must be a YAML mapping of sections (seed, data, model, ...), "
                           f"not a {type(tree).__name__}")
     tree = apply_overrides(tree, overrides or [])
+    _drop_keys_of_other_kinds(tree, overrides or [])
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:

@@ -26,9 +26,9 @@ import ray
 
 from ganray.models.errors import ConfigError, DataError, GanrayError
 from ganray.orchestrator.job.engine import ChunkResult, restore_rng_state, rng_state
-from ganray.orchestrator.job.fault import WorkerLostError, is_worker_loss
-from ganray.orchestrator.job.placement import Placement, WorkerSpec, connect
-from ganray.orchestrator.job.ray_calls import check_split_batch, kill, lost_workers
+from ganray.orchestrator.job.fault import SnapshotLostError, WorkerLostError, is_worker_loss
+from ganray.orchestrator.job.placement import Placement, connect
+from ganray.orchestrator.job.ray_calls import kill, lost_workers
 from ganray.orchestrator.job.replicated_job import ReplicatedJob
 from ganray.orchestrator.job.split_job import SplitJob
 
@@ -39,28 +39,21 @@ class RayEngine:
     """`topology.kind: replicated | split` on Ray, with `LocalEngine`'s interface."""
 
     def __init__(self, config: Any) -> None:
-        topo, res = config.topology, config.resources
-        if topo.kind not in ("replicated", "split"):
-            raise ConfigError(f"RayEngine runs topology.kind 'replicated' or 'split', not '{topo.kind}'")
-        if topo.kind == "split":
-            check_split_batch(config.schedule.batch_size, topo.generators, topo.discriminators)
-            specs = ([WorkerSpec("generator", res.role("generator").cpus, res.role("generator").gpus)] * topo.generators
-                     + [WorkerSpec("discriminator", res.role("discriminator").cpus, res.role("discriminator").gpus)]
-                     * topo.discriminators)
-        else:
-            specs = [WorkerSpec("replica", res.cpus_per_worker, res.gpus_per_worker)] * topo.workers
+        layout, res = config.layout, config.resources
+        if layout.kind not in ("replicated", "split"):
+            raise ConfigError(f"RayEngine runs topology.kind 'replicated' or 'split', not '{layout.kind}'")
         self.config = config
+        self.layout = layout
         self.restarts = 0
-        self._specs = specs
-        self._job_cls = SplitJob if topo.kind == "split" else ReplicatedJob
+        self._job_cls = SplitJob if layout.kind == "split" else ReplicatedJob
         self._cfg = config.model_dump()
         self._closed = False
         self._job: Any = None
         self._placement: Optional[Placement] = None
-        self._owns_ray = connect(res)
+        self._ray = connect(res)
         try:
-            self._placement = Placement(specs, res.strategy, res.placement_timeout_s)
-            self._job = self._job_cls(self._cfg, config, self._placement, res.step_timeout_s,
+            self._placement = Placement(layout, res.placement_timeout_s, fixed_capacity=self._ray.fixed)
+            self._job = self._job_cls(self._cfg, layout, self._placement, res.step_timeout_s,
                                       max(res.step_timeout_s, res.placement_timeout_s))
         except BaseException:
             self.close()
@@ -86,8 +79,9 @@ class RayEngine:
             lost = lost_workers(self._job.actors, probe_s)
             if not lost and not is_worker_loss(err):
                 raise  # every worker is alive: a real error, not a fault to recover from
-            roles = [s.role for s in self._specs]
-            who = ", ".join(f"{roles[i]} {i} ({why})" for i, why in sorted(lost.items())) or "a worker"
+            specs = self.layout.workers
+            who = ", ".join(f"{specs[i].role} {specs[i].rank} ({why})"
+                            for i, why in sorted(lost.items())) or "a worker"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise WorkerLostError(f"{what}: lost {who}: {type(err).__name__}: {first}") from err
 
@@ -124,8 +118,8 @@ class RayEngine:
         if self._placement is not None:
             self._placement.release()  # a Tune trial's own group is kept (release skips groups we do not own)
         self._placement = None
-        self._placement = Placement(self._specs, res.strategy, wait_s)
-        self._job = self._job_cls(self._cfg, self.config, self._placement, res.step_timeout_s,
+        self._placement = Placement(self.layout, wait_s, fixed_capacity=self._ray.fixed)
+        self._job = self._job_cls(self._cfg, self.layout, self._placement, res.step_timeout_s,
                                   max(res.step_timeout_s, res.placement_timeout_s, wait_s))
         self.restarts += 1
         if self._job.fingerprint != self.data_fingerprint:
@@ -137,6 +131,16 @@ class RayEngine:
         """The worker actor handles (for fault handling and tests)."""
         return list(self._job.actors) if self._job is not None else []
 
+    def snapshot(self) -> Any:
+        """The job state in Ray's object store, owned by the driver: it outlives any worker or worker node."""
+        return ray.put(self.state())
+
+    def read_snapshot(self, handle: Any) -> dict[str, Any]:
+        try:
+            return ray.get(handle, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - lost objects surface as several Ray errors
+            raise SnapshotLostError(f"the snapshot is lost ({type(exc).__name__})") from exc
+
     def close(self) -> None:
         """Kill the actors and free the placement group; shut Ray down only if this engine started it."""
         if self._closed:
@@ -145,11 +149,11 @@ class RayEngine:
         if self._job is not None:
             actors = self._job.actors
             # Leave the process groups cleanly when the workers answer quickly; kill regardless.
-            groups = [a.leave_group.remote() for a in actors if hasattr(a, "leave_group")]
+            groups = [a.leave_group.remote() for a in actors]  # every worker has one (no-op outside a group)
             if groups:
                 ray.wait(groups, num_returns=len(groups), timeout=5.0)
             kill(actors)
         if self._placement is not None:
             self._placement.release()
-        if self._owns_ray and ray.is_initialized():
+        if self._ray.owned and ray.is_initialized():
             ray.shutdown()

@@ -15,9 +15,7 @@ import numpy as np
 import torch
 
 from ganray.models.registry import build_generator
-from ganray.workers.data import load_dataset
-from ganray.workers.sharding import ShardSampler
-from ganray.workers.steps import ReplicaStepper
+from ganray.workers.stepper import build_replica
 
 
 @dataclass
@@ -51,6 +49,19 @@ class Engine(Protocol):
 
     def scale_lr(self, factor: float) -> None: ...
 
+    @property
+    def actors(self) -> list[Any]:
+        """The worker actor handles (empty for an engine without actors)."""
+
+    def snapshot(self) -> Any:
+        """A handle to the current job state that outlives the loss of any worker."""
+
+    def read_snapshot(self, handle: Any) -> dict[str, Any]:
+        """The state behind a `snapshot()` handle; `fault.SnapshotLostError` when it is gone."""
+
+    def restart_workers(self, wait_s: float) -> None:
+        """Recreate every worker (waiting up to `wait_s` for capacity); the caller restores the state."""
+
     def close(self) -> None: ...
 
 
@@ -76,13 +87,10 @@ class LocalEngine:
 
     def __init__(self, config: Any) -> None:
         torch.set_num_threads(config.resources.threads_per_worker)
-        cfg = config.model_dump()
-        self.source = load_dataset(cfg["data"], config.seed, "train")
-        self.sample_shape = tuple(self.source.sample_shape)
-        self.data_fingerprint = self.source.fingerprint
+        self.stepper = build_replica(config.model_dump())
+        self.sample_shape = tuple(self.stepper.source.sample_shape)
+        self.data_fingerprint = self.stepper.source.fingerprint
         self.allreduce = "none (one process)"
-        sampler = ShardSampler(len(self.source), config.schedule.batch_size, config.seed, 0, 1)
-        self.stepper = ReplicaStepper(cfg, self.source, sampler)
 
     def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> ChunkResult:
         out = self.stepper.run_rounds(n_rounds, stop_at_images)
@@ -106,6 +114,20 @@ class LocalEngine:
 
     def scale_lr(self, factor: float) -> None:
         self.stepper.scale_lr(factor)
+
+    @property
+    def actors(self) -> list[Any]:
+        return []  # everything runs in this process
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.state()  # already copies, kept in this process
+
+    def read_snapshot(self, handle: dict[str, Any]) -> dict[str, Any]:
+        return handle
+
+    def restart_workers(self, wait_s: float) -> None:
+        # Nothing here can be lost without this process: a "loss" is a bug, re-raised as one.
+        raise RuntimeError("the local engine has no workers to recreate")
 
     def close(self) -> None:
         pass

@@ -5,31 +5,29 @@ interval of work and must never corrupt what it stored. The pieces here are driv
 `trainer.Trainer`, through the `Engine` interface only, so every topology gets them alike:
 
 - `SnapshotKeeper`: every `fault.snapshot_rounds` rounds the loop keeps the latest good job state
-  (in the driver for `local`; in Ray's object store, owned by the driver, for Ray engines, where it
-  survives the loss of any worker or worker node). The loop ends chunks exactly at snapshot
-  boundaries (`plan_chunk`), so a failure redoes at most `snapshot_rounds` rounds.
-- `FaultPolicy`: `fault.max_nonfinite` rounds in a row with a skipped (non-finite) step roll the
-  job back to the last snapshot with learning rates scaled by `fault.lr_backoff`; lost workers are
-  recreated up to `fault.max_restarts` times. Past either budget the job stops with `FaultError`
+  through `engine.snapshot()` (in the driver for `local`; in Ray's object store, owned by the
+  driver, for Ray engines, where it survives the loss of any worker or worker node). The loop
+  ends chunks exactly at snapshot boundaries (`plan_chunk`), so a failure redoes at most
+  `snapshot_rounds` rounds.
+- `FaultPolicy`: `fault.max_nonfinite` rounds in a row with a skipped (non-finite) step (the
+  round statistic `SKIPPED`) roll the job back to the last snapshot with learning rates scaled
+  by `fault.lr_backoff`; lost workers are recreated up to `fault.max_restarts` times. Past either budget the job stops with `FaultError`
   (one line, exit 2) after saving a resumable checkpoint.
-- `is_worker_loss` / `restart_workers`: which exceptions mean "a worker is gone or hung" (Ray's
-  actor/node death errors, a step timeout, `WorkerLostError` raised by an engine), and the engine
-  hook that recreates the workers (`engine.restart_workers(wait_s)`), waiting for capacity up to
-  `fault.capacity_wait_s`.
+- `is_worker_loss` / `recover_workers`: which exceptions mean "a worker is gone or hung" (Ray's
+  actor/node death errors, a step timeout, `WorkerLostError` raised by an engine), and recovery
+  through `engine.restart_workers(wait_s)`, waiting for capacity up to `fault.capacity_wait_s`.
 - `ChunkClock`: bounds a chunk's wall time, so a SIGTERM is noticed well within `fault.grace_s`.
-
-Ray is imported only when the engine already uses it: a `local` job never pays for it.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ganray.models.errors import GanrayError
+from ganray.workers.stats import SKIPPED
 
 log = logging.getLogger("ganray")
 
@@ -73,19 +71,13 @@ def is_worker_loss(exc: BaseException) -> bool:
     return False
 
 
-def _uses_ray(engine: Any) -> bool:
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized() and getattr(engine, "actors", None) is not None)
-
-
 @dataclass
 class Snapshot:
-    """One kept state: where it was taken, and the state itself (a dict, or an ObjectRef)."""
+    """One kept state: where it was taken, and the engine's handle to it (`engine.snapshot()`)."""
 
     round_index: int
     images_seen: int
     handle: Any
-    in_object_store: bool
     taken_at: float
 
 
@@ -96,10 +88,9 @@ class SnapshotLostError(RuntimeError):
 class SnapshotKeeper:
     """Keeps the latest good engine state every `every_rounds` rounds (one snapshot at a time).
 
-    Engines may provide `snapshot() -> handle` / `restore_snapshot(handle, keep_hyper)` to keep it
-    their own way (e.g. on the workers); otherwise the keeper calls `state()` / `load_state()` and
-    puts Ray engines' states into the object store with `ray.put` (owned by the driver, so they
-    outlive any worker), keeping `local` states as plain dicts in the driver.
+    Where a snapshot lives is the engine's business (`Engine.snapshot` / `read_snapshot`): a
+    plain dict in the driver for `local`, an object in Ray's object store owned by the driver
+    (so it outlives any worker) for the Ray engines.
     """
 
     def __init__(self, every_rounds: int) -> None:
@@ -122,43 +113,27 @@ class SnapshotKeeper:
 
     def take(self, engine: Any, round_index: int, images_seen: int) -> Snapshot:
         t0 = time.perf_counter()
-        if hasattr(engine, "snapshot") and callable(engine.snapshot):
-            handle, in_store = engine.snapshot(), True
-        elif _uses_ray(engine):
-            import ray
-
-            handle, in_store = ray.put(engine.state()), True
-        else:
-            handle, in_store = engine.state(), False  # LocalEngine.state() already returns copies
+        handle = engine.snapshot()
         # Dropping the previous handle frees its object-store copy (reference counting).
-        self.latest = Snapshot(round_index, images_seen, handle, in_store, time.time())
+        self.latest = Snapshot(round_index, images_seen, handle, time.time())
         self.taken += 1
         self.seconds += time.perf_counter() - t0
         return self.latest
 
-    def state(self) -> dict[str, Any]:
+    def state(self, engine: Any) -> dict[str, Any]:
         """The kept state as a dict (e.g. to save it as a checkpoint)."""
         if self.latest is None:
             raise SnapshotLostError("no snapshot was taken")
-        handle = self.latest.handle
-        if not self.latest.in_object_store:
-            return handle
-        import ray
-
         try:
-            return ray.get(handle, timeout=120)
-        except Exception as exc:  # noqa: BLE001 - lost objects surface as several Ray errors
-            raise SnapshotLostError(f"the snapshot at round {self.latest.round_index} is lost "
-                                    f"({type(exc).__name__})") from exc
+            return engine.read_snapshot(self.latest.handle)
+        except SnapshotLostError as lost:
+            raise SnapshotLostError(f"the snapshot at round {self.latest.round_index}: {lost}") from lost
 
     def restore(self, engine: Any, keep_hyper: bool = True) -> Snapshot:
         """Load the kept state into `engine` (all workers); returns the snapshot restored."""
         if self.latest is None:
             raise SnapshotLostError("no snapshot was taken")
-        if hasattr(engine, "restore_snapshot") and callable(engine.restore_snapshot):
-            engine.restore_snapshot(self.latest.handle, keep_hyper)
-        else:
-            engine.load_state(self.state(), keep_hyper=keep_hyper)
+        engine.load_state(self.state(engine), keep_hyper=keep_hyper)
         return self.latest
 
 
@@ -181,12 +156,13 @@ class FaultPolicy:
         self._rollbacks_here = 0
         self._rollback_round: Optional[int] = None
 
-    def observe(self, rounds: int, skipped: Optional[list[float]], nonfinite_run: int) -> bool:
+    def observe(self, rounds: int, metrics: dict[str, list[float]], nonfinite_run: int) -> bool:
         """Update the streak of rounds with a skipped step from one chunk; True when it diverged.
 
-        The streak is counted here from the per-round `skipped` metric (not the workers' own
-        counter) so that a restore resets it: the replayed rounds start a fresh count.
+        The streak is counted here from the chunk's per-round `SKIPPED` statistic (not the
+        workers' own counter) so that a restore resets it: the replayed rounds start a fresh count.
         """
+        skipped = metrics.get(SKIPPED)
         if skipped is None or len(skipped) != rounds:  # an engine without the per-round record
             self.streak = nonfinite_run
         else:
@@ -270,7 +246,7 @@ def recover_workers(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, fa
                     fault_cfg.max_restarts, keeper.images_seen / 1000)
         t0 = time.perf_counter()
         try:
-            restart_workers(engine, fault_cfg.capacity_wait_s)
+            engine.restart_workers(fault_cfg.capacity_wait_s)
             try:
                 snap = keeper.restore(engine, keep_hyper=True)
                 rounds, images = snap.round_index, snap.images_seen
@@ -288,18 +264,6 @@ def recover_workers(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, fa
         log.warning("workers recreated in %.1f s; continuing from %.1f kimg (%d rounds redone)",
                     time.perf_counter() - t0, images / 1000, rounds_now - rounds)
         return rounds, images
-
-
-def restart_workers(engine: Any, wait_s: float) -> None:
-    """Recreate the engine's workers (in its placement group, waiting up to `wait_s` for capacity).
-
-    Engines without workers to lose (`local`) have no `restart_workers`: a loss there is a bug,
-    not a fault, and is re-raised by the caller.
-    """
-    restart = getattr(engine, "restart_workers", None)
-    if restart is None:
-        raise RuntimeError(f"{type(engine).__name__} cannot recreate workers")
-    restart(wait_s)
 
 
 class ChunkClock:

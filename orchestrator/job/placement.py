@@ -2,13 +2,15 @@
 
 The coordinator may run in the `ganray train` driver (then it starts or joins Ray itself and
 owns what it started) or inside a Ray Tune trial (Ray is already up, and the trial's placement
-group already holds the workers' bundles). Both cases go through `RayRuntime` so the
-coordinator code is the same.
+group already holds the workers' bundles). `connect` says which Ray instance is in use and
+whether capacity can still arrive there; `Placement` reserves the layout's bundles (or finds
+the trial's group), so the coordinator code is the same in both cases.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -18,50 +20,36 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ganray.orchestrator.errors import PlacementError
+from ganray.orchestrator.job.layout import Layout
 
 log = logging.getLogger("ganray")
 
-# Ray refuses a bundle with no resources; a worker asking for none still takes this sliver.
-_MIN_CPU = 0.01
-
 
 @dataclass(frozen=True)
-class WorkerSpec:
-    """One worker's reservation: its role (for messages) and its CPUs/GPUs."""
+class RayInstance:
+    """The Ray instance a job uses: `owned` when ganray started or joined it (and shuts it down),
+    `fixed` when it is a local instance ganray started itself, to which no capacity can arrive."""
 
-    role: str
-    cpus: float
-    gpus: float
-
-    def bundle(self) -> dict[str, float]:
-        bundle = {}
-        if self.cpus > 0:
-            bundle["CPU"] = float(self.cpus)
-        if self.gpus > 0:
-            bundle["GPU"] = float(self.gpus)
-        return bundle or {"CPU": _MIN_CPU}
-
-    def actor_resources(self) -> dict[str, float]:
-        b = self.bundle()
-        return {"num_cpus": b.get("CPU", 0.0), "num_gpus": b.get("GPU", 0.0)}
+    owned: bool
+    fixed: bool
 
 
-def connect(resources: Any) -> bool:
-    """Join the Ray instance in use, or start/join one; True when this call started it (we own it).
+def connect(resources: Any) -> RayInstance:
+    """Join the Ray instance in use, or start/join one.
 
     Already initialised (a Tune trial, a test session, a user's script): used as is, never shut
     down by us. Otherwise `resources.ray_address`, else RAY_ADDRESS, else a local instance.
     """
     if ray.is_initialized():
-        return False
+        return RayInstance(owned=False, fixed=False)
     address = resources.ray_address or os.environ.get("RAY_ADDRESS")
     common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if address and address != "local":
         ray.init(address=address, **common)
-    else:
-        # A local instance: no dashboard (nothing listens beyond what Ray itself needs).
-        ray.init(address="local", num_cpus=resources.num_cpus, include_dashboard=False, **common)
-    return True
+        return RayInstance(owned=True, fixed=False)
+    # A local instance: no dashboard (nothing listens beyond what Ray itself needs).
+    ray.init(address="local", num_cpus=resources.num_cpus, include_dashboard=False, **common)
+    return RayInstance(owned=True, fixed=True)
 
 
 def _totals(bundles: list[dict[str, float]]) -> tuple[float, float]:
@@ -73,10 +61,15 @@ def _describe(resources: dict[str, float]) -> str:
 
 
 class Placement:
-    """Where the job's actors go: a placement group reserved here, or the trial's own group."""
+    """Where the job's actors go: a placement group reserved here, or the trial's own group.
 
-    def __init__(self, specs: list[WorkerSpec], strategy: str, timeout_s: float) -> None:
-        self.specs = specs
+    On a local instance ganray started (`fixed_capacity`), a layout that does not fit fails at
+    once: waiting `timeout_s` cannot help there. On a cluster, capacity may arrive (an
+    autoscaler, a replacement node), so it waits, then explains."""
+
+    def __init__(self, layout: Layout, timeout_s: float, fixed_capacity: bool = False) -> None:
+        self.layout = layout
+        self.specs = layout.workers
         self.group: Optional[PlacementGroup] = None
         self.owned = False
         current = get_current_placement_group()
@@ -85,23 +78,48 @@ class Placement:
             # the bundles, so the workers go into it instead of asking the cluster a second time.
             self.group = current
             return
-        bundles = [s.bundle() for s in specs]
-        group = placement_group(bundles, strategy=strategy, name="")
+        bundles = layout.bundles()
+        if fixed_capacity:
+            self._check_fits(bundles)
+        group = placement_group(bundles, strategy=layout.strategy, name="")
         if not group.wait(timeout_seconds=timeout_s):
             remove_placement_group(group)
-            raise PlacementError(self._failure(bundles, strategy, timeout_s))
+            raise PlacementError(self._failure(bundles, timeout_s))
         self.group, self.owned = group, True
 
-    def _failure(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> str:
+    def _asked(self, bundles: list[dict[str, float]]) -> str:
         cpus, gpus = _totals(bundles)
         roles: dict[str, int] = {}
         for s in self.specs:
             roles[s.role] = roles.get(s.role, 0) + 1
         who = ", ".join(f"{n} {role}{'s' if n > 1 else ''}" for role, n in roles.items())
         kinds = sorted({str(b) for b in bundles})
+        return (f"asked {len(bundles)} bundles ({who}; each {' / '.join(kinds)}; {cpus:g} CPUs, {gpus:g} GPUs "
+                f"in all, strategy {self.layout.strategy})")
+
+    def _check_fits(self, bundles: list[dict[str, float]]) -> None:
+        """Fail now when the bundles cannot fit the local instance's fixed resources."""
+        have = ray.cluster_resources()
+        cpus, gpus = _totals(bundles)
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        fixes = []
+        if cpus > have.get("CPU", 0.0) + 1e-9:
+            cpu_keys = " or ".join(self.layout.cpu_keys) or "resources.cpus_per_worker"
+            fixes.append(f"set resources.num_cpus={math.ceil(cpus - 1e-9)} (logical CPUs may exceed the cores) "
+                         f"or lower {cpu_keys} (e.g. 0.5)")
+        if gpus > have.get("GPU", 0.0) + 1e-9:
+            gpu_keys = " or ".join(self.layout.gpu_keys) or "resources.gpus_per_worker"
+            fixes.append(f"lower {gpu_keys} (fractions share a GPU) or the worker count")
+        if self.layout.strategy == "STRICT_SPREAD" and len(bundles) > nodes:
+            fixes.append("use resources.strategy PACK (STRICT_SPREAD needs one node per worker)")
+        if fixes:
+            raise PlacementError(f"the job's workers cannot fit the local Ray instance ganray started "
+                                 f"({_describe(have)}, {nodes} node{'s' if nodes != 1 else ''}): "
+                                 f"{self._asked(bundles)}; {'; '.join(fixes)}")
+
+    def _failure(self, bundles: list[dict[str, float]], timeout_s: float) -> str:
         return (f"cannot place the job's workers within resources.placement_timeout_s={timeout_s:g} s: "
-                f"asked {len(bundles)} bundles ({who}; each {' / '.join(kinds)}; {cpus:g} CPUs, {gpus:g} GPUs "
-                f"in all, strategy {strategy}); the cluster has {_describe(ray.cluster_resources())} "
+                f"{self._asked(bundles)}; the cluster has {_describe(ray.cluster_resources())} "
                 f"({_describe(ray.available_resources())} available); lower resources.cpus_per_worker/"
                 "gpus_per_worker or the worker count, or add nodes")
 

@@ -41,8 +41,8 @@ class Progress:
         if not self.enabled:
             return
         mean = {k: sum(v) / len(v) for k, v in metrics.items() if v}
-        info = (f"{rounds_per_s:6.1f} rounds/s  loss D {mean.get('loss_D', float('nan')):.3f}"
-                f"  G {mean.get('loss_G', float('nan')):.3f}{self._eval}")
+        info = (f"{rounds_per_s:6.1f} rounds/s  loss D {mean.get('loss/D', float('nan')):.3f}"
+                f"  G {mean.get('loss/G', float('nan')):.3f}{self._eval}")
         if self._bar is not None:
             self._bar.update(self._task, completed=kimg, info=info)
             return

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 
-from ganray.models.errors import ConfigError, GanrayError
+from ganray.models.errors import GanrayError
 
 log = logging.getLogger("ganray")
+
 
 def get(refs: Any, timeout_s: float, what: str, limit: str = "resources.step_timeout_s") -> Any:
     """`ray.get` that turns a user error raised in a worker back into itself (one line, exit 2)
@@ -46,14 +47,6 @@ def lost_workers(actors: list[Any], timeout_s: float) -> dict[int, str]:
         except Exception as err:  # noqa: BLE001 - dead actors raise several Ray error types
             lost[i] = type(err).__name__
     return lost
-
-
-def check_split_batch(batch: int, generators: int, discriminators: int) -> None:
-    """The global batch must divide among the M generators and the K discriminators."""
-    for count, role in ((generators, "topology.num_generators"), (discriminators, "topology.num_discriminators")):
-        if batch % count:
-            raise ConfigError(f"schedule.batch_size {batch} does not divide among {role}={count} workers; "
-                              f"use a multiple of {count}")
 
 
 # Starting a worker (a process, a torch import, its data) is not a step: it may take as long as

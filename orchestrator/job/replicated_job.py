@@ -12,20 +12,24 @@ from typing import Any, Optional
 import ray
 
 from ganray.orchestrator.job.engine import ChunkResult
+from ganray.orchestrator.job.layout import REPLICA, Layout
 from ganray.orchestrator.job.placement import Placement
 from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, kill, mean
+from ganray.workers.stats import merge_chunks, merge_replicas
 
 
 class ReplicatedJob:
     """N `ReplicaWorker`s, one Ray call per chunk."""
 
-    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float,
+    def __init__(self, cfg: dict[str, Any], layout: Layout, placement: Placement, timeout_s: float,
                  start_timeout_s: float) -> None:
         from ganray.workers.replica import ReplicaWorker
 
         self.timeout_s = timeout_s
-        n = config.topology.workers
-        self.workers = [ReplicaWorker.options(**placement.actor_options(r)).remote(cfg, r, n) for r in range(n)]
+        specs = layout.of_role(REPLICA)
+        n = len(specs)
+        self.workers = [ReplicaWorker.options(**placement.actor_options(s.index)).remote(cfg, s.rank, n)
+                        for s in specs]
         try:
             info = get([w.setup.remote() for w in self.workers], start_timeout_s, "starting the replicas",
                        START_LIMIT)
@@ -33,7 +37,7 @@ class ReplicatedJob:
             self.fingerprint = info[0]["fingerprint"]
             self.allreduce = "none (one replica)"
             if n > 1:
-                checksums, self.allreduce = form_group(self.workers, config.resources.gpus_per_worker, timeout_s,
+                checksums, self.allreduce = form_group(self.workers, specs[0].gpus, timeout_s,
                                                         "replica")
                 check_same(checksums, "replica")
         except BaseException:
@@ -50,11 +54,8 @@ class ReplicatedJob:
                    f"a chunk of {n_rounds} rounds")
         wall = time.perf_counter() - t0
         first = outs[0]
-        metrics: dict[str, list[float]] = {}
-        for key in first["metrics"]:
-            # Per round, the mean over replicas: with averaged gradients, the global-batch value.
-            per_worker = [o["metrics"][key] for o in outs]
-            metrics[key] = [mean(vals) for vals in zip(*per_worker)]
+        # Per round, the mean over replicas: with averaged gradients, the global-batch value.
+        metrics = merge_chunks([o["metrics"] for o in outs], merge_replicas)
         compute = mean([o["time_compute_s"] for o in outs])
         comm = mean([o["time_comm_s"] for o in outs])
         return ChunkResult(rounds=first["rounds"], images_seen=first["images_seen"],
@@ -66,8 +67,9 @@ class ReplicatedJob:
         check_same(get([w.param_checksum.remote() for w in self.workers], self.timeout_s, "checksums"), "replica")
         full = get(self.workers[0].state.remote(True), self.timeout_s, "the replica state")
         others = get([w.state.remote(False) for w in self.workers[1:]], self.timeout_s, "sampler states")
-        full["sampler"] = {"rank0": full["sampler"]["rank0"],
-                           **{f"rank{r}": o["sampler"] for r, o in enumerate(others, start=1)}}
+        # Each replica names its own sampler ("rank{r}"); the driver only merges them.
+        for other in others:
+            full["sampler"].update(other["sampler"])
         return full
 
     def load_state(self, state: dict[str, Any], keep_hyper: bool) -> None:

@@ -1,12 +1,15 @@
 """The `split` topology on Ray: M `GeneratorWorker`s and K `DiscriminatorWorker`s.
 
-A round needs data to move between actors (fakes G -> D, dL/dx D -> G), so the driver submits
-each round as a chain of actor calls whose ObjectRefs feed each other; it never waits inside a
-chunk except to bound how many rounds are in flight, and fetches the small metric dicts once per
-chunk. (Ray inlines objects under ~100 KiB in the caller's memory store, so tiny 2D batches do
-pass the driver; image batches travel through plasma from G's node to D's.) With
-`topology.overlap` the fakes for round r+1 are made while the Ds step on round r; a restore drops
-those pre-made fakes, so the first round after `load_state` uses fresh ones.
+The driver runs the round table (`workers/phases.py`) across the actors: the fakes of the D
+phases from the generators, every D phase on each discriminator, then the G phase (G's forward,
+each discriminator's feedback, the generators' step) and the G_ema phase. A round needs data to
+move between actors (fakes G -> D, dL/dx D -> G), so the driver submits each round as a chain of
+actor calls whose ObjectRefs feed each other; it never waits inside a chunk except to bound how
+many rounds are in flight, and fetches the small records once per chunk. (Ray inlines objects
+under ~100 KiB in the caller's memory store, so tiny 2D batches do pass the driver; image batches
+travel through plasma from G's node to D's.) With `topology.overlap` the fakes for round r+1 are
+made while the Ds step on round r; a restore drops those pre-made fakes, so the first round after
+`load_state` uses fresh ones.
 """
 
 from __future__ import annotations
@@ -19,34 +22,40 @@ import ray
 
 from ganray.models.errors import CheckpointError
 from ganray.orchestrator.job.engine import ChunkResult
+from ganray.orchestrator.job.layout import DISCRIMINATOR, GENERATOR, Layout
 from ganray.orchestrator.job.placement import Placement
 from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, kill, mean
+from ganray.workers.phases import Progress, RoundTable, round_table
+from ganray.workers.settings import Hyper
+from ganray.workers.stats import SKIPPED, combine, merge_models, merge_replicas
 
 # Rounds a split job may have submitted but not finished: enough to keep every actor busy
 # (G's next generation queues behind the current round), few enough to bound object-store use.
 INFLIGHT_ROUNDS = 3
-METRIC_KEYS = ("loss_D", "loss_G", "real_score", "fake_score", "grad_norm_D", "grad_norm_G", "skipped")
+# The job-state parts each discriminator writes under its own name ("d{i}").
+D_PARTS = ("D", "opt_D", "sampler")
 
 
 class SplitJob:
     """M `GeneratorWorker`s and K `DiscriminatorWorker`s; rounds as chains of ObjectRefs."""
 
-    def __init__(self, cfg: dict[str, Any], config: Any, placement: Placement, timeout_s: float,
+    def __init__(self, cfg: dict[str, Any], layout: Layout, placement: Placement, timeout_s: float,
                  start_timeout_s: float) -> None:
         from ganray.workers.split import DiscriminatorWorker, GeneratorWorker, g_parts_for
 
-        topo = config.topology
+        split = layout.split
+        assert split is not None, "SplitJob needs a split layout"
+        g_specs, d_specs = layout.of_role(GENERATOR), layout.of_role(DISCRIMINATOR)
         self.timeout_s = timeout_s
-        self.m, self.k = topo.generators, topo.discriminators
-        self.batch = config.schedule.batch_size
-        self.n_critic = config.schedule.n_critic
-        self.hyper = {"g_lr": config.schedule.g_lr, "d_lr": config.schedule.d_lr}
-        self.overlap = topo.overlapped
-        # Placement order: the M generators first, then the K discriminators.
-        self.discs = [DiscriminatorWorker.options(**placement.actor_options(self.m + i))
-                      .remote(cfg, i, self.k, topo.swap_epochs) for i in range(self.k)]
-        self.gens = [GeneratorWorker.options(**placement.actor_options(j))
-                     .remote(cfg, j, self.m, topo.feedback_mode, topo.feedback_lambda) for j in range(self.m)]
+        self.m, self.k = len(g_specs), len(d_specs)
+        self.batch = layout.batch_size
+        self.loss = cfg["loss"]
+        self.hyper = Hyper.from_config(cfg)
+        self.overlap = split.overlap
+        self.discs = [DiscriminatorWorker.options(**placement.actor_options(s.index))
+                      .remote(cfg, s.rank, self.k, split.swap_every_epochs) for s in d_specs]
+        self.gens = [GeneratorWorker.options(**placement.actor_options(s.index))
+                     .remote(cfg, s.rank, self.m, split.feedback, split.softmax_lambda) for s in g_specs]
         try:
             d_infos = [d.setup.remote() for d in self.discs]
             # The generators take the sample shape from D_0's data info as an ObjectRef resolved
@@ -59,15 +68,13 @@ class SplitJob:
             # Discriminators never all-reduce (each trains on its own share); generators do when M > 1.
             self.allreduce = "none (one generator)"
             if self.m > 1:
-                gpus = config.resources.role("generator").gpus
-                checksums, self.allreduce = form_group(self.gens, gpus, timeout_s, "generator")
+                checksums, self.allreduce = form_group(self.gens, g_specs[0].gpus, timeout_s, "generator")
                 check_same(checksums, "generator")
         except BaseException:
             kill(self.actors)
             raise
         self.parts = [g_parts_for(i, self.k, self.m, self.batch) for i in range(self.k)]
-        self.rounds = 0
-        self.images_seen = 0
+        self.progress = Progress()
         self.nonfinite_run = 0
         self._pending: Optional[list[Any]] = None  # overlap: next round's fakes, already submitted
 
@@ -75,10 +82,16 @@ class SplitJob:
     def actors(self) -> list[Any]:
         return [*self.gens, *self.discs]
 
+    def _table(self) -> RoundTable:
+        return round_table(self.loss["kind"], int(self.loss["r1_interval"]), float(self.loss["gp_weight"]), self.hyper)
+
     def _submit_round(self) -> tuple[list[Any], list[Any]]:
-        r = self.rounds
+        """One pass of the round table as a chain of actor calls; returns the D and G records' refs."""
+        r = self.progress.rounds
+        table = self._table()
+        # The D phases: their fakes from the generators, all of them on every discriminator.
         if self.overlap:
-            # Staleness 1: round r's D steps use fakes made before G's step r-1 landed, and G
+            # Staleness 1: round r's D phases use fakes made before G's step r-1 landed, and G
             # makes round r+1's fakes while the Ds are busy with round r.
             fakes = self._pending or [g.fakes.remote(r) for g in self.gens]
             self._pending = [g.fakes.remote(r + 1) for g in self.gens]
@@ -86,21 +99,20 @@ class SplitJob:
             fakes = [g.fakes.remote(r) for g in self.gens]
         d_refs = [d.d_phase.remote(r, self.parts[i][0], *[fakes[j] for j in self.parts[i]])
                   for i, d in enumerate(self.discs)]
+        # The G phase and the G_ema phase: G's forward, every D's feedback, the generators' step.
         g_out = [g.forward.remote(r) for g in self.gens]
         feedback = [d.feedback.options(num_returns=self.m + 1).remote(*g_out) for d in self.discs]
         losses = [fb[0] for fb in feedback]
-        n_images = self.n_critic * self.batch
-        g_refs = [g.apply_feedback.remote(n_images, *losses, *[fb[1 + j] for fb in feedback])
+        g_refs = [g.apply_feedback.remote(*losses, *[fb[1 + j] for fb in feedback])
                   for j, g in enumerate(self.gens)]
-        self.rounds += 1
-        self.images_seen += n_images
+        self.progress.end_round(table, self.batch)
         return d_refs, g_refs
 
     def run(self, n_rounds: int, stop_at_images: Optional[int]) -> ChunkResult:
-        per_round = self.n_critic * self.batch
+        per_round = self._table().images(self.batch)
         todo = n_rounds
         if stop_at_images is not None:
-            todo = min(n_rounds, max(0, math.ceil((stop_at_images - self.images_seen) / per_round)))
+            todo = min(n_rounds, max(0, math.ceil((stop_at_images - self.progress.images_seen) / per_round)))
         t0 = time.perf_counter()
         wait_s = 0.0
         rounds: list[tuple[list[Any], list[Any]]] = []
@@ -113,42 +125,41 @@ class SplitJob:
         flat = [ref for d_refs, g_refs in rounds for ref in (*d_refs, *g_refs)]
         values = get(flat, self.timeout_s, f"a chunk of {todo} rounds")
         wall = time.perf_counter() - t0
-        metrics: dict[str, list[float]] = {key: [] for key in METRIC_KEYS} if todo else {}
+        metrics: dict[str, list[float]] = {}
         g_busy = d_busy = comm = 0.0
         step = self.k + self.m
         for q in range(todo):
             d_out = values[q * step:q * step + self.k]
             g_out = values[q * step + self.k:(q + 1) * step]
-            for key in ("loss_D", "real_score", "fake_score", "grad_norm_D"):
-                metrics[key].append(mean([d[key] for d in d_out]))
-            metrics["loss_G"].append(g_out[0]["loss_G"])
-            metrics["grad_norm_G"].append(g_out[0]["grad_norm_G"])
-            skipped = sum(d["skipped_D"] for d in d_out) + max(g["skipped_G"] for g in g_out)
-            metrics["skipped"].append(float(skipped))
-            self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+            # The K discriminators are K models, the M generators one.
+            record = combine(merge_models([d["stats"] for d in d_out]), merge_replicas([g["stats"] for g in g_out]))
+            for name, value in record.items():
+                metrics.setdefault(name, []).append(value)
+            self.nonfinite_run = self.nonfinite_run + 1 if record.get(SKIPPED) else 0
             d_busy += mean([d["compute_s"] for d in d_out])
             g_busy += mean([g["compute_s"] for g in g_out])
             comm += mean([g["comm_s"] for g in g_out])
         # G and D alternate within a round (they overlap only with topology.overlap), so busy
         # time adds up along the round; the rest of the wall time is transfer, call latency, idling.
         compute = min(g_busy + d_busy, max(0.0, wall - comm))
-        return ChunkResult(rounds=todo, images_seen=self.images_seen, round_index=self.rounds, metrics=metrics,
-                           time_compute_s=compute, time_comm_s=comm,
+        return ChunkResult(rounds=todo, images_seen=self.progress.images_seen, round_index=self.progress.rounds,
+                           metrics=metrics, time_compute_s=compute, time_comm_s=comm,
                            time_wait_s=max(wait_s, wall - compute - comm), nonfinite_run=self.nonfinite_run)
 
     def state(self) -> dict[str, Any]:
+        """The job state: generator 0's parts, each discriminator's parts under its own name
+        ("d{i}", written by the worker), the driver's progress. The driver only merges."""
         if self.m > 1:
             check_same(get([g.param_checksum.remote() for g in self.gens], self.timeout_s, "checksums"), "generator")
         g_ref = self.gens[0].state.remote()
         d_states = get([d.state.remote() for d in self.discs], self.timeout_s, "discriminator states")
         g_state = get(g_ref, self.timeout_s, "the generator state")
-        names = [f"d{i}" for i in range(self.k)]
-        return {**g_state,
-                "D": {n: s["D"] for n, s in zip(names, d_states)},
-                "opt_D": {n: s["opt_D"] for n, s in zip(names, d_states)},
-                "sampler": {n: s["sampler"] for n, s in zip(names, d_states)},
-                "progress": {"rounds": self.rounds, "images_seen": self.images_seen,
-                             "d_steps": int(d_states[0]["d_steps"])}}
+        merged: dict[str, Any] = {**g_state, "D": {}, "opt_D": {}, "sampler": {}}
+        for d_state in d_states:
+            for part in D_PARTS:
+                merged[part].update(d_state[part])
+        merged["progress"] = {**self.progress.state(), "d_steps": int(d_states[0]["d_steps"])}
+        return merged
 
     def load_state(self, state: dict[str, Any], keep_hyper: bool) -> None:
         names = [f"d{i}" for i in range(self.k)]
@@ -160,21 +171,22 @@ class SplitJob:
         g_part = ray.put({"G": state["G"], "G_ema": state["G_ema"], "opt_G": state["opt_G"]})
         refs = [g.load_state.remote(g_part, progress, keep_hyper) for g in self.gens]
         for name, d in zip(names, self.discs):
-            part = {"D": state["D"][name], "opt_D": state["opt_D"][name], "sampler": state["sampler"][name]}
-            refs.append(d.load_state.remote(part, progress, keep_hyper))
+            # Each discriminator is sent only its own entries, under its own name.
+            refs.append(d.load_state.remote({part: {name: state[part][name]} for part in D_PARTS}, progress,
+                                            keep_hyper))
         get(refs, self.timeout_s, "loading state")
-        self.rounds, self.images_seen = progress["rounds"], progress["images_seen"]
+        self.progress.load(progress)
         self._pending = None  # stale fakes of the replaced generator must not be used
 
     def generator_state(self) -> dict[str, Any]:
         return get(self.gens[0].generator_state.remote(), self.timeout_s, "the generator state")
 
     def set_hyper(self, hyper: dict[str, Any]) -> None:
+        before = self.hyper.n_critic
+        self.hyper.update(hyper)  # validated here first: an unknown name reaches no worker
         get([a.set_hyper.remote(hyper) for a in self.actors], self.timeout_s, "set_hyper")
-        self.hyper.update({k: v for k, v in hyper.items() if k in self.hyper})
-        if "n_critic" in hyper:
-            self.n_critic = int(hyper["n_critic"])
-            self._pending = None  # pre-made fakes hold the old number of critic steps
+        if self.hyper.n_critic != before:
+            self._pending = None  # pre-made fakes hold the old number of D phases
 
     def scale_lr(self, factor: float) -> None:
-        self.set_hyper({"g_lr": self.hyper["g_lr"] * factor, "d_lr": self.hyper["d_lr"] * factor})
+        self.set_hyper({"g_lr": self.hyper.g_lr * factor, "d_lr": self.hyper.d_lr * factor})

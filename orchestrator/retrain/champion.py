@@ -1,4 +1,4 @@
-"""Scheduled retraining with a champion/challenger gate, and promotion by hand.
+"""Scheduled retraining with a champion/challenger gate (promotion by hand: `promote.py`).
 
 `retrain(config, ...)` is what `ganray retrain` runs, once per schedule tick:
 
@@ -75,14 +75,6 @@ class RetrainOutcome:
     previous_decision: Optional[str] = None  # set when skipped
 
 
-@dataclass
-class PromoteOutcome:
-    model_name: str
-    version: str
-    previous: Optional[str]
-    user: str
-
-
 # ---------------------------------------------------------------------------------------------
 # The gate
 
@@ -134,7 +126,7 @@ def find_champion(client: "MlflowClient", model_name: str) -> Optional["ModelVer
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
-        raise TrackingError(f"cannot read registered model '{model_name}' ({_first_line(exc)})") from None
+        raise TrackingError(f"cannot read registered model '{model_name}' ({first_line(exc)})") from None
     version = (model.aliases or {}).get(CHAMPION)
     return None if version is None else client.get_model_version(model_name, str(version))
 
@@ -148,7 +140,7 @@ def find_decided(client: "MlflowClient", model_name: str, schedule_key: str) -> 
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
-        raise TrackingError(f"cannot search model versions of '{model_name}' ({_first_line(exc)})") from None
+        raise TrackingError(f"cannot search model versions of '{model_name}' ({first_line(exc)})") from None
     decided = [mv for mv in found if mv.tags.get(DECISION_TAG)]
     if not decided:
         return None
@@ -401,64 +393,7 @@ def _record(client: "MlflowClient", o: RetrainOutcome, images_seen: int) -> None
     log.info("retrain of '%s': version %s %s (%s)", o.model_name, o.version, o.decision, o.reason)
 
 
-# ---------------------------------------------------------------------------------------------
-# Promotion by hand
-
-
-def promote(model_name: str, version: str, reason: Optional[str] = None,
-            tracking_uri: Optional[str] = None) -> PromoteOutcome:
-    """Move `champion` to `version` (a rollback), recording who asked, when and why on the version.
-
-    It does not take the retrain lock: a rollback must work while a retrain runs (that retrain may
-    still promote its own challenger when it ends, as its gate decides).
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from ganray.orchestrator.tracking import store as tracking
-    from ganray.orchestrator.tracking.release import _no_model_error, _no_versions_error, _version_numbers
-
-    version = str(version).strip()
-    if not version.isdigit():
-        raise ConfigError(f"model version '{version}' is not a number; pass e.g. `ganray promote {model_name} 3`")
-    uri = tracking.resolve_tracking_uri(tracking_uri, None)
-    client = MlflowClient(uri)
-    where = tracking.redact(uri)
-    try:
-        model = client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise _no_model_error(client, model_name, where) from None
-        raise TrackingError(f"cannot read registered model '{model_name}' from {where} ({_first_line(exc)})") from None
-    try:
-        client.get_model_version(model_name, version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            numbers = _version_numbers(client, model_name)
-            if not numbers:
-                raise _no_versions_error(model_name, where) from None
-            raise TrackingError(f"registered model '{model_name}' has no version {version} in {where}; its versions "
-                                f"are {', '.join(map(str, numbers))}: pass one of them, e.g. "
-                                f"`ganray promote {model_name} {numbers[-1]}`") from None
-        raise TrackingError(f"cannot read version {version} of '{model_name}' ({_first_line(exc)})") from None
-    previous = (model.aliases or {}).get(CHAMPION)
-    user = current_user()
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    tags = {"ganray.promoted_by": user, "ganray.promoted_at": now,
-            "ganray.promote_reason": tracking.scrub(reason or "manual promotion"),
-            "ganray.promoted_from": str(previous) if previous is not None else "none"}
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    client.set_registered_model_alias(model_name, CHAMPION, version)
-    if previous is not None and str(previous) != version:
-        client.set_model_version_tag(model_name, str(previous), "ganray.demoted_at", now)
-        client.set_model_version_tag(model_name, str(previous), "ganray.demoted_by", user)
-    log.info("'%s' champion: version %s (was %s), by %s", model_name, version, previous, user)
-    return PromoteOutcome(model_name=model_name, version=version,
-                          previous=str(previous) if previous is not None else None, user=user)
-
-
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     from ganray.orchestrator.tracking.store import scrub
 
     lines = scrub(str(exc)).strip().splitlines()

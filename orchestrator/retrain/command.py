@@ -69,7 +69,7 @@ def promote_command(name: str = typer.Argument(..., help="registered model name"
                     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
                                                                help="MLflow tracking URI (over MLFLOW_TRACKING_URI)")) -> None:
     """Move the `champion` alias of NAME to VERSION by hand (a rollback), recording who and why."""
-    from ganray.orchestrator.retrain.champion import promote
+    from ganray.orchestrator.retrain.promote import promote
 
     outcome = promote(name, version, reason=reason, tracking_uri=tracking_uri)
     _emit("model", outcome.model_name)

@@ -21,63 +21,19 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ganray.orchestrator.errors import TrackingError
+from ganray.orchestrator.tracking.mlflow_batches import (METRICS_PER_BATCH, PARAMS_PER_BATCH, Abandoned, MetricRun,
+                                                         Permanent, QueuedCall, is_transient, param_entities,
+                                                         remove_tree, tag_entities)
 from ganray.orchestrator.tracking.store import _first_line, _tag_value, param_value, redact, scrub
 
 if TYPE_CHECKING:  # MLflow costs seconds to import; only the functions that talk to it import it.
     from mlflow import MlflowClient
 
 log = logging.getLogger("ganray.tracking")
-
-_PARAMS_PER_BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
-_METRICS_PER_BATCH = 1000  # MLflow's MAX_METRICS_PER_BATCH
-# MLflow error codes worth retrying: the server is away, overloaded or briefly failing.
-_TRANSIENT_CODES = frozenset({
-    "INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "SERVICE_UNDER_MAINTENANCE",
-    "WORKSPACE_TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "REQUEST_LIMIT_EXCEEDED",
-    "RESOURCE_EXHAUSTED", "COULD_NOT_ACQUIRE_LOCK", "UNPARSEABLE_HTTP_ERROR",
-})
-
-
-@dataclass
-class _Metrics:
-    """A run of consecutive metric points in the queue: (key, value, timestamp_ms, step)."""
-
-    points: collections.deque = field(default_factory=collections.deque)
-
-
-@dataclass
-class _Call:
-    """Any other queued operation: `fn(client, run_id)`, resolved into `future` (True = done)."""
-
-    fn: Callable[["MlflowClient", str], None]
-    what: str
-    future: Future = field(default_factory=Future)
-    cleanup: Callable[[], None] | None = None
-
-
-class _Permanent(Exception):
-    """A send the store rejects for good (retrying cannot help)."""
-
-
-class _Abandoned(Exception):
-    """close() ran out of time: the send is given up without another try."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(exc, MlflowException):
-        return exc.error_code in _TRANSIENT_CODES
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return False  # a local file that vanished will not come back
-    if isinstance(exc, (OSError, TimeoutError)):  # requests' errors are OSErrors too
-        return True
-    return type(exc).__module__.startswith("sqlalchemy")  # e.g. "database is locked"
 
 
 class RunLogger:
@@ -108,7 +64,7 @@ class RunLogger:
                 if run.info.status != "RUNNING":  # a finished run accepts no data until reopened
                     self._client.update_run(run_id, status="RUNNING")
                 if scrubbed:
-                    self._client.log_batch(run_id, tags=_tag_entities(scrubbed))
+                    self._client.log_batch(run_id, tags=tag_entities(scrubbed))
         except MlflowException as exc:
             what = f"run {run_id}" if run_id else f"a run in experiment {experiment_id}"
             raise TrackingError(f"cannot open {what} in {redact(uri)} ({_first_line(exc)})") from None
@@ -116,7 +72,7 @@ class RunLogger:
         self._experiment_id: str = run.info.experiment_id
 
         self._cond = threading.Condition()
-        self._ops: collections.deque[_Metrics | _Call] = collections.deque()
+        self._ops: collections.deque[MetricRun | QueuedCall] = collections.deque()
         self._queued_points = 0
         self._busy = False  # the sender holds an op (sending or backing off)
         self._inflight_since: float | None = None
@@ -178,19 +134,19 @@ class RunLogger:
             elif old != text:
                 changed[f"ganray.resumed.{key}"] = text
         items = list(fresh.items())
-        for start in range(0, len(items), _PARAMS_PER_BATCH):
-            chunk = dict(items[start:start + _PARAMS_PER_BATCH])
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            chunk = dict(items[start:start + PARAMS_PER_BATCH])
             self._existing_params.update(chunk)
-            self._submit(_Call(lambda c, r, p=chunk: c.log_batch(r, params=_param_entities(p)),
+            self._submit(QueuedCall(lambda c, r, p=chunk: c.log_batch(r, params=param_entities(p)),
                                f"{len(chunk)} params"))
         if changed:
             self.set_tags(changed)
 
     def set_tags(self, tags: dict) -> None:
         items = [(str(k), _tag_value(v)) for k, v in tags.items()]
-        for start in range(0, len(items), _PARAMS_PER_BATCH):
-            chunk = dict(items[start:start + _PARAMS_PER_BATCH])
-            self._submit(_Call(lambda c, r, t=chunk: c.log_batch(r, tags=_tag_entities(t)), f"{len(chunk)} tags"))
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            chunk = dict(items[start:start + PARAMS_PER_BATCH])
+            self._submit(QueuedCall(lambda c, r, t=chunk: c.log_batch(r, tags=tag_entities(t)), f"{len(chunk)} tags"))
 
     def skip_steps_upto(self, step: int | None) -> None:
         """Drop metric points at or below `step` (resume: those are already in the store)."""
@@ -208,8 +164,8 @@ class RunLogger:
         drop_warning = None
         with self._cond:
             tail = self._ops[-1] if self._ops else None
-            if not isinstance(tail, _Metrics):
-                tail = _Metrics()
+            if not isinstance(tail, MetricRun):
+                tail = MetricRun()
                 self._ops.append(tail)
             tail.points.extend(points)
             self._queued_points += len(points)
@@ -229,21 +185,21 @@ class RunLogger:
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> Future:
         """Upload a file (keep it in place until the returned future is done)."""
         path = str(local_path)
-        return self._submit(_Call(lambda c, r: c.log_artifact(r, path, artifact_path), f"artifact {path}"))
+        return self._submit(QueuedCall(lambda c, r: c.log_artifact(r, path, artifact_path), f"artifact {path}"))
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> Future:
         path = str(local_dir)
-        return self._submit(_Call(lambda c, r: c.log_artifacts(r, path, artifact_path), f"artifacts {path}"))
+        return self._submit(QueuedCall(lambda c, r: c.log_artifacts(r, path, artifact_path), f"artifacts {path}"))
 
     def log_text(self, text: str, artifact_file: str) -> Future:
         """A text artifact, scrubbed of credentials (a config's tracking.uri may carry a password)."""
         text = scrub(text)
-        return self._submit(_Call(lambda c, r: c.log_text(r, text, artifact_file), f"text {artifact_file}"))
+        return self._submit(QueuedCall(lambda c, r: c.log_text(r, text, artifact_file), f"text {artifact_file}"))
 
     def log_figure(self, fig: Any, artifact_file: str) -> Future:
         """A matplotlib figure is rendered now (the caller may reuse or close it), uploaded later."""
         if not hasattr(fig, "savefig"):
-            return self._submit(_Call(lambda c, r: c.log_figure(r, fig, artifact_file), f"figure {artifact_file}"))
+            return self._submit(QueuedCall(lambda c, r: c.log_figure(r, fig, artifact_file), f"figure {artifact_file}"))
         import tempfile
 
         tmp = Path(tempfile.mkdtemp(prefix="ganray-fig-"))
@@ -251,8 +207,8 @@ class RunLogger:
         fig.savefig(local)
         folder = str(Path(artifact_file).parent)
         folder_arg = None if folder in ("", ".") else folder
-        return self._submit(_Call(lambda c, r: c.log_artifact(r, str(local), folder_arg), f"figure {artifact_file}",
-                                  cleanup=lambda: _remove_tree(tmp)))
+        return self._submit(QueuedCall(lambda c, r: c.log_artifact(r, str(local), folder_arg), f"figure {artifact_file}",
+                                  cleanup=lambda: remove_tree(tmp)))
 
     def log_image(self, image_array: Any, key: str, step: int) -> Future:
         """A time-stepped image (MLflow's image charts); the array is copied now."""
@@ -260,7 +216,7 @@ class RunLogger:
 
         image = np.array(image_array, copy=True)
         ts = int(time.time() * 1000)
-        return self._submit(_Call(
+        return self._submit(QueuedCall(
             lambda c, r: c.log_image(r, image, key=key, step=int(step), timestamp=ts, synchronous=True),
             f"image {key}@{step}"))
 
@@ -311,7 +267,7 @@ class RunLogger:
             if buffer.getvalue():
                 sys.stdout.write(redact(buffer.getvalue()))
 
-        done = self._submit(_Call(terminate, f"terminate run as {status}"))
+        done = self._submit(QueuedCall(terminate, f"terminate run as {status}"))
         with self._cond:
             self._closing = True
         complete = self.flush(timeout) and done.done() and done.result() is True
@@ -332,7 +288,7 @@ class RunLogger:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _submit(self, call: _Call) -> Future:
+    def _submit(self, call: QueuedCall) -> Future:
         with self._cond:
             if self._closing:
                 call.future.set_result(False)
@@ -347,7 +303,7 @@ class RunLogger:
         for op in self._ops:
             if dropped >= n:
                 break
-            if isinstance(op, _Metrics):
+            if isinstance(op, MetricRun):
                 while op.points and dropped < n:
                     op.points.popleft()
                     dropped += 1
@@ -360,17 +316,17 @@ class RunLogger:
                     f"dropping the oldest ({self.dropped} dropped so far)")
         return None
 
-    def _take(self) -> _Metrics | _Call | None:
+    def _take(self) -> MetricRun | QueuedCall | None:
         """The next unit of work: up to 1000 metric points, or one call (caller holds the lock)."""
         while self._ops:
             head = self._ops[0]
-            if isinstance(head, _Call):
+            if isinstance(head, QueuedCall):
                 return self._ops.popleft()
             if not head.points:
                 self._ops.popleft()
                 continue
-            batch = _Metrics()
-            while head.points and len(batch.points) < _METRICS_PER_BATCH:
+            batch = MetricRun()
+            while head.points and len(batch.points) < METRICS_PER_BATCH:
                 batch.points.append(head.points.popleft())
             self._queued_points -= len(batch.points)
             if not head.points:
@@ -396,7 +352,7 @@ class RunLogger:
                 except BaseException:  # noqa: BLE001 - the sender must survive anything
                     log.exception("ganray MLflow sender: unexpected error")
                     ok = False
-                if isinstance(op, _Call):
+                if isinstance(op, QueuedCall):
                     if op.cleanup:
                         op.cleanup()
                     if not op.future.done():
@@ -408,27 +364,27 @@ class RunLogger:
 
     def _fail_remaining(self) -> None:
         for op in self._ops:
-            if isinstance(op, _Call):
+            if isinstance(op, QueuedCall):
                 if op.cleanup:
                     op.cleanup()
                 if not op.future.done():
                     op.future.set_result(False)
         self._ops.clear()
 
-    def _deliver(self, op: _Metrics | _Call) -> bool:
-        if isinstance(op, _Call):
+    def _deliver(self, op: MetricRun | QueuedCall) -> bool:
+        if isinstance(op, QueuedCall):
             try:
                 self._retrying(lambda: op.fn(self._client, self._run_id))
                 return True
-            except _Permanent as exc:
+            except Permanent as exc:
                 self.rejected += 1
                 log.warning("MLflow refused %s for run %s: %s", op.what, self._run_id, exc)
                 return False
-            except _Abandoned:
+            except Abandoned:
                 return False
         try:
             return self._send_points(list(op.points))
-        except _Abandoned:
+        except Abandoned:
             return False
 
     def _send_points(self, points: list[tuple[str, float, int, int]]) -> bool:
@@ -439,7 +395,7 @@ class RunLogger:
             self._retrying(lambda: self._client.log_batch(self._run_id, metrics=metrics))
             self.sent_points += len(points)
             return True
-        except _Permanent as exc:
+        except Permanent as exc:
             if len(points) == 1:  # one bad point must not take its neighbours with it
                 self.rejected += 1
                 log.warning("MLflow refused metric '%s' at step %d: %s", points[0][0], points[0][3], exc)
@@ -449,18 +405,18 @@ class RunLogger:
             return self._send_points(points[half:]) and first
 
     def _retrying(self, send: Callable[[], None]) -> None:
-        """Run `send` until it succeeds; transient errors back off, permanent ones raise _Permanent."""
+        """Run `send` until it succeeds; transient errors back off, permanent ones raise Permanent."""
         attempt = 0
         while True:
             if self._abandon:
-                raise _Abandoned()
+                raise Abandoned()
             with self._cond:
                 self._inflight_since = time.monotonic()
             try:
                 send()
             except Exception as exc:  # noqa: BLE001 - classified below; nothing reaches the caller
-                if not _is_transient(exc):
-                    raise _Permanent(_first_line(exc)) from None
+                if not is_transient(exc):
+                    raise Permanent(_first_line(exc)) from None
                 self._on_failure(exc)
                 delay = min(self.max_backoff_s, 0.25 * (2 ** min(attempt, 10))) * (0.75 + 0.5 * random.random())
                 attempt += 1
@@ -485,21 +441,3 @@ class RunLogger:
         self._failures = 0
         self._outage_start = None
         self._stall_warned = False
-
-
-def _param_entities(params: dict[str, str]) -> list:
-    from mlflow.entities import Param
-
-    return [Param(k, v) for k, v in params.items()]
-
-
-def _tag_entities(tags: dict[str, str]) -> list:
-    from mlflow.entities import RunTag
-
-    return [RunTag(k, v) for k, v in tags.items()]
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -103,3 +103,29 @@ def log_samples(logger: Any, config: Any, G: torch.nn.Module, images_seen: int) 
     else:
         images = sample_generator(G, 64, FIXED_LATENT_SEED)
         logger.log_image(image_grid(images), key="samples", step=images_seen)
+
+
+class SamplePlots:
+    """A sample picture of the run every `schedule.sample_kimg` (the job's last point included)."""
+
+    def __init__(self, logger: Any, config: Any, images_seen: int) -> None:
+        from ganray.orchestrator.job.schedule import Interval
+
+        self.logger, self.config = logger, config
+        self.interval = Interval(config.schedule.sample_kimg, images_seen)
+
+    def due(self, images_seen: int) -> bool:
+        return self.interval.due(images_seen)
+
+    def log(self, G: torch.nn.Module, images_seen: int) -> None:
+        log_samples(self.logger, self.config, G, images_seen)
+
+
+class NullSamplePlots:
+    """No pictures: tracking is off (drawing them would cost the loop for nothing)."""
+
+    def due(self, images_seen: int) -> bool:
+        return False
+
+    def log(self, G: torch.nn.Module, images_seen: int) -> None:
+        pass

@@ -27,7 +27,6 @@ from ganray.orchestrator.errors import TrackingError
 
 if TYPE_CHECKING:  # MLflow costs seconds to import; only the functions that talk to it import it.
     from ganray.orchestrator.job.config import TrainConfig
-    from ganray.orchestrator.tracking.run_logger import RunLogger
 
 log = logging.getLogger("ganray.tracking")
 
@@ -214,20 +213,11 @@ def ganray_version() -> str:
         return "unknown"
 
 
-def _topology_text(config: "TrainConfig") -> str:
-    topo = config.topology
-    if topo.kind == "replicated":
-        return f"replicated x{topo.workers}"
-    if topo.kind == "split":
-        return f"split {topo.generators}G+{topo.discriminators}D ({topo.feedback_mode})"
-    return "local"
-
-
 def run_tags(config: "TrainConfig") -> dict[str, str]:
     """Tags every run carries; the caller adds the data fingerprint."""
     tags = {
         "ganray.version": ganray_version(),
-        "ganray.topology": _topology_text(config),
+        "ganray.topology": config.layout.describe(),
         "ganray.data": config.data.name,
         "ganray.config_hash": config.config_hash(),
     }

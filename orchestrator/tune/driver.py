@@ -103,7 +103,7 @@ def search(config: Union[TrainConfig, str, Path], search_spec: Union[SearchSpec,
     check_search(spec, cfg)
     storage = resolve_storage(spec.storage_path)
     experiment_path = f"{storage.rstrip('/')}/{spec.name}"
-    owns_ray = connect(cfg.resources)
+    owns_ray = connect(cfg.resources).owned
     parent = None
     try:
         check_storage(storage, len([n for n in ray.nodes() if n.get("Alive")]))

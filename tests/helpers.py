@@ -1,0 +1,59 @@
+"""Helpers the tests share: the small job config, free ports, the repository root.
+
+Import them as `from helpers import small_config` (pytest puts tests/ on sys.path; tests/ is not
+a package). conftest.py holds only fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import socket
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny 2D job: trains in seconds on one core, every schedule boundary within a few kimg.
+_SMALL_TREE: dict[str, Any] = {
+    "seed": 0,
+    "data": {"name": "grid25", "size": 4096},
+    "model": {"z_dim": 4, "hidden": 32, "depth": 2},
+    "schedule": {"total_kimg": 4, "batch_size": 64, "sync_kimg": 1, "checkpoint_kimg": 2,
+                 "sample_kimg": 100, "ema_half_life_kimg": 1},
+    "topology": {"kind": "local"},
+    "eval": {"every_kimg": 100, "num_samples": 500},
+}
+
+
+def small_tree(**sections: Any) -> dict[str, Any]:
+    """The small job's config tree; a dict argument updates that section's keys, anything else
+    replaces the section."""
+    tree = copy.deepcopy(_SMALL_TREE)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return tree
+
+
+def small_config(**sections: Any) -> Any:
+    """The small job as a validated `TrainConfig` (see `small_tree`)."""
+    from ganray.orchestrator.job.config import config_from_dict
+
+    return config_from_dict(small_tree(**sections))
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on 127.0.0.1 (all held open together so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    return free_ports(1)[0]

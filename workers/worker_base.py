@@ -1,0 +1,97 @@
+"""`WorkerBase`: what every training actor (`ReplicaWorker`, `GeneratorWorker`,
+`DiscriminatorWorker`) shares, written once.
+
+Thread count set before anything is built, a liveness probe (`process_info`), joining and
+leaving the group of peers that all-reduce one model's gradients, a validated `set_hyper`, the
+parameter checksum the coordinator compares across peers, and the G_ema weights for sampling
+and evaluation. A subclass builds its networks in `setup()` and says which modules it holds
+(`modules`), which hold the generator (`generator`), how large its largest reduce is
+(`reduced_numel`) and how its optimizers take new hyperparameters (`apply_hyper`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import ray
+import torch
+from torch import nn
+
+from ganray.workers.collective import Collective, free_port, module_tensors, node_address
+from ganray.workers.settings import StepSettings
+
+
+class WorkerBase:
+    """Rank `rank` of the `world` peers that step one model together (world 1: no peers)."""
+
+    settings: StepSettings
+
+    def __init__(self, config: dict[str, Any], rank: int, world: int) -> None:
+        # Threads first: the data loader and the networks built in `setup` run with them.
+        torch.set_num_threads(int(config["resources"]["threads_per_worker"]))
+        self.config = config
+        self.rank, self.world = int(rank), int(world)
+        self.group: Optional[Collective] = None  # made in `setup`, once the device is known
+
+    # -- what a subclass provides ------------------------------------------------------------
+    def modules(self) -> tuple[nn.Module, ...]:
+        """The networks this worker holds: checksummed, and broadcast from rank 0 on joining."""
+        raise NotImplementedError
+
+    def generator(self) -> Optional[nn.Module]:
+        """G_ema, when this worker holds the generator."""
+        return None
+
+    def reduced_numel(self) -> int:
+        """Elements of the largest gradient all-reduce this worker runs (shared-memory slot size)."""
+        return 0
+
+    def apply_hyper(self) -> None:
+        """Let the optimizers take the current `settings.hyper` (at the current kimg)."""
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def process_info(self) -> dict[str, Any]:
+        """This worker's process id and node: a liveness probe for the coordinator (and fault tests)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) for the group's TCP store; asked of rank 0 only."""
+        return node_address(), free_port()
+
+    def join_group(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False) -> tuple[float, str]:
+        """Join the peers' group and take rank 0's parameters; returns this worker's checksum and
+        how the group's all-reduces travel (`Collective.path`).
+
+        The peers are identical anyway (same seed), but the broadcast makes that a fact rather
+        than an assumption (a custom model with unseeded init would otherwise diverge)."""
+        assert self.group is not None, "setup() builds the group before join_group"
+        self.group.join(address, port, timeout_s, shared_gpu, shared_numel=self.reduced_numel())
+        self.group.broadcast(module_tensors(*self.modules()), src=0)
+        return self.param_checksum(), self.group.path()
+
+    def leave_group(self) -> None:
+        if self.group is not None:
+            self.group.leave()
+
+    def set_hyper(self, hyper: dict[str, Any]) -> None:
+        """Change hyperparameters (an unknown name is a ConfigError naming the valid ones)."""
+        self.settings.hyper.update(hyper)
+        self.apply_hyper()
+
+    def param_checksum(self) -> float:
+        """Sum of every parameter of `modules()` in float64: equal on peers that agree."""
+        with torch.no_grad():
+            total = torch.zeros((), dtype=torch.float64)
+            for m in self.modules():
+                for p in m.parameters():
+                    total += p.detach().double().sum().cpu()
+            return float(total)
+
+    def generator_state(self) -> dict[str, torch.Tensor]:
+        """G_ema's weights on the CPU (samples, evaluation, releases)."""
+        g_ema = self.generator()
+        if g_ema is None:
+            raise RuntimeError(f"{type(self).__name__} holds no generator")
+        return {k: v.detach().cpu().clone() for k, v in g_ema.state_dict().items()}
