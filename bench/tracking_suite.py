@@ -77,9 +77,9 @@ def _train_timed(tree: dict[str, Any], enabled: bool, store: Path) -> dict[str, 
 def tracking(ctx: BenchContext) -> Report:
     """MLflow logging and checkpointing on against tracking.enabled=false, same job, alternated."""
     tree = _tracking_tree(ctx.quick)
-    # An even number of pairs, half of them in each order: on 2026-11-27 the second run of every
-    # one of 5 pairs was 3-7% slower than the first, whichever mode it was, so 3 pairs of one
-    # order against 2 of the other put the median ratio at 0.97 where the means agreed to 0.997.
+    # An even number of pairs, half of them in each order: the second run of a pair was
+    # measurably slower than the first whichever mode it was (docs/performance.md), so an odd
+    # number of pairs would bias the median ratio towards the mode that ran second more often.
     reps = ctx.reps + ctx.reps % 2
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory(prefix="ganray-bench-mlflow-") as tmp:

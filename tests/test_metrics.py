@@ -15,17 +15,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ganray.models import fid as fid_mod
+from ganray.models import digits_classifier as classifier_mod
 from ganray.models.errors import ConfigError
-from ganray.models.fid import (
-    DigitsFeatureNet,
-    FeatureExtractor,
-    RealStatsCache,
-    image_scores,
-    inception_feature_net,
-    load_or_train_digits_classifier,
-    train_digits_classifier,
-)
+from ganray.models.digits_classifier import DigitsFeatureNet, load_or_train_digits_classifier, train_digits_classifier
+from ganray.models.fid import FeatureExtractor, RealStatsCache, image_scores, inception_feature_net
 from ganray.models.metrics2d import evaluate_2d, mixture_modes
 
 DIGITS_SHAPE = (1, 8, 8)
@@ -175,7 +168,7 @@ def test_classifier_cache_trains_once(tmp_path, monkeypatch, classifier, digits)
         net, acc = classifier
         return copy.deepcopy(net), acc
 
-    monkeypatch.setattr(fid_mod, "train_digits_classifier", counting_train)
+    monkeypatch.setattr(classifier_mod, "train_digits_classifier", counting_train)
     args = (tmp_path, digits["xtr"], digits["ytr"], digits["xte"], digits["yte"])
     net1, acc1 = load_or_train_digits_classifier(*args, data_hash="abc123")
     rng_before = torch.get_rng_state()

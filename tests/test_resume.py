@@ -41,3 +41,44 @@ def test_stop_and_resume_gives_identical_losses(kind, mlflow_store, request):
 
 def rest_uri(store):
     return f"sqlite:///{store}/mlflow.db"
+
+
+def test_a_run_from_before_a_new_config_key_resumes(mlflow_store):
+    """A run whose stored config and checkpoint predate a key (here `loss.r2_gamma`, at its
+    default) resumes; a checkpoint of another config is still refused."""
+    import json
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from ganray.models.errors import CheckpointError
+    from ganray.orchestrator.job.config import RESUME_ALLOWED, flatten
+
+    cfg = _config("local")
+    full = Trainer(cfg, progress=False).run()
+    first = Trainer(cfg, progress=False, stop_at_kimg=2).run()
+    client = MlflowClient(rest_uri(mlflow_store))
+    artifacts = Path(urlparse(client.get_run(first.run_id).info.artifact_uri).path)
+    stored = yaml.safe_load((artifacts / "config.yaml").read_text())
+    del stored["loss"]["r2_gamma"]
+    (artifacts / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    old_keys = frozenset(flatten(stored))
+    assert list(artifacts.rglob("manifest.json")), "the stopped run wrote no checkpoint"
+
+    def stamp(config_hash: str) -> None:
+        for path in artifacts.rglob("manifest.json"):  # the resumed run adds checkpoints
+            manifest = json.loads(path.read_text())
+            manifest["config_hash"] = config_hash
+            path.write_text(json.dumps(manifest))
+
+    stamp(cfg.config_hash(ignore=RESUME_ALLOWED, only=old_keys))
+    assert cfg.config_hash(ignore=RESUME_ALLOWED, only=old_keys) != cfg.config_hash(ignore=RESUME_ALLOWED)
+    rest = Trainer(cfg, progress=False, resume=first.run_id).run()
+    done = len(first.history["loss/D"])
+    assert rest.history["loss/D"] == full.history["loss/D"][done:]
+
+    stamp("0" * 64)
+    with pytest.raises(CheckpointError, match="another config"):
+        Trainer(cfg, progress=False, resume=first.run_id).run()

@@ -9,16 +9,15 @@ The gradients of a phase are packed into one contiguous buffer and all-reduced i
 on small models the per-call latency dominates, so one call per phase instead of one per
 parameter tensor is what makes a per-step collective affordable. On CPU with a power-of-two world
 small buffers are summed by pairwise exchanges (recursive doubling: log2(world) rounds of
-isend/irecv) instead of gloo's all_reduce: measured on one 2-core host, a 140 KB buffer between
-two ranks took about 0.3 ms by exchange against 1.1-2 ms by `all_reduce`, and a small MLP pays
-that twice a round.
+isend/irecv) instead of gloo's all_reduce, whose per-call latency is larger on small buffers, a
+cost a small MLP pays twice a round (docs/performance.md has the measurements).
 
 Ranks that share a node (every rank could map one /dev/shm segment) sum through shared memory
 instead, with a spinning wait: see workers/shared_slots.py for why a sleeping receive costs
 milliseconds on a small VM. All paths are asynchronous (`start_all_reduce_mean` returns a
 `PendingMean`): the replica starts a phase's reduce right after its backward pass and waits only
 when the optimizer step needs the result, doing the other network's work in between
-(workers/steps.py, `ReplicaStepper`).
+(workers/stepper.py, `ReplicaStepper`).
 """
 
 from __future__ import annotations
@@ -144,8 +143,8 @@ class Collective:
         self.joined = False
 
 
-# Above this size the transfer, not the call latency, dominates, and gloo's ring all_reduce was as
-# fast or faster (3.5M floats: 14-17 ms against 15-21 ms by exchange, same host).
+# Above this size the transfer, not the call latency, dominates, and gloo's ring all_reduce is as
+# fast as the exchange or faster.
 EXCHANGE_MAX_NUMEL = 1 << 20
 
 

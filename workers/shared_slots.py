@@ -1,10 +1,9 @@
 """A same-node sum for the replicas' gradient all-reduce: one shared-memory segment, a slot per
 rank, and a spinning wait instead of a sleeping one.
 
-Why: on a 2-core VM, a gloo exchange of even 1.4 KB took 0.3 ms back to back but 2.1-2.9 ms when
-each side had first computed for 4 ms (`/tmp` micro-benchmark, 600 exchanges; the size did not
-matter from 1.4 KB to 1.4 MB). That is the cost of waking the sleeping threads of a blocking
-receive, paid twice a round by every replica. The plain loop's intra-op threads do not pay it:
+Why: a gloo exchange between ranks that have just computed costs far more than one back to back,
+whatever its size: the cost of waking the sleeping threads of a blocking receive, paid twice a
+round by every replica (the figures are in docs/performance.md). The plain loop's intra-op threads do not pay it:
 OpenMP workers spin before they sleep. Here each rank writes its buffer into its slot, publishes
 a sequence number, and reads the others' slots once their numbers arrive, yielding the core
 between checks so that nothing else on it starves.

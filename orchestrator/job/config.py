@@ -154,7 +154,7 @@ class ResourcesConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on CUDA")
     channels_last: Optional[bool] = Field(
         None, description="channels_last memory format for conv nets; unset: on for CPU (oneDNN's NHWC "
-                          "kernels ran a DCGAN-32 round ~7% faster), off on CUDA (mixed there: see docs)")
+                          "kernels are the faster path), off on CUDA (mixed there: see docs/performance.md)")
     step_timeout_s: float = Field(600.0, gt=0.0, description="a worker call slower than this counts as hung")
 
 
@@ -226,9 +226,11 @@ class TrainConfig(_Section):
         """The resolved config flattened to dotted keys (MLflow params, resume comparison)."""
         return flatten(self.model_dump(mode="json"))
 
-    def config_hash(self, ignore: tuple[str, ...] = ()) -> str:
-        """sha256 of the resolved config, ignoring keys allowed to change across resume."""
-        flat = {k: v for k, v in self.flat().items() if k not in ignore}
+    def config_hash(self, ignore: tuple[str, ...] = (), only: Optional[frozenset[str]] = None) -> str:
+        """sha256 of the resolved config, ignoring keys allowed to change across resume; with
+        `only`, over those keys alone (the keys a run's stored config had, so a key added to
+        ganray since, at its default, does not make the run's checkpoints foreign)."""
+        flat = {k: v for k, v in self.flat().items() if k not in ignore and (only is None or k in only)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -354,21 +356,25 @@ def config_from_dict(tree: Any, overrides: Optional[list[str]] = None) -> TrainC
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def read_yaml_file(path: str | Path, what: str, example: str) -> Any:
+    """The parsed YAML of the `what` file at `path` (e.g. "config", "search"); a missing file,
+    bad YAML or a binary file is a one-line ConfigError naming `example` as a file that works."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file '{p}' does not exist; pass a YAML file such as {example}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} file '{p}' is not valid YAML{where}; fix its syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file '{p}' is not a text file; pass a YAML {what}") from None
+
+
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> TrainConfig:
     """Load a YAML job config (or the defaults when path is None) and apply `--set` overrides."""
-    tree: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pass a YAML file such as configs/grid25.yaml")
-        try:
-            tree = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file '{p}' is not valid YAML{where}; fix its syntax") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file '{p}' is not a text file; pass a YAML config") from None
+    tree: Any = {} if path is None else read_yaml_file(path, "config", "configs/grid25.yaml")
     return config_from_dict(tree, overrides)
 
 

@@ -75,13 +75,14 @@ class Evaluator:
         if self._feature_net is not None:
             return
         from ganray.models import fid
+        from ganray.models.digits_classifier import load_or_train_digits_classifier
 
         cfg = self.config
         if cfg.data.name == "digits":
             train_src = load_dataset(cfg.data.model_dump(), cfg.seed, "train")
             x_tr = train_src.get(np.arange(len(train_src)))
             x_te = self.source.get(np.arange(len(self.source)))
-            net, acc = fid.load_or_train_digits_classifier(
+            net, acc = load_or_train_digits_classifier(
                 cache_dir(), x_tr, torch.as_tensor(train_src.labels), x_te,
                 torch.as_tensor(self.source.labels), train_src.fingerprint)
             self.classifier_accuracy = float(acc)

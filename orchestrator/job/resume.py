@@ -37,10 +37,25 @@ class StartState:
     hyper: Optional[dict[str, Any]] = None   # applied after loading: a Tune trial's own values
 
 
-def check_resume_config(tracking_uri: str, run_id: str, config: TrainConfig) -> str:
-    """Refuse `--resume` with a config other than the run's; returns the run's status now."""
+@dataclass(frozen=True)
+class ResumedRun:
+    """What `--resume` learned of the run before any worker starts: its status now (put back if
+    the resume fails before training) and the dotted keys of its stored config."""
+
+    status: str
+    stored_keys: frozenset[str]
+
+    @property
+    def status_to_restore(self) -> str:
+        return self.status if self.status in ("FINISHED", "FAILED", "KILLED") else "KILLED"
+
+
+def check_resume_config(tracking_uri: str, run_id: str, config: TrainConfig) -> ResumedRun:
+    """Refuse `--resume` with a config other than the run's."""
+    import yaml
     from mlflow import MlflowClient
 
+    from ganray.orchestrator.job.config import flatten
     from ganray.orchestrator.tracking.store import redact
 
     client = MlflowClient(tracking_uri)
@@ -56,16 +71,21 @@ def check_resume_config(tracking_uri: str, run_id: str, config: TrainConfig) -> 
             raise CheckpointError(f"--resume {run_id}: the run has no config.yaml artifact; "
                                   "it was not made by ganray train") from None
         old = load_config(path)
+        stored = yaml.safe_load(Path(path).read_text()) or {}
     diff = config_differences(old, config)
     if diff:
         raise ConfigError(f"--resume {run_id} refuses a changed config: {', '.join(diff)} differ "
                           "from the run's; resume with the run's config (only schedule.total_kimg "
                           "and logging intervals may change)")
-    return run.info.status
+    return ResumedRun(run.info.status, frozenset(flatten(stored)))
 
 
-def run_checkpoint(client: Any, run_id: str, config: TrainConfig) -> StartState:
-    """The run's latest complete checkpoint, digest-checked, before any worker is started."""
+def run_checkpoint(client: Any, run_id: str, config: TrainConfig, resumed: Optional[ResumedRun] = None) -> StartState:
+    """The run's latest complete checkpoint, digest-checked, before any worker is started.
+
+    Its config hash must match this config's, over every key or over the keys the run's stored
+    config had (`resumed.stored_keys`): a run started before a key was added to ganray resumes when the
+    new key keeps its default (a changed value is refused by `check_resume_config`)."""
     from ganray.orchestrator.job.checkpoint import latest_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +93,10 @@ def run_checkpoint(client: Any, run_id: str, config: TrainConfig) -> StartState:
     if found is None:
         raise CheckpointError(f"--resume {run_id}: the run has no complete checkpoint; start a new run instead")
     state, meta = found
-    if meta.get("config_hash") not in (None, checkpoint_config_hash(config)):
+    accepted = {None, checkpoint_config_hash(config)}
+    if resumed is not None and resumed.stored_keys:
+        accepted.add(checkpoint_config_hash(config, only=resumed.stored_keys))
+    if meta.get("config_hash") not in accepted:
         raise CheckpointError("the checkpoint was written with another config; resume with the run's config")
     return StartState(state, meta, f"run {run_id}")
 

@@ -42,9 +42,9 @@ class Interval:
         return self.stop_images is None or images_seen < self.stop_images
 
 
-def checkpoint_config_hash(config: TrainConfig) -> str:
+def checkpoint_config_hash(config: TrainConfig, only: Optional[frozenset[str]] = None) -> str:
     """The config hash a checkpoint carries: the keys a resume may change are left out."""
-    return config.config_hash(ignore=RESUME_ALLOWED)
+    return config.config_hash(ignore=RESUME_ALLOWED, only=only)
 
 
 class Checkpointer:

@@ -37,7 +37,8 @@ from ganray.orchestrator.job.fault import (ChunkClock, FaultError, FaultPolicy, 
 from ganray.orchestrator.job.hooks import JobHooks
 from ganray.orchestrator.job.loop_state import LoopState
 from ganray.orchestrator.job.progress import Progress
-from ganray.orchestrator.job.resume import StartState, check_resume_config, load_start, run_checkpoint
+from ganray.orchestrator.job.resume import (ResumedRun, StartState, check_resume_config, load_start,
+                                            run_checkpoint)
 from ganray.orchestrator.job.schedule import FINAL_UPLOAD_TIMEOUT_S, Checkpointer, Interval, NullCheckpointer
 from ganray.orchestrator.tracking.null_run_logger import NullRunLogger
 from ganray.orchestrator.tracking.samples import NullSamplePlots, SamplePlots
@@ -101,7 +102,7 @@ class Trainer:
         self.keeper = SnapshotKeeper(config.fault.snapshot_rounds)
         self._stop_requested = threading.Event()
         self._sigterm_at: Optional[float] = None
-        self._resume_status = "KILLED"
+        self._resumed: Optional[ResumedRun] = None   # what --resume learned of the run
         self._progressed = False
         self._engine: Optional[Engine] = None
         self._t_engine_start = time.perf_counter()  # wall_s counts from the engine's start
@@ -157,9 +158,7 @@ class Trainer:
             self.tracking_uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
             experiment_id = tracking.prepare_store(self.tracking_uri, config.tracking.experiment)
             if resume:
-                status = check_resume_config(self.tracking_uri, resume, config)
-                if status in ("FINISHED", "FAILED", "KILLED"):
-                    self._resume_status = status  # put back if this resume fails before training
+                self._resumed = check_resume_config(self.tracking_uri, resume, config)
             self.logger = RunLogger(self.tracking_uri, experiment_id, run_id=resume,
                                     run_name=config.tracking.run_name, tags=tracking.run_tags(config),
                                     buffer_size=config.tracking.buffer_size)
@@ -171,7 +170,7 @@ class Trainer:
     def _start_state(self) -> Optional[StartState]:
         start = self.hooks.start_state(self.config)
         if start is None and self.resume and self.tracked:
-            start = run_checkpoint(self.logger.client, self.resume, self.config)
+            start = run_checkpoint(self.logger.client, self.resume, self.config, self._resumed)
         return start
 
     def _logged_upto(self, images_seen: int) -> int:
@@ -211,7 +210,9 @@ class Trainer:
 
     def _abort(self) -> None:
         """Close the run after an error: FAILED once training ran, else as the run was before."""
-        status = "FAILED" if self._progressed or not self.resume else self._resume_status
+        # A resume that fails before training puts the run's status back.
+        before = self._resumed.status_to_restore if self._resumed is not None else "KILLED"
+        status = "FAILED" if self._progressed or not self.resume else before
         self.logger.close(status, timeout=60.0)
 
     def _install_sigterm(self) -> Callable[[], None]:

@@ -4,7 +4,7 @@
 
 1. A schedule key already decided for this model -> `skipped`, nothing trained (a scheduler that
    fires twice, or catches up missed ticks, must not retrain twice).
-2. Take the model's retrain lock (`retrain_lock.RetrainLock`); a held lock is exit code 3.
+2. Take the model's retrain lock (`lock.RetrainLock`); a held lock is exit code 3.
 3. Before anything is written: load the held-out split of the new data (a missing snapshot is a
    `DataError`), the `champion`'s released generator and its run's final checkpoint (digests
    checked, a tampered one is a `CheckpointError`), and check that its weights fit the config.

@@ -1,7 +1,7 @@
 """`ganray retrain` and `ganray promote`, registered on the main app by `cli._register_extensions`.
 
 Both print `key=value` lines on stdout (a scheduler or a test parses them) and leave the logic
-to `retrain.py`. `retrain` prints `run_id=` as soon as the new run exists, then the decision;
+to `champion.py`. `retrain` prints `run_id=` as soon as the new run exists, then the decision;
 `promoted`, `kept` and `skipped` all exit 0. A held lock exits 3, every other user error 2.
 """
 

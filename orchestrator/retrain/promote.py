@@ -34,7 +34,7 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
     from mlflow.exceptions import MlflowException
 
     from ganray.orchestrator.tracking import store as tracking
-    from ganray.orchestrator.tracking.release import _no_model_error, _no_versions_error, _version_numbers
+    from ganray.orchestrator.tracking.release import _no_versions_error, _version_numbers, registered_model
 
     version = str(version).strip()
     if not version.isdigit():
@@ -42,12 +42,7 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
     uri = tracking.resolve_tracking_uri(tracking_uri, None)
     client = MlflowClient(uri)
     where = tracking.redact(uri)
-    try:
-        model = client.get_registered_model(model_name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise _no_model_error(client, model_name, where) from None
-        raise TrackingError(f"cannot read registered model '{model_name}' from {where} ({first_line(exc)})") from None
+    model = registered_model(client, model_name, where)
     try:
         client.get_model_version(model_name, version)
     except MlflowException as exc:

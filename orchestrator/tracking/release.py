@@ -243,6 +243,19 @@ def _missing_version_or_alias_error(client: "MlflowClient", name: str, where: st
                          f"models:/{name}/{newest} or {how}")
 
 
+def registered_model(client: "MlflowClient", name: str, where: str) -> Any:
+    """The registered model `name`; a missing one is a one-line error listing the models that
+    exist (`where` is the redacted tracking URI, for messages)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise _no_model_error(client, name, where) from None
+        raise TrackingError(f"cannot read registered model '{name}' from {where} ({_reason(exc)})") from None
+
+
 def _model_version(uri: str, client: "MlflowClient") -> "ModelVersion":
     from mlflow.exceptions import MlflowException
 
@@ -251,12 +264,7 @@ def _model_version(uri: str, client: "MlflowClient") -> "ModelVersion":
         raise TrackingError(f"'{uri}' is not a registered model URI; use models:/NAME/VERSION or models:/NAME@ALIAS")
     name, version, alias = match.group("name"), match.group("version"), match.group("alias")
     where = redact(client.tracking_uri)
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise _no_model_error(client, name, where) from None
-        raise TrackingError(f"cannot read registered model '{name}' from {where} ({_reason(exc)})") from None
+    model = registered_model(client, name, where)
     aliases = {str(a): str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
     try:
         if alias is not None:

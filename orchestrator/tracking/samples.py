@@ -3,8 +3,8 @@ of samples over the mixture's modes.
 
 During training both are drawn with numpy/torchvision into an RGB array and logged as MLflow
 step images. matplotlib is kept for `ganray sample --out x.png`: importing and rendering it
-in the training process took about 0.4 s of the interpreter per plot, and that work competes
-for the GIL with the training loop (measured in `ganray bench tracking`).
+in the training process costs interpreter time per plot that competes for the GIL with the
+training loop (measured by `ganray bench tracking`).
 """
 
 from __future__ import annotations

@@ -25,18 +25,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ganray.models.errors import ConfigError
-from ganray.orchestrator.job.config import TrainConfig, config_from_dict
+from ganray.orchestrator.job.config import TrainConfig, config_from_dict, read_yaml_file
 from ganray.orchestrator.job.evaluate import MIXTURES
 
 # Keys PBT may change in a running trial: the engine re-applies them to the restored optimizers
 # and schedule (`Engine.set_hyper`). Everything else shapes the networks or the data and is only
 # sampled when a trial starts.
 MUTABLE_KEYS = {"schedule.g_lr": "g_lr", "schedule.d_lr": "d_lr", "schedule.betas": "betas",
-                "schedule.n_critic": "n_critic", "loss.r1_gamma": "r1_gamma"}
+                "schedule.n_critic": "n_critic", "loss.r1_gamma": "r1_gamma", "loss.r2_gamma": "r2_gamma"}
 # Lower is better for these eval metrics, higher for the rest (used when `mode` is omitted).
 _LOWER_IS_BETTER = ("kl", "fid", "kid", "kid_std")
 
@@ -206,14 +205,7 @@ def parse_search(tree: Any, default_name: str = "ganray-search") -> SearchSpec:
 
 def load_search(path: Union[str, Path]) -> SearchSpec:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"search file '{p}' does not exist; pass a YAML file such as configs/search-grid25-pbt.yaml")
-    try:
-        tree = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"search file '{p}' is not valid YAML{where}; fix its syntax") from None
+    tree = read_yaml_file(p, "search", "configs/search-grid25-pbt.yaml")
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", p.stem).strip("-._") or "ganray-search"
     return parse_search(tree, default_name=name)
 
@@ -268,7 +260,7 @@ def hyper_of(config: TrainConfig) -> dict[str, Any]:
     """The engine hyperparameters (`Engine.set_hyper` keys) a config asks for."""
     s = config.schedule
     return {"g_lr": s.g_lr, "d_lr": s.d_lr, "betas": [float(b) for b in s.betas],
-            "n_critic": s.n_critic, "r1_gamma": config.loss.r1_gamma}
+            "n_critic": s.n_critic, "r1_gamma": config.loss.r1_gamma, "r2_gamma": config.loss.r2_gamma}
 
 
 def reported_eval_metrics(config: TrainConfig) -> list[str]:

@@ -141,8 +141,8 @@ class TrialHooks(JobHooks):
             state, meta = read_checkpoint(Path(folder))  # digests verified, weights-only
         if meta.get("structure_hash") != _structure_hash(config):
             raise CheckpointError(f"the checkpoint of trial {meta.get('trial_id')} was written with another "
-                                  "model/data config than this trial's; only schedule.g_lr/d_lr/betas/n_critic "
-                                  "and loss.r1_gamma may differ")
+                                  "model/data config than this trial's; only the keys PBT may mutate "
+                                  f"({', '.join(MUTABLE_KEYS)}) may differ")
         self.restored = {"restored_from": str(meta.get("trial_id")), "restored_kimg": float(meta.get("kimg", 0.0))}
         return StartState(state, meta, f"trial {meta.get('trial_id')}'s checkpoint", hyper=self.hyper)
 
