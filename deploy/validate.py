@@ -4,8 +4,8 @@
 
 For every RayCluster, RayJob and RayCronJob document:
 - the CRD's OpenAPI schema, read from DIR (the `ray.io_*.yaml` files of KubeRay's
-  ray-operator/config/crd/bases; default: ../shared/schemas/kuberay-v1.7.0 next to the
-  repository), with unknown fields rejected as `kubectl apply`'s strict field validation does;
+  ray-operator/config/crd/bases; default: deploy/schemas/kuberay-v1.7.0, kept in the
+  repository with KubeRay's LICENSE), with unknown fields rejected as `kubectl apply`'s strict field validation does;
 - the rules KubeRay's controller enforces after admission, which the schema does not carry (a
   RayJob with ttlSecondsAfterFinished but without shutdownAfterJobFinishes is accepted by the API
   server and then refused by the operator, for example).
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import yaml
 
-DEFAULT_CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay-v1.7.0"
+DEFAULT_CRDS = Path(__file__).resolve().parent / "schemas" / "kuberay-v1.7.0"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml"}
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 SECRETS_EXAMPLE = "secrets.example.yaml"
-KUBERAY_SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay-v1.7.0"
+KUBERAY_SCHEMAS = DEPLOY / "schemas" / "kuberay-v1.7.0"  # KubeRay's CRDs, kept in the repository
 IMAGE_ROOT = "/home/ray/ganray/"  # where deploy/Dockerfile puts the repository in the image
 
 
@@ -72,9 +72,8 @@ def _arg(args: list[str], flag: str) -> str | None:
 
 
 def _crds() -> Path:
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay v1.7.0 CRD schemas not found at {KUBERAY_SCHEMAS} (CI has them in "
-                    "../shared/schemas/kuberay-v1.7.0 next to the repository)")
+    assert sorted(p.name for p in KUBERAY_SCHEMAS.glob("ray.io_*.yaml")) == [
+        "ray.io_rayclusters.yaml", "ray.io_raycronjobs.yaml", "ray.io_rayjobs.yaml"], KUBERAY_SCHEMAS
     return KUBERAY_SCHEMAS
 
 
