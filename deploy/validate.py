@@ -11,6 +11,12 @@ For every RayCluster, RayJob and RayCronJob document:
   server and then refused by the operator, for example).
 For every document except Secrets: no literal credential (a password/token env var with a
 `value`, a URI with a password in it).
+For every file, the k8s manifests and also deploy/ray-up.yaml and deploy/Dockerfile*: no listener
+on 0.0.0.0 / `::` without authentication (a Ray dashboard without token auth, `mlflow server`
+without basic auth), every `ray start` of ray-up.yaml with RAY_AUTH_MODE=token and sourcing no
+file into Ray's environment, and no open address these checks do not recognise.
+
+    python deploy/validate.py deploy/k8s/*.yaml deploy/ray-up.yaml deploy/Dockerfile deploy/Dockerfile.mlflow
 
 Exit status 0 when everything passes, 1 otherwise. Needs PyYAML and jsonschema.
 """
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -228,9 +236,106 @@ def credential_leaks(doc: Any) -> list[str]:
     return leaks
 
 
+# ---------------------------------------------------------------------------------------------
+# Listeners: closed by default
+
+OPEN_HOSTS = {"0.0.0.0", "::", "[::]"}
+_OPEN_TEXT = re.compile(r"0\.0\.0\.0|(?<![\w:])\[?::\]?(?![\w:])")
+
+
+def _flag(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _mlflow_listener(where: str, argv: list[str]) -> tuple[int, list[str]]:
+    """(open listeners seen, problems) for one command line, if it is `mlflow server`."""
+    host = _flag(argv, "--host")
+    if argv[:2] != ["mlflow", "server"] or host not in OPEN_HOSTS:
+        return 0, []
+    if _flag(argv, "--app-name") == "basic-auth":
+        return 1, []
+    return 1, [f"{where}: mlflow server listens on {host} without --app-name basic-auth"]
+
+
+def _ray_up_listeners(config: dict[str, Any]) -> tuple[int, list[str]]:
+    opened, problems = 0, []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config.get(key) or [] if "ray start" in c]
+        if not starts:
+            problems.append(f"{key} has no `ray start`")
+        for command in starts:
+            argv = shlex.split(command)
+            token = "RAY_AUTH_MODE=token" in argv
+            if not token:
+                problems.append(f"{key}: `ray start` without RAY_AUTH_MODE=token")
+            if any(a in (".", "source") for a in argv):
+                problems.append(f"{key}: sources a file into every Ray process's environment")
+            host = _flag(argv, "--dashboard-host")
+            if host in OPEN_HOSTS:
+                opened += 1
+                if not token:
+                    problems.append(f"{key}: dashboard on {host} without token auth")
+    return opened, problems
+
+
+def _manifest_listeners(docs: list[Any]) -> tuple[int, list[str]]:
+    opened, problems = 0, []
+    for node in (n for doc in docs for n in walk(doc) if isinstance(n, dict)):
+        if "headGroupSpec" in node:  # a Ray cluster spec (RayCluster, or inside a RayJob/RayCronJob)
+            groups = [node["headGroupSpec"], *(node.get("workerGroupSpecs") or [])]
+            token = (node.get("authOptions") or {}).get("mode") == "token" or all(
+                {"name": "RAY_AUTH_MODE", "value": "token"} in c.get("env", []) for c in containers(groups))
+            for group in groups:
+                host = (group.get("rayStartParams") or {}).get("dashboard-host")
+                if host in OPEN_HOSTS:
+                    opened += 1
+                    if not token:
+                        problems.append(f"dashboard on {host} without token auth")
+        if isinstance(node.get("containers"), list):
+            for c in node["containers"]:
+                seen, found = _mlflow_listener(f"container {c.get('name')}", [*c.get("command", []), *c.get("args", [])])
+                opened, problems = opened + seen, problems + found
+    return opened, problems
+
+
+def _dockerfile_listeners(text: str) -> tuple[int, list[str]]:
+    opened, problems = 0, []
+    for line in text.splitlines():
+        instruction, _, rest = line.strip().partition(" ")
+        if instruction in ("CMD", "ENTRYPOINT"):
+            argv = json.loads(rest) if rest.strip().startswith("[") else shlex.split(rest)
+            seen, found = _mlflow_listener(instruction, argv)
+            opened, problems = opened + seen, problems + found
+    return opened, problems
+
+
+def listener_problems(name: str, text: str) -> list[str]:
+    """Open (0.0.0.0 / ::) listeners without authentication in one deploy file (`name` picks the
+    reader: ray-up.yaml, Dockerfile*, else a k8s manifest), and open addresses the readers do not
+    recognise: a new kind of listener must be taught here rather than slip by."""
+    if name == "ray-up.yaml":
+        opened, problems = _ray_up_listeners(yaml.safe_load(text))
+    elif name.startswith("Dockerfile"):
+        opened, problems = _dockerfile_listeners(text)
+    else:
+        opened, problems = _manifest_listeners([d for d in yaml.safe_load_all(text) if d is not None])
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    unexplained = len(_OPEN_TEXT.findall(code)) - opened
+    if unexplained > 0:
+        problems.append(f"{unexplained} open address(es) (0.0.0.0 / ::) in no listener these checks know")
+    return problems
+
+
 def check_file(path: Path, crd_dir: Path | None) -> list[str]:
-    """Every problem found in one manifest file, prefixed with the document it concerns."""
-    problems = []
+    """Every problem found in one deploy file, prefixed with the document it concerns."""
+    problems = [f"{path}: {p}" for p in listener_problems(path.name, path.read_text())]
+    if path.name == "ray-up.yaml" or path.name.startswith("Dockerfile"):
+        return problems
     for doc in load_docs(path):
         where = f"{path}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         if doc.get("kind") in CRD_FILES:
@@ -244,7 +349,7 @@ def check_file(path: Path, crd_dir: Path | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+", type=Path, help="manifest files (multi-document YAML)")
+    parser.add_argument("files", nargs="+", type=Path, help="manifest files (multi-document YAML), ray-up.yaml, Dockerfiles")
     parser.add_argument("--crds", type=Path, default=DEFAULT_CRDS,
                         help="folder with KubeRay's ray.io_*.yaml CRDs (default: %(default)s)")
     args = parser.parse_args(argv)

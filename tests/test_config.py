@@ -17,7 +17,18 @@ SHIPPED = ["grid25.yaml", "ring8.yaml", "digits.yaml"]
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
     assert cfg.data.name == name.split(".")[0]
-    assert cfg.schedule.total_kimg > 0
+    # Every key the file sets is what the validated config holds (no default overrode it).
+    import yaml
+
+    written = yaml.safe_load((REPO / "configs" / name).read_text())
+    for section, keys in written.items():
+        if not isinstance(keys, dict):
+            assert getattr(cfg, section) == keys, section
+            continue
+        held = getattr(cfg, section).model_dump()
+        for key, value in keys.items():
+            actual = list(held[key]) if isinstance(held[key], tuple) else held[key]  # betas: a tuple
+            assert actual == value, f"{section}.{key}"
 
 
 def test_override_parses_yaml_scalars():

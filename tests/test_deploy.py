@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from ganray.orchestrator.job.config import load_config
 
@@ -525,3 +526,88 @@ def test_ray_up_config_validates_against_installed_ray() -> None:
     broken["available_node_types"]["ray.worker.gpu"]["min_worker"] = 1
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, _ray_schema())
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed by default: no listener on every interface without authentication
+
+def _deploy_files() -> dict[str, str]:
+    paths = [DEPLOY / "ray-up.yaml", *sorted(K8S.glob("*.yaml")), *sorted(DEPLOY.glob("Dockerfile*"))]
+    return {p.name: p.read_text() for p in paths if not p.name.endswith(".dockerignore")}
+
+
+@pytest.mark.parametrize("name", sorted(_deploy_files()))
+def test_no_open_listener_without_auth(name: str) -> None:
+    assert V.listener_problems(name, _deploy_files()[name]) == []
+
+
+def test_ray_up_is_closed_by_default() -> None:
+    config = yaml.safe_load(_deploy_files()["ray-up.yaml"])
+    (head,) = [shlex.split(c) for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert _arg(head, "--dashboard-host") == "127.0.0.1"
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"  # Ray's default path
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert "GANRAY_MLFLOW_ENV_FILE=/home/ray/.ganray/mlflow.env" in shlex.split(start)
+        assert "MLFLOW_TRACKING" not in start
+    assert config["file_mounts"]["/home/ray/.ganray/mlflow.env"] == "~/.ganray/mlflow.env"
+
+
+def test_mlflow_image_binds_loopback_by_default() -> None:
+    cmd = [line for line in _deploy_files()["Dockerfile.mlflow"].splitlines() if line.startswith("CMD ")]
+    assert len(cmd) == 1 and _arg(json.loads(cmd[0][4:]), "--host") == "127.0.0.1"
+
+
+_OLD_RAY_UP_START = (  # the start command ray-up.yaml had before it was closed (issue 19)
+    "set -a && . /home/ray/.ganray/mlflow.env && set +a && ulimit -n 65536 && ray start --head "
+    "--port=6379 --object-manager-port=8076 --autoscaling-config=~/ray_bootstrap_config.yaml "
+    "--dashboard-host=0.0.0.0")
+
+
+def _ray_up_edit(edit: Any) -> tuple[str, str]:
+    config = yaml.safe_load(_deploy_files()["ray-up.yaml"])
+    edit(config)
+    return "ray-up.yaml", yaml.safe_dump(config)
+
+
+def _k8s_edit(file: str, edit: Any) -> tuple[str, str]:
+    docs = list(yaml.safe_load_all(_deploy_files()[file]))
+    for doc in docs:
+        edit(doc)
+    return file, yaml.safe_dump_all(docs)
+
+
+OPEN_COPIES = {
+    "ray-up-old-head": (lambda: _ray_up_edit(lambda c: c.update(
+        head_start_ray_commands=["ray stop", _OLD_RAY_UP_START])), "without token auth"),
+    "ray-up-worker-without-token": (lambda: _ray_up_edit(lambda c: c.update(worker_start_ray_commands=[
+        "ray stop", "ray start --address=$RAY_HEAD_IP:6379"])), "worker_start_ray_commands: `ray start` without"),
+    "ray-up-sources-credentials": (lambda: _ray_up_edit(lambda c: c["worker_start_ray_commands"].__setitem__(
+        1, "set -a && . ~/.ganray/mlflow.env && " + c["worker_start_ray_commands"][1])), "sources a file"),
+    "mlflow-image-old-cmd": (lambda: ("Dockerfile.mlflow", _deploy_files()["Dockerfile.mlflow"].replace(
+        '"127.0.0.1"', '"0.0.0.0"')), "without --app-name basic-auth"),
+    "mlflow-k8s-without-basic-auth": (lambda: _k8s_edit("mlflow.yaml", lambda d: d["kind"] == "Deployment" and (
+        a := d["spec"]["template"]["spec"]["containers"][0]["args"]).__delitem__(
+        slice(a.index("--app-name"), a.index("--app-name") + 2))), "without --app-name basic-auth"),
+    "raycluster-without-token": (lambda: _k8s_edit("raycluster.yaml", lambda d: d["spec"].pop("authOptions")),
+                                 "dashboard on 0.0.0.0 without token auth"),
+    "unrecognised-listener": (lambda: _k8s_edit("cronjob-retrain.yaml", lambda d: d["metadata"].update(
+        annotations={"listen": "--host=0.0.0.0"})), "in no listener these checks know"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPEN_COPIES))
+def test_listener_check_fails_on_open_copies(case: str) -> None:
+    make, expected = OPEN_COPIES[case]
+    name, text = make()
+    assert V.listener_problems(name, _deploy_files()[name]) == []
+    problems = V.listener_problems(name, text)
+    assert any(expected in p for p in problems), problems
+
+
+def test_validate_cli_checks_listeners_of_every_deploy_file(tmp_path: Path) -> None:
+    files = [DEPLOY / "ray-up.yaml", *sorted(K8S.glob("*.yaml")), DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.mlflow"]
+    assert V.main([*map(str, files), "--crds", str(_crds())]) == 0
+    name, text = OPEN_COPIES["ray-up-old-head"][0]()
+    (tmp_path / name).write_text(text)
+    assert V.main([str(tmp_path / name)]) == 1

@@ -7,8 +7,10 @@ module keeps what does not need a run: resolving and probing the store (`resolve
 clean-up every param and tag goes through (`param_value`, `redact`, `scrub`).
 
 Credentials come only from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME /
-PASSWORD / TOKEN); `redact` strips `user:password@` from URIs before they are printed or tagged,
-and params/tags/warnings are scrubbed of any credential text before they leave these modules.
+PASSWORD / TOKEN), which may be loaded from the secret file named by GANRAY_MLFLOW_ENV_FILE
+(`credentials.load_mlflow_env_file`, called when the URI is resolved); `redact` strips
+`user:password@` from URIs before they are printed or tagged, and params/tags/warnings are
+scrubbed of any credential text before they leave these modules.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
 from ganray.orchestrator.errors import TrackingError
+from ganray.orchestrator.tracking.credentials import load_mlflow_env_file
 
 if TYPE_CHECKING:  # MLflow costs seconds to import; only the functions that talk to it import it.
     from ganray.orchestrator.job.config import TrainConfig
@@ -77,7 +80,11 @@ def _absolute(uri: str) -> str:
 
 
 def resolve_tracking_uri(cli_uri: str | None, config_uri: str | None) -> str:
-    """`--tracking-uri` over `tracking.uri` over MLFLOW_TRACKING_URI over `sqlite:///<cwd>/mlflow.db`."""
+    """`--tracking-uri` over `tracking.uri` over MLFLOW_TRACKING_URI over `sqlite:///<cwd>/mlflow.db`.
+
+    Loads GANRAY_MLFLOW_ENV_FILE first: it may set MLFLOW_TRACKING_URI and the credentials.
+    """
+    load_mlflow_env_file()
     for candidate in (cli_uri, config_uri, os.environ.get("MLFLOW_TRACKING_URI")):
         if candidate and candidate.strip():
             return _absolute(candidate.strip())

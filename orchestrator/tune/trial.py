@@ -181,8 +181,10 @@ def _open_child_run(config: TrainConfig, uri: str, parent_run_id: str, trial_id:
     from mlflow import MlflowClient
 
     from ganray.orchestrator.tracking import store as tracking
+    from ganray.orchestrator.tracking.credentials import load_mlflow_env_file
     from ganray.orchestrator.tracking.run_logger import RunLogger
 
+    load_mlflow_env_file()  # the trial process writes to MLflow itself; the URI came resolved from the driver
     client = MlflowClient(uri)
     experiment_id = _retrying(lambda: client.get_run(parent_run_id).info.experiment_id, "reading the parent run")
     found = _retrying(lambda: client.search_runs(
