@@ -262,7 +262,6 @@ def _metric_steps(client, run_id: str, key: str) -> list[int]:
 
 
 def test_short_run_logs_system_metrics_at_the_training_steps(sqlite_store: Path) -> None:
-    pytest.importorskip("psutil")
     from mlflow import MlflowClient
 
     from ganray.orchestrator.tracking.system_metrics import NAMES
