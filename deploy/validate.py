@@ -243,7 +243,8 @@ OPEN_HOSTS = {"0.0.0.0", "::", "[::]"}
 _OPEN_TEXT = re.compile(r"0\.0\.0\.0|(?<![\w:])\[?::\]?(?![\w:])")
 
 
-def _flag(argv: list[str], flag: str) -> str | None:
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in a command line (`--flag value` or `--flag=value`), or None."""
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
             return argv[i + 1]
@@ -254,10 +255,10 @@ def _flag(argv: list[str], flag: str) -> str | None:
 
 def _mlflow_listener(where: str, argv: list[str]) -> tuple[int, list[str]]:
     """(open listeners seen, problems) for one command line, if it is `mlflow server`."""
-    host = _flag(argv, "--host")
+    host = flag_value(argv, "--host")
     if argv[:2] != ["mlflow", "server"] or host not in OPEN_HOSTS:
         return 0, []
-    if _flag(argv, "--app-name") == "basic-auth":
+    if flag_value(argv, "--app-name") == "basic-auth":
         return 1, []
     return 1, [f"{where}: mlflow server listens on {host} without --app-name basic-auth"]
 
@@ -275,7 +276,7 @@ def _ray_up_listeners(config: dict[str, Any]) -> tuple[int, list[str]]:
                 problems.append(f"{key}: `ray start` without RAY_AUTH_MODE=token")
             if any(a in (".", "source") for a in argv):
                 problems.append(f"{key}: sources a file into every Ray process's environment")
-            host = _flag(argv, "--dashboard-host")
+            host = flag_value(argv, "--dashboard-host")
             if host in OPEN_HOSTS:
                 opened += 1
                 if not token:

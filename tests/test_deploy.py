@@ -63,12 +63,7 @@ def _one(kind: str, name: str) -> dict[str, Any]:
 
 
 def _arg(args: list[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
+    return V.flag_value(args, flag)
 
 
 def _crds() -> Path:

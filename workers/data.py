@@ -366,9 +366,7 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
     elif name.startswith("torchvision:"):
         from ganray.workers.torchvision_source import TorchvisionSource  # imports torchvision only when used
 
-        dataset = name.partition(":")[2]
-        if not dataset:
-            raise ConfigError("data.name 'torchvision:' names no dataset; use e.g. torchvision:MNIST")
+        dataset = _torchvision_dataset(name)
         source = TorchvisionSource(dataset, _require_path(cfg, name), cfg.get("resolution"),
                                    cfg.get("channels"), split)
     elif ":" in name:
@@ -378,6 +376,14 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
     if len(source) == 0:
         raise DataError(f"dataset '{name}' ({split} split) is empty; check data.path and data.test_fraction")
     return source
+
+
+def _torchvision_dataset(name: str) -> str:
+    """The dataset class name of `data.name: torchvision:<Name>`."""
+    dataset = name.partition(":")[2]
+    if not dataset:
+        raise ConfigError("data.name 'torchvision:' names no dataset; use e.g. torchvision:MNIST")
+    return dataset
 
 
 def _unknown_name(name: str) -> ConfigError:
@@ -400,9 +406,7 @@ def check_data_config(data_cfg: dict) -> None:
         if "://" not in path:  # parquet also reads URIs (s3://, gs://): only a local path is checked here
             _require_local(path, name)
     elif name.startswith("torchvision:"):
-        dataset = name.partition(":")[2]
-        if not dataset:
-            raise ConfigError("data.name 'torchvision:' names no dataset; use e.g. torchvision:MNIST")
+        dataset = _torchvision_dataset(name)
         from ganray.workers.torchvision_source import torchvision_class, torchvision_missing
 
         torchvision_class(dataset)

@@ -200,8 +200,8 @@ class GeneratorWorker(WorkerBase):
 class DiscriminatorWorker(WorkerBase):
     """Discriminator worker i of K: its own D, opt_D, data and shard (B/K real samples per step).
 
-    The K discriminators are independent critics, not peers of one model: each is its own group
-    of one (no all-reduce)."""
+    The K discriminators are independent critics, not peers of one model: none joins a group
+    (no all-reduce)."""
 
     def __init__(self, config: dict[str, Any], index: int, count: int, swap_every_epochs: int = 0) -> None:
         super().__init__(config, 0, 1)
@@ -221,7 +221,6 @@ class DiscriminatorWorker(WorkerBase):
         self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
         self.batches = RealBatches(self.source, self.settings.device)
         self.noise = NoiseStreams(seed, self.settings.device)
-        self.group = Collective(0, 1, self.settings.device)
         self.progress = Progress()
         # Round index, instance-noise std and (noisy) reals of the last D phase: the feedback call
         # of a round always follows its D phases on this actor (one caller, calls run in

@@ -22,7 +22,6 @@ from ganray.workers.settings import StepSettings
 from ganray.workers.stats import GRAD_NORM_D, GRAD_NORM_G, SKIPPED, RoundStats
 
 
-
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:

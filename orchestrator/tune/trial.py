@@ -52,11 +52,6 @@ _FLEXIBLE_KEYS = tuple(MUTABLE_KEYS) + RESUME_ALLOWED
 # Resources
 
 
-def worker_bundles(config: TrainConfig) -> list[dict[str, float]]:
-    """One bundle per worker actor, in the coordinator's placement order (generators first)."""
-    return config.layout.bundles()
-
-
 def placement_factory(config: TrainConfig) -> Any:
     """What one trial reserves (`Layout.tune_resources`): `local` trains in the trial itself
     (threads_per_worker CPUs); Ray topologies reserve one bundle per worker actor and nothing
@@ -118,6 +113,7 @@ class TrialHooks(JobHooks):
         self.trial_id = context.get_trial_id() or "trial"
         self.trial_name = context.get_trial_name() or self.trial_id
         self.hyper = hyper_of(config)
+        self.structure_hash = _structure_hash(config)
         self.logger: Any = NullRunLogger()
         self.restored: dict[str, Any] = {}  # added to the first report after a restore
 
@@ -139,7 +135,7 @@ class TrialHooks(JobHooks):
             return None
         with checkpoint.as_directory() as folder:
             state, meta = read_checkpoint(Path(folder))  # digests verified, weights-only
-        if meta.get("structure_hash") != _structure_hash(config):
+        if meta.get("structure_hash") != self.structure_hash:
             raise CheckpointError(f"the checkpoint of trial {meta.get('trial_id')} was written with another "
                                   "model/data config than this trial's; only the keys PBT may mutate "
                                   f"({', '.join(MUTABLE_KEYS)}) may differ")
@@ -164,7 +160,7 @@ class TrialHooks(JobHooks):
             metrics["mlflow_run_id"] = self.logger.run_id
         meta = {"trial_id": self.trial_id, "trial_config": self.sampled, "hyper": self.hyper,
                 "images_seen": images_seen, "kimg": images_seen / 1000.0,
-                "sample_shape": [int(s) for s in engine.sample_shape], "structure_hash": _structure_hash(self.config),
+                "sample_shape": [int(s) for s in engine.sample_shape], "structure_hash": self.structure_hash,
                 "config_hash": self.config.config_hash(), "mlflow_run_id": self.logger.run_id}
         with tempfile.TemporaryDirectory(prefix="ganray-tune-ckpt-") as folder:
             write_checkpoint(engine.state(), Path(folder), meta)
