@@ -77,24 +77,16 @@ def train(config: Path = typer.Argument(..., help="job config (YAML)"),
         _emit("stopped", "early")
 
 
-def _generator_from(run: Optional[str], model: Optional[str], tracking_uri: Optional[str]):
-    from mlflow import MlflowClient
+TrustOpt = typer.Option(False, "--trust-code", help="allow the stored config to import the code it names "
+                        "(model.generator/discriminator, data.name as pkg.mod:Name); see README, trust model")
 
-    from ganray.orchestrator.tracking import release
 
-    from ganray.orchestrator.tracking import store as tracking
-    from ganray.orchestrator.job.engine import build_eval_generator
+def _generator_from(run: Optional[str], model: Optional[str], tracking_uri: Optional[str], trust_code: bool):
+    from ganray.orchestrator.tracking.released_model import load_generator
 
     if bool(run) == bool(model):
         raise GanrayError("give exactly one of --run RUN_ID or --model models:/NAME/VERSION (or models:/NAME@ALIAS)")
-    uri = tracking.resolve_tracking_uri(tracking_uri, None)
-    tracking.prepare_store(uri, None)
-    client = MlflowClient(uri)
-    state, cfg = release.load_released_state(client, model or run)
-    from ganray.workers.data import load_dataset
-
-    shape = tuple(load_dataset(cfg.data.model_dump(), cfg.seed, "test").sample_shape)
-    return build_eval_generator(cfg, shape, state), cfg
+    return load_generator(model or run, tracking_uri, trust_code=trust_code)
 
 
 @app.command()
@@ -103,7 +95,8 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
            n: int = typer.Option(64, "-n", min=1, help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy for raw samples, .png for a grid or scatter"),
            seed: int = typer.Option(0, "--seed"),
-           tracking_uri: Optional[str] = UriOpt) -> None:
+           tracking_uri: Optional[str] = UriOpt,
+           trust_code: bool = TrustOpt) -> None:
     """Draw N samples from a run's (or a registered model's) EMA generator."""
     import numpy as np
 
@@ -111,7 +104,7 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
 
     if out.suffix not in (".npy", ".png"):
         raise GanrayError(f"--out {out}: use a .npy (raw samples) or .png (grid) path")
-    G, cfg = _generator_from(run, model, tracking_uri)
+    G, cfg = _generator_from(run, model, tracking_uri, trust_code)
     samples = sample_generator(G, n, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part" + out.suffix)
@@ -134,11 +127,12 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
 def evaluate(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"),
              model: Optional[str] = typer.Option(None, "--model", help="models:/NAME/VERSION or models:/NAME@ALIAS"),
              num_samples: Optional[int] = typer.Option(None, "--num-samples"),
-             tracking_uri: Optional[str] = UriOpt) -> None:
+             tracking_uri: Optional[str] = UriOpt,
+             trust_code: bool = TrustOpt) -> None:
     """Score a run's (or a registered model's) EMA generator; one key=value line per figure."""
     from ganray.orchestrator.job.evaluate import Evaluator
 
-    G, cfg = _generator_from(run, model, tracking_uri)
+    G, cfg = _generator_from(run, model, tracking_uri, trust_code)
     if num_samples:
         cfg.eval.num_samples = num_samples
     for key, value in Evaluator(cfg).evaluate(G).items():

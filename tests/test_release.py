@@ -13,7 +13,8 @@ from helpers import small_config
 from ganray.orchestrator.errors import TrackingError
 from ganray.models.registry import build_generator
 from ganray.orchestrator.job.checkpoint import CheckpointManager
-from ganray.orchestrator.tracking.release import load_released_state, log_released_generator, resolve_model_uri
+from ganray.orchestrator.tracking.release import log_released_generator
+from ganray.orchestrator.tracking.released_model import load_release, resolve_model_uri
 from ganray.orchestrator.tracking.run_logger import RunLogger
 from ganray.orchestrator.tracking.store import prepare_store, resolve_tracking_uri
 
@@ -104,31 +105,32 @@ def test_resolve_model_uri_by_version_alias_and_errors(released) -> None:
         assert "\n" not in message and all(n in message for n in needles), message
 
 
-def test_load_released_state_rebuilds_the_generator(released) -> None:
+def test_load_release_rebuilds_the_generator(released) -> None:
     client, generator = released["logger"].client, released["generator"]
     for source in (f"models:/{MODEL}/1", released["logger"].run_id):
-        state, config = load_released_state(client, source)
-        assert config.config_hash() == released["config"].config_hash()
-        rebuilt = build_generator(config.model.model_dump(), (2,))
-        rebuilt.load_state_dict(state)
+        loaded = load_release(client, source)
+        assert loaded.config.config_hash() == released["config"].config_hash()
+        assert loaded.sample_shape == (2,)  # from the manifest: no data is read to rebuild G
+        rebuilt = loaded.build()
         for key, value in generator.state_dict().items():
-            assert torch.equal(state[key], value)
+            assert torch.equal(loaded.state[key], value) and torch.equal(rebuilt.state_dict()[key], value)
     with pytest.raises(TrackingError, match="neither a models:/ URI nor a run id"):
-        load_released_state(client, "0123456789abcdef0123456789abcdef")
+        load_release(client, "0123456789abcdef0123456789abcdef")
 
 
 def test_run_without_release_falls_back_to_its_latest_checkpoint(released) -> None:
     uri, config = released["uri"], released["config"]
     logger = RunLogger(uri, prepare_store(uri, "release"))
     with pytest.raises(TrackingError, match="neither a released generator nor a complete checkpoint"):
-        load_released_state(logger.client, logger.run_id)
+        load_release(logger.client, logger.run_id)
     logger.log_text(config.to_yaml(), "config.yaml")
     manager = CheckpointManager(logger, keep=1, workdir=released["folder"] / "work")
     weights = {"G_ema": {"w": torch.arange(3.0)}, "G": {"w": torch.zeros(3)}}
     manager.save(weights, {"images_seen": 1000}, 1.0, block=True)
     weights["G_ema"]["w"] += 1
     manager.save(weights, {"images_seen": 2000}, 2.0, block=True)
-    state, got = load_released_state(logger.client, logger.run_id)
-    assert torch.equal(state["w"], torch.arange(3.0) + 1) and got == config
+    loaded = load_release(logger.client, logger.run_id)
+    assert torch.equal(loaded.state["w"], torch.arange(3.0) + 1) and loaded.config == config
+    assert loaded.sample_shape is None  # this manifest does not record it: build() reads the data's shape
     manager.close()
     logger.close()

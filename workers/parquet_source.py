@@ -9,12 +9,24 @@ group in this split's index space, so a coordinator can shard by row group.
 
 The test split holds out every k-th row of each row group (k = round(1 / data.test_fraction),
 at least 2): deterministic, spread evenly over the files, and computable in closed form.
+
+`data.path` is a local path or a URI pyarrow.fs opens (file://, s3://, gs://, abfs://, hdfs://);
+a folder or prefix is listed recursively. Credentials come from the environment, as each store's
+own tools expect: for s3:// the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_SESSION_TOKEN, AWS_PROFILE, an instance or pod role), AWS_REGION, and AWS_ENDPOINT_URL for an
+S3-compatible server (MinIO, Ceph). Ray workers read the data themselves, so the machines they run
+on need the same environment. Options pyarrow reads from the URI query work too
+(`s3://bucket/prefix?endpoint_override=host:9000&scheme=http`). A URI that carries credentials
+(`s3://KEY:SECRET@bucket`, a `client_secret=` or `token=` query) is refused with a ConfigError:
+data.path is logged as an MLflow param and in the run's config.yaml, and echoed in errors.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -41,16 +53,65 @@ def _is_numeric_list(t: pa.DataType) -> bool:
     return is_list and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))
 
 
+# Query keys that hold a secret in some pyarrow URI (Azure's client_secret, SAS tokens, keys).
+_SECRET_QUERY_KEY = re.compile(r"secret|token|passw|sas|(^|_)(key|sig)$", re.IGNORECASE)
+
+
+def _first_line(exc: BaseException) -> str:
+    """pyarrow's message without its continuation lines (hdfs lists every JVM path it tried)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def uri_credentials(path: str) -> list[str]:
+    """The parts of a data URI that carry credentials: `user:password@` (any userinfo for s3://,
+    whose user is an access key id) and secret-looking query keys. Empty for a local path."""
+    if "://" not in path:
+        return []
+    parts = urlsplit(path)
+    found = []
+    if "@" in parts.netloc and (parts.password is not None or parts.scheme.lower() == "s3"):
+        found.append("user:password@")
+    found += [key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_QUERY_KEY.search(key)]
+    return found
+
+
+def redacted_uri(path: str) -> str:
+    """`path` without its userinfo and with secret-looking query values masked (safe to print)."""
+    if "://" not in path:
+        return path
+    parts = urlsplit(path)
+    query = "&".join(f"{k}={'***' if _SECRET_QUERY_KEY.search(k) else v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query).geturl()
+
+
+def refuse_uri_credentials(path: str) -> None:
+    """A ConfigError when data.path carries credentials (they would reach MLflow params, the run's
+    config.yaml and error messages); `ganray validate` and `train` call it before any run exists."""
+    found = uri_credentials(path)
+    if found:
+        raise ConfigError(f"data.path '{redacted_uri(path)}' carries credentials ({', '.join(found)}), and data.path "
+                          "is logged to MLflow; remove them and give them through the environment (for s3:// "
+                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_ENDPOINT_URL)")
+
+
 def _open(path: str) -> tuple[pafs.FileSystem, str]:
     """Any URI pyarrow.fs understands (file://, s3://, gs://, hdfs://) or a local path."""
+    refuse_uri_credentials(path)
     try:
         if "://" in path:
             fs, root = pafs.FileSystem.from_uri(path)
         else:
             fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
         found = fs.get_file_info(root).type != pafs.FileType.NotFound
-    except (ValueError, OSError) as exc:
-        raise DataError(f"cannot open data.path '{path}' ({exc}); give a local path or a URI pyarrow.fs can open") from None
+    except (ValueError, OSError, pa.ArrowException) as exc:  # Azure fails with a bare ArrowException
+        raise DataError(f"cannot open data.path '{path}' ({_first_line(exc)}); give a local path or a URI "
+                        "pyarrow.fs can open, with its credentials in the environment") from None
+    if not found and "://" in path and not isinstance(fs, pafs.LocalFileSystem):
+        raise DataError(f"data.path '{path}' does not exist (no object or prefix '{root}'); check the bucket and "
+                        "key, and that the endpoint and credentials in this environment (e.g. AWS_ENDPOINT_URL, "
+                        "AWS_PROFILE) are the ones that hold it")
     if not found:
         raise DataError(f"data.path '{path}' does not exist; point it at a Parquet file or a folder of them")
     return fs, root
@@ -62,7 +123,7 @@ def _no_parquet_files(fs: pafs.FileSystem, root: str, path: str) -> DataError | 
         if fs.get_file_info(root).type != pafs.FileType.Directory:
             return None
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    except OSError:
+    except (OSError, pa.ArrowException):
         return None
     files = sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
     parquet = [f for f in files if f.lower().endswith(PARQUET_SUFFIXES)]
@@ -119,10 +180,10 @@ class ParquetSource(SampleSource):
             fragments = sorted(dataset.get_fragments(), key=lambda f: f.path)
             for fragment in fragments:
                 fragment.ensure_complete_metadata()  # reads only the footers
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, pa.ArrowException) as exc:
             # A folder of other files (CSV, images) fails here: say that, not pyarrow's footer error.
             raise _no_parquet_files(fs, root, path) or DataError(
-                f"data.path '{path}' is not a readable Parquet dataset ({exc})") from None
+                f"data.path '{path}' is not a readable Parquet dataset ({_first_line(exc)})") from None
         if not fragments:  # an empty folder, or one whose files pyarrow skips (names starting with . or _)
             raise _no_parquet_files(fs, root, path) or DataError(
                 f"data.path '{path}' is a folder with no *.parquet files pyarrow reads (names starting with . or _ "
@@ -159,8 +220,9 @@ class ParquetSource(SampleSource):
             self.sample_shape = _array_shape(self._width, resolution, channels, self._column)
         self.kind = kind_for_shape(self.sample_shape)
 
-        files = sorted({f.path for f, _, _ in self._groups})
-        stats = [(i.path, i.size, i.mtime_ns) for i in fs.get_file_info(files)]
+        # The files read, in the filesystem's own paths (a bucket/key for s3://): what the listing found.
+        self.files: list[str] = sorted({f.path for f, _, _ in self._groups})
+        stats = [(i.path, i.size, i.mtime_ns) for i in fs.get_file_info(self.files)]
         self.fingerprint = content_digest("parquet", split, self._k, self._column, self.sample_shape,
                                           getattr(self, "_mode", None), stats)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -179,9 +241,9 @@ class ParquetSource(SampleSource):
         fragment, rg_id, _ = self._groups[group]
         try:
             table = fragment.subset(row_group_ids=[rg_id]).to_table(columns=[self._column])
-        except (ValueError, OSError, KeyError) as exc:
+        except (ValueError, OSError, KeyError, pa.ArrowException) as exc:
             raise DataError(f"cannot read data.column '{self._column}' from '{fragment.path}' row group {rg_id} "
-                            f"({exc}); every file must have the same schema") from None
+                            f"({_first_line(exc)}); every file must have the same schema") from None
         array = table.column(self._column).combine_chunks()
         if array.null_count:
             raise DataError(f"data.column '{self._column}' has null rows in '{fragment.path}' row group {rg_id}; "

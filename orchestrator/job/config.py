@@ -192,6 +192,8 @@ class RetrainConfig(_Section):
     mode: Optional[Literal["min", "max"]] = None
     min_improvement: float = Field(0.0, ge=0.0)
     lock_ttl_s: float = Field(3600.0, gt=0.0)
+    trust_code: bool = Field(False, description="allow the champion's stored config to import code this config does "
+                             "not name (for unattended retrains; GANRAY_TRUST_CODE=1 does the same)")
 
 
 class TrainConfig(_Section):

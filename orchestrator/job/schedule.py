@@ -70,10 +70,12 @@ class Checkpointer:
 
     def checkpoint(self, engine: Any, images_seen: int) -> None:
         """Save the engine's current state."""
-        self.save(engine.state(), images_seen)
+        self.save(engine.state(), images_seen, engine.sample_shape)
 
-    def save(self, state: dict[str, Any], images_seen: int) -> None:
-        meta = {"config_hash": self.config_hash, "images_seen": images_seen, "kimg": images_seen / 1000.0}
+    def save(self, state: dict[str, Any], images_seen: int, sample_shape: tuple[int, ...]) -> None:
+        # The sample shape lets `ganray sample --run` rebuild G without reading the data.
+        meta = {"config_hash": self.config_hash, "images_seen": images_seen, "kimg": images_seen / 1000.0,
+                "sample_shape": [int(s) for s in sample_shape]}
         self.store.save(state, meta, images_seen / 1000.0)
         self.saved_images = images_seen
 
@@ -102,7 +104,7 @@ class NullCheckpointer:
     def checkpoint(self, engine: Any, images_seen: int) -> None:
         pass
 
-    def save(self, state: dict[str, Any], images_seen: int) -> None:
+    def save(self, state: dict[str, Any], images_seen: int, sample_shape: tuple[int, ...]) -> None:
         pass
 
     def wait(self, timeout: Optional[float] = None) -> bool:

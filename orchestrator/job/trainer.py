@@ -375,7 +375,7 @@ class Trainer:
         except SnapshotLostError as lost:
             log.warning("%s; the last complete checkpoint stays the one to resume from", lost)
             return
-        self.checkpoints.save(state, self.keeper.images_seen)
+        self.checkpoints.save(state, self.keeper.images_seen, engine.sample_shape)
         if not self.checkpoints.wait(timeout=FINAL_UPLOAD_TIMEOUT_S):
             log.warning("the checkpoint of the last snapshot was not uploaded in time; resume uses an earlier one")
 

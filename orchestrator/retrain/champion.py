@@ -287,7 +287,7 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
                     schedule_key: Optional[str], uri: str, progress: bool,
                     on_run_id: Optional[Callable[[str], None]]) -> RetrainOutcome:
     from ganray.orchestrator.job.checkpoint import latest_checkpoint
-    from ganray.orchestrator.tracking.release import load_released_state
+    from ganray.orchestrator.tracking.released_model import load_release
     from ganray.orchestrator.job.trainer import Trainer
     from ganray.workers.data import load_dataset
 
@@ -325,10 +325,10 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
         weights = {k: found[0][k] for k in ("G", "D", "G_ema") if k in found[0]}
         _check_fits(run_cfg, shape, weights, what)
         try:
-            champ_state, champ_cfg = load_released_state(client, f"models:/{name}/{champion_version}")
+            champ = load_release(client, f"models:/{name}/{champion_version}", run_cfg.retrain.trust_code, run_cfg)
         except GanrayError as err:
             raise type(err)(f"{what}: {err}") from None
-        champion_score = _score(evaluator, champ_cfg, champ_state, shape, metric, what)
+        champion_score = _score(evaluator, champ.config, champ.state, shape, metric, what)
         factory = warm_start_factory(weights)
         del found
 
@@ -351,8 +351,8 @@ def _retrain_locked(client: "MlflowClient", lock: RetrainLock, config: TrainConf
                           f"retrain.kimg {run_cfg.retrain.kimg} and registered nothing; nothing was promoted; "
                           "run it again (with the same --schedule-key)")
     version = str(result.model_version)
-    chall_state, chall_cfg = load_released_state(client, f"models:/{name}/{version}")
-    challenger_score = _score(evaluator, chall_cfg, chall_state, shape, metric, f"challenger version {version}")
+    chall = load_release(client, f"models:/{name}/{version}", run_cfg.retrain.trust_code, run_cfg)
+    challenger_score = _score(evaluator, chall.config, chall.state, shape, metric, f"challenger version {version}")
     promote_it, reason = decide(challenger_score, champion_score, mode, run_cfg.retrain.min_improvement)
     outcome = RetrainOutcome(
         decision="promoted" if promote_it else "kept", model_name=name, run_id=result.run_id, version=version,

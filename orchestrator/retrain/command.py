@@ -67,11 +67,13 @@ def promote_command(name: str = typer.Argument(..., help="registered model name"
                     version: str = typer.Argument(..., help="model version to make the champion"),
                     reason: Optional[str] = typer.Option(None, "--reason", help="why (recorded on the version)"),
                     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri",
-                                                               help="MLflow tracking URI (over MLFLOW_TRACKING_URI)")) -> None:
+                                                               help="MLflow tracking URI (over MLFLOW_TRACKING_URI)"),
+                    trust_code: bool = typer.Option(False, "--trust-code",
+                                                    help="allow a champion whose config imports code (retrains will import it)")) -> None:
     """Move the `champion` alias of NAME to VERSION by hand (a rollback), recording who and why."""
     from ganray.orchestrator.retrain.promote import promote
 
-    outcome = promote(name, version, reason=reason, tracking_uri=tracking_uri)
+    outcome = promote(name, version, reason=reason, tracking_uri=tracking_uri, trust_code=trust_code)
     _emit("model", outcome.model_name)
     _emit("champion", outcome.version)
     _emit("previous", outcome.previous or "none")

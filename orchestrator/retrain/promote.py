@@ -24,8 +24,11 @@ class PromoteOutcome:
 
 
 def promote(model_name: str, version: str, reason: Optional[str] = None,
-            tracking_uri: Optional[str] = None) -> PromoteOutcome:
+            tracking_uri: Optional[str] = None, trust_code: bool = False) -> PromoteOutcome:
     """Move `champion` to `version` (a rollback), recording who asked, when and why on the version.
+
+    The version's release is verified first (state and config digests), and a config that
+    imports code needs `trust_code`: every later retrain loads the champion unattended.
 
     It does not take the retrain lock: a rollback must work while a retrain runs (that retrain may
     still promote its own challenger when it ends, as its gate decides).
@@ -34,7 +37,8 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
     from mlflow.exceptions import MlflowException
 
     from ganray.orchestrator.tracking import store as tracking
-    from ganray.orchestrator.tracking.release import _no_versions_error, _version_numbers, registered_model
+    from ganray.orchestrator.tracking.released_model import (_no_versions_error, _version_numbers, load_release,
+                                                             registered_model)
 
     version = str(version).strip()
     if not version.isdigit():
@@ -54,6 +58,7 @@ def promote(model_name: str, version: str, reason: Optional[str] = None,
                                 f"are {', '.join(map(str, numbers))}: pass one of them, e.g. "
                                 f"`ganray promote {model_name} {numbers[-1]}`") from None
         raise TrackingError(f"cannot read version {version} of '{model_name}' ({first_line(exc)})") from None
+    load_release(client, f"models:/{model_name}/{version}", trust_code=trust_code)
     previous = (model.aliases or {}).get(CHAMPION)
     user = current_user()
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # MLflow costs seconds to import; only the functions that tal
 
 log = logging.getLogger("ganray.tracking")
 
-# Where a run keeps its resolved config (the trainer logs it; `release.load_released_state` reads it).
+# Where a run keeps its resolved config (the trainer logs it; `released_model.load_release` reads it).
 CONFIG_ARTIFACT = "config.yaml"
 # Older tracking servers cap param values at 500 characters and tag values at 5000.
 MAX_PARAM_CHARS = 500
