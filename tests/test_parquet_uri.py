@@ -207,3 +207,14 @@ def test_cli_reads_s3_and_refuses_a_missing_prefix(dataset: SimpleNamespace, tmp
     code, out, err = _cli(["validate", write(f"s3://AKIDEXAMPLE:wJalrSECRETKEY@{BUCKET}/pts")])
     assert code == 2 and "carries credentials" in err and err.count("\n") == 1, err
     assert "SECRETKEY" not in out + err
+
+
+def test_secret_query_values_never_reach_mlflow_text() -> None:
+    # `ganray tune` and `retrain` log the config before any reader refuses its data.path: every
+    # param, tag and logged config goes through scrub.
+    from ganray.orchestrator.tracking.store import param_value, scrub
+
+    text = "data.path: abfs://c/p?client_secret=S3CR3T&x=1 s3://b/k?endpoint_override=h:9&X-Amz-Signature=SIG&sig=SIG2"
+    assert scrub(text) == ("data.path: abfs://c/p?client_secret=***&x=1 "
+                           "s3://b/k?endpoint_override=h:9&X-Amz-Signature=***&sig=***")
+    assert param_value({"path": "s3://b/k?token=T0K"}) == '{"path": "s3://b/k?token=***"}'

@@ -406,7 +406,7 @@ def check_data_config(data_cfg: dict) -> None:
         if "://" not in path:  # parquet also reads URIs (s3://, gs://): only a local path is checked here
             _require_local(path, name)
         elif name == "parquet":  # workers open the URI with their own credentials; here only its form
-            from ganray.workers.parquet_source import refuse_uri_credentials
+            from ganray.workers.uri_secrets import refuse_uri_credentials
 
             refuse_uri_credentials(path)
     elif name.startswith("torchvision:"):

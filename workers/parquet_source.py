@@ -24,9 +24,7 @@ data.path is logged as an MLflow param and in the run's config.yaml, and echoed 
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +34,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ganray.models.errors import ConfigError, DataError
+from ganray.workers.uri_secrets import refuse_uri_credentials
 from ganray.workers.data import (SampleSource, content_digest, decode_image, image_mode,
                                  kind_for_shape, uint8_to_unit)
 
@@ -53,47 +52,10 @@ def _is_numeric_list(t: pa.DataType) -> bool:
     return is_list and (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type))
 
 
-# Query keys that hold a secret in some pyarrow URI (Azure's client_secret, SAS tokens, keys).
-_SECRET_QUERY_KEY = re.compile(r"secret|token|passw|sas|(^|_)(key|sig)$", re.IGNORECASE)
-
-
 def _first_line(exc: BaseException) -> str:
     """pyarrow's message without its continuation lines (hdfs lists every JVM path it tried)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def uri_credentials(path: str) -> list[str]:
-    """The parts of a data URI that carry credentials: `user:password@` (any userinfo for s3://,
-    whose user is an access key id) and secret-looking query keys. Empty for a local path."""
-    if "://" not in path:
-        return []
-    parts = urlsplit(path)
-    found = []
-    if "@" in parts.netloc and (parts.password is not None or parts.scheme.lower() == "s3"):
-        found.append("user:password@")
-    found += [key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if _SECRET_QUERY_KEY.search(key)]
-    return found
-
-
-def redacted_uri(path: str) -> str:
-    """`path` without its userinfo and with secret-looking query values masked (safe to print)."""
-    if "://" not in path:
-        return path
-    parts = urlsplit(path)
-    query = "&".join(f"{k}={'***' if _SECRET_QUERY_KEY.search(k) else v}"
-                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query=query).geturl()
-
-
-def refuse_uri_credentials(path: str) -> None:
-    """A ConfigError when data.path carries credentials (they would reach MLflow params, the run's
-    config.yaml and error messages); `ganray validate` and `train` call it before any run exists."""
-    found = uri_credentials(path)
-    if found:
-        raise ConfigError(f"data.path '{redacted_uri(path)}' carries credentials ({', '.join(found)}), and data.path "
-                          "is logged to MLflow; remove them and give them through the environment (for s3:// "
-                          "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_ENDPOINT_URL)")
 
 
 def _open(path: str) -> tuple[pafs.FileSystem, str]:

@@ -52,8 +52,11 @@ def redact(uri: str) -> str:
 
 
 def scrub(text: str) -> str:
-    """`text` with credentials in URIs and the values of MLflow's secret env vars masked."""
-    text = redact(text)
+    """`text` with credentials in URIs (`user:password@`, secret-looking query values such as
+    `client_secret=`) and the values of MLflow's secret env vars masked."""
+    from ganray.workers.uri_secrets import mask_query_secrets
+
+    text = mask_query_secrets(redact(text))
     for name in _SECRET_ENV:
         secret = os.environ.get(name)
         if secret and len(secret) >= 3:
