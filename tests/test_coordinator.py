@@ -64,7 +64,8 @@ def test_two_replicas_match_one_and_restore_exactly(one_worker_run, two_workers)
     assert first.rounds == 20 and first.images_seen == 20 * 64  # the global batch, not per replica
     np.testing.assert_allclose(_losses(first), _losses(one)[:, :20], rtol=0, atol=1e-4)
     assert first.time_comm_s > 0.0  # the all-reduce ran, and was timed apart from compute
-    assert all(math.isfinite(v) for v in (first.time_compute_s, first.time_wait_s))
+    # The workers time their own compute; the driver's wall also holds the Ray calls around it.
+    assert first.time_compute_s > 0.0 and first.time_wait_s > 0.0
 
     # state()/load_state(): continuing after a restore equals continuing without one.
     state = two_workers.state()
@@ -257,5 +258,6 @@ def test_trainer_runs_a_replicated_job_end_to_end(ray_session) -> None:
     assert result.run_id is None and not result.stopped_early
     assert result.images_seen == 1280 and result.rounds == 20
     assert len(result.history["loss/D"]) == 20
-    assert all(math.isfinite(x) for x in result.history["loss/G"])
-    assert result.eval  # the final evaluation ran on the generator fetched from rank 0
+    assert all(math.isfinite(x) for x in result.history["loss/G"]) and np.ptp(result.history["loss/G"]) > 1e-3
+    # The final evaluation ran on the generator fetched from rank 0: grid25's three figures.
+    assert set(result.eval) == {"modes", "hq", "kl"}
