@@ -2,12 +2,15 @@
 
 Pure-function tests first (feedback weights, batch slicing), then real Ray runs on tiny MLPs:
 1 G + 1 D with mean feedback equals `local`; 2 generators equal 1 (the all-reduce scaling);
-K=2 discriminators with max and GMAN softmax feedback, overlap and MD-GAN swap all run.
+K=2 discriminators: the weights each feedback mode gives (read from the per-critic statistics),
+overlap's fakes exactly one G step old (against a sequential run), MD-GAN's shard swap.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,9 +21,10 @@ from helpers import small_config
 from ganray.models import losses
 from ganray.models.errors import ConfigError
 from ganray.orchestrator.job.coordinator import RayEngine
-from ganray.orchestrator.job.engine import LocalEngine
+from ganray.orchestrator.job.engine import ChunkResult, LocalEngine
 from ganray.workers import phase_loss
-from ganray.workers.split import feedback_weights, g_parts_for, rows_of
+from ganray.workers.split import (feedback_loss_name, feedback_weight_name, feedback_weights, g_parts_for,
+                                  rows_of)
 
 
 def _split(generators: int, discriminators: int, data: dict | None = None, loss: dict | None = None, **topology):
@@ -34,6 +38,32 @@ def _split(generators: int, discriminators: int, data: dict | None = None, loss:
 
 def _losses(result) -> np.ndarray:
     return np.stack([result.metrics["loss/D"], result.metrics["loss/G"]])
+
+
+def _feedback(result, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(rounds, K) arrays: each critic's G loss and the weight the generator gave it."""
+    losses = np.array([result.metrics[feedback_loss_name(i)] for i in range(k)]).T
+    weights = np.array([result.metrics[feedback_weight_name(i)] for i in range(k)]).T
+    return losses, weights
+
+
+def _expected_weights(losses: np.ndarray, mode: str, lam: float) -> np.ndarray:
+    """Each mode's weights per round, written independently of `feedback_weights`."""
+    if mode == "mean":
+        return np.full_like(losses, 1.0 / losses.shape[1])
+    if mode == "max":
+        return np.eye(losses.shape[1])[losses.argmax(axis=1)]
+    e = np.exp(lam * (losses - losses.max(axis=1, keepdims=True)))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _assert_weighed(result, mode: str, lam: float = 0.0) -> np.ndarray:
+    """The run's weights are `mode`'s for the critics' reported losses, and loss/G is the
+    weighted loss; returns the weights."""
+    losses, weights = _feedback(result)
+    np.testing.assert_allclose(weights, _expected_weights(losses, mode, lam), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result.metrics["loss/G"], (weights * losses).sum(axis=1), rtol=0, atol=1e-6)
+    return weights
 
 
 # --- pure functions -----------------------------------------------------------------------------
@@ -84,11 +114,22 @@ def test_batch_must_divide_among_generators() -> None:
 
 # --- real Ray -----------------------------------------------------------------------------------
 
+class Reference(NamedTuple):
+    engine: RayEngine  # left running: later tests restore their own states into it
+    result: ChunkResult  # its first 12 rounds
+    wall_s: float  # the time `run(12)` took
+    g_ema: dict[str, torch.Tensor]  # G_ema after those rounds
+
+
 @pytest.fixture(scope="module")
 def one_g_two_d_max(ray_session):
-    """1 G + 2 D with max feedback: the reference for the 2-generator run."""
+    """1 G + 2 D with max feedback: the reference for the 2-generator run, and the sequential
+    engine the feedback and overlap tests restore states into."""
     engine = RayEngine(_split(1, 2, feedback="max"))
-    yield engine, engine.run(12)
+    t0 = time.perf_counter()
+    result = engine.run(12)
+    wall_s = time.perf_counter() - t0
+    yield Reference(engine, result, wall_s, engine.generator_state())
     engine.close()
 
 
@@ -120,10 +161,14 @@ def test_one_generator_one_discriminator_matches_local(ray_session, loss) -> Non
 
 
 def test_two_discriminators_are_independent_and_state_round_trips(one_g_two_d_max) -> None:
-    engine, result = one_g_two_d_max
+    engine, result, wall_s, _ = one_g_two_d_max
     assert result.rounds == 12 and result.images_seen == 12 * 64  # real images the Ds consumed
-    assert all(math.isfinite(x) for key in ("loss/D", "loss/G") for x in result.metrics[key])
-    assert result.time_compute_s > 0 and result.time_wait_s >= 0
+    _assert_weighed(result, "max")
+    # The chunk's time split: no all-reduce with one generator; compute, comm and wait are parts
+    # of the chunk's wall time, so together they fit inside the time the call took.
+    assert result.time_comm_s == 0.0
+    assert result.time_compute_s > 0 and result.time_wait_s > 0
+    assert result.time_compute_s + result.time_comm_s + result.time_wait_s <= wall_s
     state = engine.state()
     assert set(state["D"]) == set(state["opt_D"]) == set(state["sampler"]) == {"d0", "d1"}
     d0, d1 = state["D"]["d0"], state["D"]["d1"]
@@ -145,12 +190,15 @@ def test_two_discriminators_with_relativistic_and_r2(ray_session) -> None:
     finally:
         engine.close()
     assert result.images_seen == 6 * 64
-    assert all(math.isfinite(x) for key in ("loss/D", "loss/G", "loss/R1", "loss/R2") for x in result.metrics[key])
-    assert result.metrics["loss/R2"][0] > 0 and result.metrics["loss/R2"][1] == 0.0
+    _assert_weighed(result, "mean")  # the default feedback
+    assert all(math.isfinite(x) for x in result.metrics["loss/D"])
+    # R1 and R2 are due on the same D steps, every second one (one D step per round).
+    for key in ("loss/R1", "loss/R2"):
+        assert all(x > 0 for x in result.metrics[key][0::2]) and result.metrics[key][1::2] == [0.0] * 3, key
 
 
 def test_two_generators_match_one(one_g_two_d_max) -> None:
-    _, reference = one_g_two_d_max
+    reference = one_g_two_d_max.result
     engine = RayEngine(_split(2, 2, feedback="max"))
     try:
         result = engine.run(12)
@@ -160,8 +208,95 @@ def test_two_generators_match_one(one_g_two_d_max) -> None:
     # Each generator backpropagates only its half of the batch; scaled by M and averaged by the
     # all-reduce, the update equals the full-batch one.
     np.testing.assert_allclose(_losses(result), _losses(reference), rtol=0, atol=1e-4)
+    # `max` is observable: all weight on the harsher critic, in both runs, and the critics
+    # disagree by more than the tolerance, so `mean` would not match the reference.
+    np.testing.assert_array_equal(_assert_weighed(result, "max"), _assert_weighed(reference, "max"))
+    reference_losses, _ = _feedback(reference)
+    assert np.abs(reference_losses[:, 0] - reference_losses[:, 1]).min() > 1e-3
     assert result.time_comm_s > 0
-    assert g_ema and all(torch.isfinite(v).all() for v in g_ema.values())
+    assert g_ema.keys() == one_g_two_d_max.g_ema.keys()
+    for name, value in g_ema.items():
+        torch.testing.assert_close(value, one_g_two_d_max.g_ema[name], rtol=0, atol=1e-4, msg=name)
+
+
+def _set_feedback(engine, mode: str, lam: float) -> None:
+    """Switch the running generator's feedback mode (actors[0]: the one generator), so the modes
+    share one engine and start from one state instead of paying a Ray start each."""
+    ray.get(engine.actors[0].__ray_call__.remote(
+        lambda w: w.__dict__.update(feedback_mode=mode, softmax_lambda=lam)))
+
+
+# mean; GMAN's softmax as lambda moves from 0 (the mean) towards the max; max.
+SWEEP = [("mean", 0.0), ("softmax", 0.0), ("softmax", 20.0), ("softmax", 200.0), ("max", 0.0)]
+
+
+def test_feedback_modes_weigh_the_critics(one_g_two_d_max) -> None:
+    engine = one_g_two_d_max.engine
+    start = engine.state()
+    runs = {}
+    try:
+        for mode, lam in SWEEP:
+            _set_feedback(engine, mode, lam)
+            engine.load_state(start)
+            runs[mode, lam] = engine.run(3)
+    finally:
+        _set_feedback(engine, "max", 1.0)  # the fixture's config
+    weights = {key: _assert_weighed(result, *key) for key, result in runs.items()}
+    # The first round's critics score the same G in every run: their losses are the same, and
+    # different (independent inits and shards), so the modes weigh them differently.
+    first = {key: _feedback(result)[0][0] for key, result in runs.items()}
+    for critic_losses in first.values():
+        np.testing.assert_array_equal(critic_losses, first["mean", 0.0])
+    worst = int(np.argmax(first["mean", 0.0]))
+    assert abs(first["mean", 0.0][0] - first["mean", 0.0][1]) > 1e-3
+    # The harsher critic's weight moves from 1/K (mean, lambda = 0) to 1 (max) as lambda grows.
+    top = [weights[key][0, worst] for key in SWEEP]
+    assert top[0] == top[1] == 0.5 and 0.5 < top[2] < top[3] < top[4] == 1.0
+    # lambda = 0 is the mean, step for step.
+    for name, values in runs["mean", 0.0].metrics.items():
+        np.testing.assert_array_equal(runs["softmax", 0.0].metrics[name], values, err_msg=name)
+    # The weights steer G's step: the next round's D phase sees a G that mean and max moved apart.
+    for a, b in [(SWEEP[0], SWEEP[4]), (SWEEP[2], SWEEP[3])]:
+        assert abs(runs[a].metrics["D/fake_score"][1] - runs[b].metrics["D/fake_score"][1]) > 1e-6, (a, b)
+
+
+# The statistics of a round's D phases: they see G only through the D phases' fakes.
+D_PHASE = ("loss/D", "D/real_score", "D/fake_score", "grad_norm/D")
+
+
+def test_overlap_fakes_are_one_generator_step_old(one_g_two_d_max) -> None:
+    # With overlap, round r's D phases score fakes of G as it was in round r-1 (before that
+    # round's step). Checked against the sequential engine: restored to the overlapped run's state
+    # after round r-1 but with the G of one round earlier, its round r is the overlapped round r.
+    sequential = one_g_two_d_max.engine
+    engine = RayEngine(_split(1, 2, feedback="max", overlap=True))
+    try:
+        states = [engine.state()]
+        overlapped = []
+        for _ in range(3):  # chunks of one round: the pre-made fakes carry over between chunks
+            overlapped.append(engine.run(1).metrics)
+            states.append(engine.state())
+    finally:
+        engine.close()
+
+    def sequential_round(state: dict, g_of: dict) -> dict:
+        sequential.load_state({**state, "G": g_of["G"]})
+        return sequential.run(1).metrics
+
+    def d_phase(metrics: dict) -> np.ndarray:
+        return np.array([metrics[name][0] for name in D_PHASE])
+
+    # Round 0 has no earlier G: fresh fakes, the whole round as in a sequential run.
+    fresh = sequential_round(states[0], states[0])
+    for name, values in fresh.items():
+        np.testing.assert_array_equal(overlapped[0][name], values, err_msg=name)
+    for r in (1, 2):
+        np.testing.assert_array_equal(d_phase(overlapped[r]), d_phase(sequential_round(states[r], states[r - 1])),
+                                      err_msg=f"round {r}")
+    # Staleness 0 (overlap ignored) and 2 give other D phases, so the check above can fail.
+    for stale, g_of in [(0, states[2]), (2, states[0])]:
+        other = d_phase(sequential_round(states[2], g_of))
+        assert np.abs(other - d_phase(overlapped[2])).max() > 1e-6, f"staleness {stale}"
 
 
 def test_softmax_feedback_with_overlap_and_swap(ray_session) -> None:
@@ -177,7 +312,8 @@ def test_softmax_feedback_with_overlap_and_swap(ray_session) -> None:
     finally:
         engine.close()
     for result in (first, second):
-        assert all(math.isfinite(x) for key in ("loss/D", "loss/G") for x in result.metrics[key])
+        top = _assert_weighed(result, "softmax", 2.0).max(axis=1)
+        assert all(0.5 < w < 1.0 for w in top)  # GMAN between mean and max
     assert second.images_seen == 20 * 64
     assert shards_before == [0, 1]  # first epoch: D i reads shard i
     assert epochs == 3

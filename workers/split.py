@@ -10,7 +10,8 @@ The network is cut where G's output meets D's input. Per round:
   batch; every D worker returns (L_i, dL_i/dx) for the whole batch, split into the M parts
   (`feedback`); generator worker j weighs the K gradients (mean, max, or GMAN softmax), back-
   propagates them through its kept graph, all-reduces among the generators, steps and runs the
-  G_ema phase (`apply_feedback`).
+  G_ema phase (`apply_feedback`). It reports each L_i and w_i as the round statistics
+  `feedback/loss_G/d{i}` and `feedback/weight/d{i}`.
 
 Data and noise follow the `local` conventions exactly (sampler rank i of K, noise streams drawn
 for the global batch and sliced), so 1 G + 1 D with mean feedback reproduces `local`. With the
@@ -39,6 +40,16 @@ from ganray.workers.steps import DiscriminatorRole, GeneratorRole, cpu_tree
 from ganray.workers.worker_base import WorkerBase
 
 FEEDBACK_MODES = ("mean", "max", "softmax")
+
+
+def feedback_loss_name(d_index: int) -> str:
+    """The statistic of discriminator `d_index`'s G loss L_i, as the generators received it."""
+    return f"feedback/loss_G/d{d_index}"
+
+
+def feedback_weight_name(d_index: int) -> str:
+    """The statistic of the weight w_i that the feedback mode gave discriminator `d_index`."""
+    return f"feedback/weight/d{d_index}"
 
 
 def feedback_weights(losses: torch.Tensor, mode: str, lam: float) -> torch.Tensor:
@@ -174,6 +185,10 @@ class GeneratorWorker(WorkerBase):
             self.timer.comm += time.perf_counter() - tc
         stats = RoundStats()
         stats.report(LOSS_G, (w * losses).sum())
+        # Each critic's loss and the weight it got, so a run shows what the feedback mode did.
+        for i in range(k):
+            stats.report(feedback_loss_name(i), losses[i])
+            stats.report(feedback_weight_name(i), w[i])
         self.gen.apply(stats)
         self.gen.update_ema()
         self.progress.end_round(table_of(self.settings), self.settings.global_batch)

@@ -114,13 +114,10 @@ class SplitJob:
         if stop_at_images is not None:
             todo = min(n_rounds, max(0, math.ceil((stop_at_images - self.progress.images_seen) / per_round)))
         t0 = time.perf_counter()
-        wait_s = 0.0
         rounds: list[tuple[list[Any], list[Any]]] = []
         for q in range(todo):
             if q >= INFLIGHT_ROUNDS:
-                tw = time.perf_counter()
                 ray.wait(rounds[q - INFLIGHT_ROUNDS][1], num_returns=self.m, timeout=self.timeout_s)
-                wait_s += time.perf_counter() - tw
             rounds.append(self._submit_round())
         flat = [ref for d_refs, g_refs in rounds for ref in (*d_refs, *g_refs)]
         values = get(flat, self.timeout_s, f"a chunk of {todo} rounds")
@@ -141,10 +138,12 @@ class SplitJob:
             comm += mean([g["comm_s"] for g in g_out])
         # G and D alternate within a round (they overlap only with topology.overlap), so busy
         # time adds up along the round; the rest of the wall time is transfer, call latency, idling.
+        # Compute, comm and wait add up to the chunk's wall time: the driver's waits for the
+        # in-flight bound overlap the workers' busy time, so adding them would count it twice.
         compute = min(g_busy + d_busy, max(0.0, wall - comm))
         return ChunkResult(rounds=todo, images_seen=self.progress.images_seen, round_index=self.progress.rounds,
                            metrics=metrics, time_compute_s=compute, time_comm_s=comm,
-                           time_wait_s=max(wait_s, wall - compute - comm), nonfinite_run=self.nonfinite_run)
+                           time_wait_s=max(0.0, wall - compute - comm), nonfinite_run=self.nonfinite_run)
 
     def state(self) -> dict[str, Any]:
         """The job state: generator 0's parts, each discriminator's parts under its own name
