@@ -126,7 +126,9 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
 @app.command()
 def evaluate(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"),
              model: Optional[str] = typer.Option(None, "--model", help="models:/NAME/VERSION or models:/NAME@ALIAS"),
-             num_samples: Optional[int] = typer.Option(None, "--num-samples"),
+             num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1,
+                                                       help="samples for the 2D protocol (FID/KID compare as many as "
+                                                       "the held-out split holds)"),
              tracking_uri: Optional[str] = UriOpt,
              trust_code: bool = TrustOpt) -> None:
     """Score a run's (or a registered model's) EMA generator; one key=value line per figure."""
@@ -135,7 +137,11 @@ def evaluate(run: Optional[str] = typer.Option(None, "--run", help="MLflow run i
     G, cfg = _generator_from(run, model, tracking_uri, trust_code)
     if num_samples:
         cfg.eval.num_samples = num_samples
-    for key, value in Evaluator(cfg).evaluate(G).items():
+    evaluator = Evaluator(cfg)
+    if num_samples and evaluator.kind != "2d":
+        logging.getLogger("ganray").warning("--num-samples applies to 2D data; FID/KID compare as many samples "
+                                            "as the held-out split holds (%d)", len(evaluator.source))
+    for key, value in evaluator.evaluate(G).items():
         _emit(key, f"{value:.6g}")
 
 

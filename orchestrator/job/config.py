@@ -149,6 +149,8 @@ class ResourcesConfig(_Section):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     placement_timeout_s: float = Field(60.0, gt=0.0, le=86_400)
     ray_address: Optional[str] = Field(None, description="Ray cluster address; else RAY_ADDRESS; else a local instance")
+    connect_timeout_s: float = Field(60.0, gt=0.0, le=3600, description="how long to wait for an explicit Ray "
+                                     "address to answer before stopping with one line")
     num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local Ray instance (default: the machine's)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast on CUDA")
@@ -385,7 +387,8 @@ RESUME_ALLOWED = (
     "schedule.total_kimg", "schedule.checkpoint_kimg", "schedule.keep_checkpoints",
     "schedule.sync_kimg", "schedule.sample_kimg", "eval.every_kimg", "eval.num_samples",
     "tracking.uri", "tracking.model_name", "tracking.run_name", "tracking.buffer_size",
-    "tracking.log_system_metrics", "resources.ray_address", "resources.placement_timeout_s",
+    "tracking.log_system_metrics", "resources.ray_address", "resources.connect_timeout_s",
+    "resources.placement_timeout_s",
     "resources.num_cpus", "resources.step_timeout_s", "fault.snapshot_rounds",
     "fault.max_restarts", "fault.grace_s", "fault.capacity_wait_s",
 )

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from typing import Any, Optional
 
 import ray
@@ -34,18 +37,95 @@ class RayInstance:
     fixed: bool
 
 
+RAY_CLIENT_PORT = 10001  # Ray Client's default port (`ray://host` without one)
+_PROBE_EVERY_S = 0.5
+_SAY_STILL_WAITING_EVERY_S = 10.0
+
+
+def explicit_address(resources: Any) -> Optional[tuple[str, str]]:
+    """(address, where it was given) of a cluster to join; None for a local instance."""
+    if resources.ray_address:
+        address, source = resources.ray_address, "resources.ray_address"
+    else:
+        address, source = os.environ.get("RAY_ADDRESS", ""), "RAY_ADDRESS"
+    address = address.strip()
+    if not address or address == "local":
+        return None
+    return address, source
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    """The TCP endpoint of a GCS address (`host:port`) or a Ray Client one (`ray://host[:port]`);
+    None for `auto` and other forms Ray resolves itself."""
+    if address.startswith("ray://"):
+        parts = urlsplit(address)
+        try:
+            return (parts.hostname, parts.port or RAY_CLIENT_PORT) if parts.hostname else None
+        except ValueError:  # a port that is not a number: let the caller's message say so
+            return (parts.hostname or address, -1)
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address:
+        return None
+    return (host.strip("[]"), int(port)) if port.isdigit() else (host, -1)
+
+
+def probe(resources: Any) -> None:
+    """Wait, at most `resources.connect_timeout_s`, until an explicit Ray address accepts a TCP
+    connection; otherwise a one-line PlacementError naming the address and where it came from.
+
+    `ray.init` against an address nobody answers retries for minutes with warnings (GCS form)
+    or ends in a traceback (`ray://`), so ganray asks first, before any MLflow run is opened.
+    """
+    given = explicit_address(resources)
+    if given is None or ray.is_initialized():
+        return
+    address, source = given
+    endpoint = _host_port(address)
+    if endpoint is None:
+        return
+    host, port = endpoint
+    timeout = float(resources.connect_timeout_s)
+    check = ("the head node is up and this machine can reach that port (for a `ray start` head: its --port, "
+             "6379 by default; for Ray Client: ray://HEAD:10001)")
+    if port < 0:
+        raise PlacementError(f"Ray address '{address}' (from {source}) has no valid port; give it as HOST:PORT, "
+                             "or ray://HOST:PORT for Ray Client")
+    start = time.monotonic()
+    said = start
+    log.info("connecting to Ray at %s (from %s), waiting up to resources.connect_timeout_s=%g s",
+             address, source, timeout)
+    while True:
+        remaining = timeout - (time.monotonic() - start)
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, remaining))):
+                return
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+        if time.monotonic() - start >= timeout:
+            raise PlacementError(f"cannot reach Ray at {address} (from {source}) within resources.connect_timeout_s="
+                                 f"{timeout:g} s ({reason}); check the address, that {check}, or unset {source} "
+                                 "to start a local instance")
+        if time.monotonic() - said >= _SAY_STILL_WAITING_EVERY_S:
+            said = time.monotonic()
+            log.warning("still waiting for Ray at %s (from %s): %.0f of %g s (%s)", address, source,
+                        said - start, timeout, reason)
+        time.sleep(min(_PROBE_EVERY_S, max(0.0, timeout - (time.monotonic() - start))))
+
+
 def connect(resources: Any) -> RayInstance:
     """Join the Ray instance in use, or start/join one.
 
     Already initialised (a Tune trial, a test session, a user's script): used as is, never shut
-    down by us. Otherwise `resources.ray_address`, else RAY_ADDRESS, else a local instance.
+    down by us. Otherwise `resources.ray_address`, else RAY_ADDRESS (probed first, see `probe`),
+    else a local instance.
     """
     if ray.is_initialized():
         return RayInstance(owned=False, fixed=False)
-    address = resources.ray_address or os.environ.get("RAY_ADDRESS")
+    given = explicit_address(resources)
     common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address and address != "local":
-        ray.init(address=address, **common)
+    if given is not None:
+        probe(resources)
+        ray.init(address=given[0], **common)
         return RayInstance(owned=True, fixed=False)
     # A local instance: no dashboard (nothing listens beyond what Ray itself needs).
     ray.init(address="local", num_cpus=resources.num_cpus, include_dashboard=False, **common)

@@ -122,6 +122,9 @@ class Trainer:
         shuts down cleanly. `local` builds its models in this process with torch's global RNG,
         so it does not take this path.
         """
+        from ganray.orchestrator.job.placement import probe
+
+        probe(self.config.resources)  # an unreachable cluster stops here, before a run exists
         failure: list[BaseException] = []
 
         def prepare() -> None:

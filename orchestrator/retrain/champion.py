@@ -268,6 +268,10 @@ def retrain(config: TrainConfig, model_name: Optional[str] = None, schedule_key:
     if not config.tracking.enabled:
         raise ConfigError("retrain needs MLflow: tracking.enabled must be true")
     check_names(name, schedule_key)
+    if config.topology.kind != "local":  # an unreachable cluster stops before the store is touched
+        from ganray.orchestrator.job.placement import probe
+
+        probe(config.resources)
     uri = tracking.resolve_tracking_uri(tracking_uri, config.tracking.uri)
     tracking.prepare_store(uri, config.tracking.experiment)
     client = MlflowClient(uri)
