@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, free_port
+from helpers import free_port
 from ganray.orchestrator.job.placement import _host_port, explicit_address
 from ganray.orchestrator.job.config import config_from_dict
 
