@@ -17,43 +17,37 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from helpers import free_port
+from local_server import LocalServer
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+class MlflowServer(LocalServer):
+    """One `mlflow server` process tree (the CLI, its uvicorn worker) with its store under `root`."""
 
-
-class MlflowServer:
-    """One `mlflow server` process tree with its store under `root`."""
+    name = "mlflow server"
+    stop_grace_s = 3.0  # an outage needs no graceful drain; SIGKILL follows
 
     def __init__(self, root: Path, port: int | None = None, start_timeout_s: float = 180.0) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.start_timeout_s = start_timeout_s
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.root / "server.log"
+        super().__init__(root, port, start_timeout_s)
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.base_url
 
-    def _env(self) -> dict[str, str]:
+    def ready_url(self) -> str:
+        return f"{self.uri}/health"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+
+    def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("MLFLOW_TRACKING_") and k != "MLFLOW_HTTP_REQUEST_MAX_RETRIES"}
         env.update({
@@ -63,61 +57,6 @@ class MlflowServer:
             "PYTHONUNBUFFERED": "1",
         })
         return env
-
-    def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            return
-        if _port_open(self.port):
-            raise RuntimeError(f"port {self.port} is taken; cannot start the MLflow test server there")
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                         env=self._env(), start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {self.start_timeout_s} s: {self.log_tail()}")
-
-    def stop(self) -> None:
-        """End the server's process group (SIGTERM, then SIGKILL) and wait until the port is closed."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the group id is the pid of the CLI we started
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=3)  # an outage needs no graceful drain; SIGKILL follows
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # the uvicorn worker may outlive the CLI; it is in the same group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if proc.poll() is None:
-            proc.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while _port_open(self.port) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
 
 
 @pytest.fixture(scope="module")
