@@ -57,3 +57,16 @@ def free_ports(n: int) -> list[int]:
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     return free_ports(1)[0]
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """`ganray ARGV` in this process: (exit code, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from ganray.orchestrator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()

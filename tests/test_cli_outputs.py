@@ -9,9 +9,7 @@ scores, and the scores must equal the ones the run logged for its final evaluati
 
 from __future__ import annotations
 
-import io
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,8 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ganray.orchestrator.cli import main
-from helpers import REPO, small_tree
+from helpers import REPO, small_tree, run_cli
 from mlflow_server import template_db
 
 MODEL = "cli-outputs-gan"
@@ -34,13 +31,6 @@ DIGITS_TREE = small_tree(data={"name": "digits"},
                          schedule={"total_kimg": 1, "sync_kimg": 0.5, "checkpoint_kimg": 1, "sample_kimg": 1000},
                          eval={"every_kimg": 1000, "num_samples": 200})
 DIGITS_TREE["model"] = {k: v for k, v in DIGITS_TREE["model"].items() if k not in ("hidden", "depth")}
-
-
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _keys(stdout: str) -> dict[str, str]:
@@ -56,7 +46,7 @@ def _keys(stdout: str) -> dict[str, str]:
 def _train(root: Path, name: str, tree: dict[str, Any], uri: str) -> str:
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump(tree))
-    code, out, err = _cli(["train", str(config), "--tracking-uri", uri, "--no-progress"])
+    code, out, err = run_cli(["train", str(config), "--tracking-uri", uri, "--no-progress"])
     assert code == 0, err
     return _keys(out)["run_id"]
 
@@ -73,7 +63,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         grid = _train(root, "grid", GRID_TREE, uri)
         digits = _train(root, "digits", DIGITS_TREE, uri)
-        code, out, err = _cli(["promote", MODEL, "1", "--reason", "test", "--tracking-uri", uri])
+        code, out, err = run_cli(["promote", MODEL, "1", "--reason", "test", "--tracking-uri", uri])
         assert code == 0, err
         promoted = _keys(out)
         assert (promoted["model"], promoted["champion"], promoted["previous"]) == (MODEL, "1", "none")
@@ -90,7 +80,7 @@ def _source(store: dict[str, Any], flag: str, value: str) -> list[str]:
 
 
 def _sample(store: dict[str, Any], source: list[str], out: Path, *extra: str) -> dict[str, str]:
-    code, stdout, err = _cli(["sample", *source, "--out", str(out), *extra])
+    code, stdout, err = run_cli(["sample", *source, "--out", str(out), *extra])
     assert code == 0, err
     printed = _keys(stdout)
     assert list(printed) == ["out", "shape"], stdout
@@ -149,7 +139,7 @@ def _logged_eval(store: dict[str, Any], run_key: str) -> dict[str, float]:
 def test_evaluate_prints_the_2d_figures_the_run_logged(store) -> None:
     logged = _logged_eval(store, "grid")
     for flag, value in GRID_SOURCES:
-        code, stdout, err = _cli(["evaluate", *_source(store, flag, value)])
+        code, stdout, err = run_cli(["evaluate", *_source(store, flag, value)])
         assert code == 0, err
         printed = _keys(stdout)
         assert list(printed) == ["modes", "hq", "kl"], stdout
@@ -161,7 +151,7 @@ def test_evaluate_prints_the_2d_figures_the_run_logged(store) -> None:
 
 def test_evaluate_prints_the_image_figures_the_run_logged(store) -> None:
     logged = _logged_eval(store, "digits")
-    code, stdout, err = _cli(["evaluate", *_source(store, "--run", "digits")])
+    code, stdout, err = run_cli(["evaluate", *_source(store, "--run", "digits")])
     assert code == 0, err
     printed = {key: float(text) for key, text in _keys(stdout).items()}
     assert set(printed) == {"fid", "kid", "kid_std", "fid_floor", "kid_floor", "classifier_acc"}, stdout
@@ -176,7 +166,7 @@ def test_evaluate_draws_num_samples(store) -> None:
     logged_2d = _logged_eval(store, "grid")
     assert 0 < logged_2d["hq"] < 1
     assert logged_2d["hq"] * 300 == pytest.approx(round(logged_2d["hq"] * 300), abs=1e-6)
-    code, stdout, err = _cli(["evaluate", *_source(store, "--run", "grid"), "--num-samples", "97"])
+    code, stdout, err = run_cli(["evaluate", *_source(store, "--run", "grid"), "--num-samples", "97"])
     assert code == 0, err
     fewer = {k: float(v) for k, v in _keys(stdout).items()}
     assert set(fewer) == {"modes", "hq", "kl"}

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -28,10 +28,9 @@ import yaml
 from PIL import Image
 
 from ganray.orchestrator.job.checkpoint import list_checkpoints
-from ganray.orchestrator.cli import main
 from ganray.orchestrator.job.config import config_from_dict
 from ganray.orchestrator.job.trainer import Trainer
-from helpers import REPO, small_tree
+from helpers import REPO, small_tree, run_cli
 from mlflow_server import template_db
 
 GANRAY = Path(sys.executable).with_name("ganray")
@@ -47,13 +46,6 @@ class Payload:
 
     def __reduce__(self):  # what an attacker's file would run on a plain torch.load
         return (os.system, ("echo pwned",))
-
-
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _assert_refused(code: int, err: str, *needles: str) -> str:
@@ -125,7 +117,7 @@ def _rewrite(folder: Path, part: str, value: Any) -> None:
 
 
 def _resume(store: dict[str, Any], *extra: str) -> tuple[int, str, str]:
-    return _cli(["train", str(store["config"]), "--resume", store["run_id"], "--tracking-uri", store["uri"],
+    return run_cli(["train", str(store["config"]), "--resume", store["run_id"], "--tracking-uri", store["uri"],
                  "--no-progress", *extra])
 
 
@@ -187,7 +179,7 @@ def test_resume_with_another_model_is_refused_by_name(store: dict[str, Any]) -> 
     before = _snapshot(store)
     code, _, err = _resume(store, "--set", "model.hidden=64")
     _assert_refused(code, err, "model.hidden", "resume with the run's config")
-    code, _, err = _cli(["train", str(store["config"]), "--resume", "0123456789abcdef0123456789abcdef",
+    code, _, err = run_cli(["train", str(store["config"]), "--resume", "0123456789abcdef0123456789abcdef",
                          "--tracking-uri", store["uri"]])
     _assert_refused(code, err, "no such run", "pass a run id")
     assert _snapshot(store) == before
@@ -220,7 +212,7 @@ def test_unknown_models_and_aliases(store: dict[str, Any], command: str, target:
     argv = [command, flag, target, "--tracking-uri", store["uri"]]
     if command == "sample":
         argv += ["--out", str(out_file)]
-    code, _, err = _cli(argv)
+    code, _, err = run_cli(argv)
     line = _assert_refused(code, err, *needles)
     assert "Traceback" not in line and not out_file.exists()
     assert not list(store["root"].glob("*.part*"))  # no half-written output either
@@ -237,7 +229,7 @@ def test_tampered_release_is_refused_and_alias_stays(store: dict[str, Any]) -> N
         data[-10] ^= 0xFF
         path.write_bytes(bytes(data))
         before = _snapshot(store)
-        code, _, err = _cli(["sample", "--model", f"models:/{MODEL}@champion", "--out",
+        code, _, err = run_cli(["sample", "--model", f"models:/{MODEL}@champion", "--out",
                              str(store["root"] / "s.npy"), "--tracking-uri", store["uri"]])
         _assert_refused(code, err, "G_ema.pt")
         assert _snapshot(store) == before and not (store["root"] / "s.npy").exists()
@@ -290,7 +282,7 @@ def test_corrupt_image_stops_training_with_one_line(tmp_path: Path, case: str) -
     name, data = CORRUPT_IMAGES[case]
     root = _image_folder(tmp_path / "images", name, data)
     config = _image_config(tmp_path, root)
-    code, _, err = _cli(["train", str(config), "--no-progress"])
+    code, _, err = run_cli(["train", str(config), "--no-progress"])
     _assert_refused(code, err, name, "skip_corrupt")
 
 
@@ -298,7 +290,7 @@ def test_corrupt_images_are_skipped_when_asked(tmp_path: Path) -> None:
     root = tmp_path / "images"
     _image_folder(root, "zz.png", b"junk")
     (root / "b" / "yy.jpg").write_bytes(b"")
-    code, out, err = _cli(["train", str(_image_config(tmp_path, root, skip_corrupt=True)), "--no-progress"])
+    code, out, err = run_cli(["train", str(_image_config(tmp_path, root, skip_corrupt=True)), "--no-progress"])
     assert code == 0, err
     assert "images_seen=" in out
 
@@ -337,7 +329,7 @@ def test_bad_parquet_is_refused(tmp_path: Path, case: str, command: str) -> None
     tree = {**TREE, "data": {"name": "parquet", "resolution": 8, **data}, "tracking": {"enabled": False}}
     config.write_text(yaml.safe_dump(tree))
     argv = ["train", str(config), "--no-progress"] + (["--dry-run"] if command == "dry-run" else [])
-    code, out, err = _cli(argv)
+    code, out, err = run_cli(argv)
     _assert_refused(code, err, *needles)
 
 
@@ -352,7 +344,7 @@ def test_missing_data_is_refused(tmp_path: Path, name: str, extra: dict, needles
                                  command: list[str]) -> None:
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({**TREE, "data": {"name": name, **extra}, "tracking": {"enabled": False}}))
-    code, out, err = _cli([*command, str(config)])
+    code, out, err = run_cli([*command, str(config)])
     _assert_refused(code, err, *needles)
     assert out == ""  # resolved before anything is printed or started
 
@@ -369,7 +361,7 @@ def test_failed_start_leaves_a_failed_run_without_checkpoints(tmp_path: Path,
     tree = yaml.safe_load(config.read_text())
     tree["tracking"] = {"enabled": True}
     config.write_text(yaml.safe_dump(tree))
-    code, out, err = _cli(["train", str(config), "--no-progress", "--tracking-uri", uri])
+    code, out, err = run_cli(["train", str(config), "--no-progress", "--tracking-uri", uri])
     _assert_refused(code, err, "zz.png")
     run_id = out.split("run_id=", 1)[1].split()[0]
     client = MlflowClient(uri)

@@ -10,8 +10,6 @@ object, prefix or bucket is one DataError line naming the URI and what to check,
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -24,10 +22,9 @@ import torch
 import yaml
 
 from ganray.models.errors import ConfigError, DataError
-from ganray.orchestrator.cli import main
 from ganray.workers.data import check_data_config, load_dataset
 from ganray.workers.parquet_source import ParquetSource
-from helpers import small_tree
+from helpers import small_tree, run_cli
 from s3_server import S3Server, s3_server  # noqa: F401
 
 BUCKET = "ganray-data"
@@ -176,13 +173,6 @@ def test_uri_with_credentials_is_refused_without_echoing_them(uri: str, found: s
 # ------------------------------------------------------------------ the CLI
 
 
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_cli_reads_s3_and_refuses_a_missing_prefix(dataset: SimpleNamespace, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # nothing the CLI writes lands in the repository
@@ -194,17 +184,17 @@ def test_cli_reads_s3_and_refuses_a_missing_prefix(dataset: SimpleNamespace, tmp
         job.write_text(yaml.safe_dump(tree))
         return str(job)
 
-    code, out, err = _cli(["train", write(f"s3://{BUCKET}/pts"), "--dry-run"])
+    code, out, err = run_cli(["train", write(f"s3://{BUCKET}/pts"), "--dry-run"])
     assert code == 0, err
     assert "data_size=23" in out.splitlines() and "sample_shape=2" in out.splitlines(), out
 
     uri = f"s3://{BUCKET}/nothing"
-    code, out, err = _cli(["train", write(uri), "--no-progress"])
+    code, out, err = run_cli(["train", write(uri), "--no-progress"])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
     assert lines[0].startswith(f"error: data.path '{uri}' does not exist"), err
 
-    code, out, err = _cli(["validate", write(f"s3://AKIDEXAMPLE:wJalrSECRETKEY@{BUCKET}/pts")])
+    code, out, err = run_cli(["validate", write(f"s3://AKIDEXAMPLE:wJalrSECRETKEY@{BUCKET}/pts")])
     assert code == 2 and "carries credentials" in err and err.count("\n") == 1, err
     assert "SECRETKEY" not in out + err
 

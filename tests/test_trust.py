@@ -9,11 +9,9 @@ imported. So the tests see whether ganray imported it, not only what it printed.
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
 import sys
 import textwrap
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,10 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import small_config, run_cli
 from mlflow_server import template_db
 from ganray.models.registry import build_generator
-from ganray.orchestrator.cli import main
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.job.trust import TRUST_ENV, UntrustedCodeError, check_imports, import_paths
 from ganray.orchestrator.tracking.release import log_released_generator
@@ -47,13 +44,6 @@ def make_g(sample_shape, z_dim, **kwargs):
 
     return build_generator({"generator": "mlp", "z_dim": z_dim, "hidden": 16, "depth": 1}, sample_shape)
 '''
-
-
-def _cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _refused(code: int, err: str, *needles: str) -> None:
@@ -130,20 +120,20 @@ def test_a_stored_config_that_imports_code_needs_trust(store: dict[str, Any], tm
     uri, marker = store["uri"], store["marker"]
     out = tmp_path / "s.npy"
     for source in (["--model", f"models:/{CUSTOM}/1"], ["--run", store["custom_run"]]):
-        code, stdout, err = _cli(["sample", *source, "--out", str(out), "--tracking-uri", uri])
+        code, stdout, err = run_cli(["sample", *source, "--out", str(out), "--tracking-uri", uri])
         _refused(code, err, IMPORT_PATH, "--trust-code")
         assert stdout == "" and not out.exists()
-    code, _, err = _cli(["evaluate", "--model", f"models:/{CUSTOM}/1", "--tracking-uri", uri])
+    code, _, err = run_cli(["evaluate", "--model", f"models:/{CUSTOM}/1", "--tracking-uri", uri])
     _refused(code, err, IMPORT_PATH)
-    code, _, err = _cli(["promote", CUSTOM, "1", "--tracking-uri", uri])
+    code, _, err = run_cli(["promote", CUSTOM, "1", "--tracking-uri", uri])
     _refused(code, err, IMPORT_PATH)  # a champion is loaded by every unattended retrain
     assert not marker.exists() and PROBE not in sys.modules, "the module was imported before the refusal"
 
-    code, stdout, err = _cli(["sample", "--model", f"models:/{CUSTOM}/1", "--out", str(out), "--tracking-uri", uri,
+    code, stdout, err = run_cli(["sample", "--model", f"models:/{CUSTOM}/1", "--out", str(out), "--tracking-uri", uri,
                               "--trust-code", "-n", "5"])
     assert code == 0, err
     assert marker.exists() and np.load(out).shape == (5, 2)
-    code, stdout, err = _cli(["promote", CUSTOM, "1", "--tracking-uri", uri, "--trust-code"])
+    code, stdout, err = run_cli(["promote", CUSTOM, "1", "--tracking-uri", uri, "--trust-code"])
     assert code == 0 and "champion=1" in stdout, err
 
 
@@ -153,7 +143,7 @@ def test_sampling_needs_no_data_and_a_changed_config_is_refused(store: dict[str,
     uri, client = store["uri"], MlflowClient(store["uri"])
     out = tmp_path / "s.npy"
     assert not (store["root"] / "gone.parquet").exists()
-    code, stdout, err = _cli(["sample", "--model", f"models:/{PLAIN}/1", "--out", str(out), "--tracking-uri", uri])
+    code, stdout, err = run_cli(["sample", "--model", f"models:/{PLAIN}/1", "--out", str(out), "--tracking-uri", uri])
     assert code == 0 and "shape=64x2" in stdout, err
 
     # Whoever can write the run's artifacts rewrites its release config: the version's digest says no.
@@ -162,7 +152,7 @@ def test_sampling_needs_no_data_and_a_changed_config_is_refused(store: dict[str,
     changed.write_text(small_config(model={"generator": IMPORT_PATH}).to_yaml())
     client.log_artifact(store["plain_run"], str(changed), "release")
     out.unlink()
-    code, stdout, err = _cli(["sample", "--model", f"models:/{PLAIN}/1", "--out", str(out), "--tracking-uri", uri,
+    code, stdout, err = run_cli(["sample", "--model", f"models:/{PLAIN}/1", "--out", str(out), "--tracking-uri", uri,
                               "--trust-code"])
     _refused(code, err, f"model '{PLAIN}' version 1", "does not match the digest")
     assert not out.exists()
