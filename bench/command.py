@@ -29,13 +29,15 @@ def register(app: typer.Typer) -> None:
               quick: bool = typer.Option(False, "--quick", help="a short pass that proves the harness (tiny sizes, 2 seeds)"),
               reps: Optional[int] = typer.Option(None, "--reps", min=1, help="timed repetitions per contender (default 5, 2 with --quick)"),
               seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="quality: seeds per set (default 10, 2 with --quick)"),
+              first_seed: Optional[int] = typer.Option(None, "--first-seed", min=0,
+                                                       help="quality: the first seed (default 1000: held out; the recipes were chosen below 100)"),
               models: Optional[str] = typer.Option(None, "--models", help="only these cases: mlp,dcgan32,dcgan64"),
               datasets: Optional[str] = typer.Option(None, "--datasets", help="quality: only these sets: ring8,grid25,digits"),
               kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="quality: total_kimg of each training run")) -> None:
         """Measure ganray against a plain PyTorch loop and Ray Train; print Markdown tables, write JSON."""
         from ganray.bench.harness import DEFAULT_SUITES, BenchOptions, run_suites
 
-        options = BenchOptions(out=out, quick=quick, reps=reps, seeds=seeds,
+        options = BenchOptions(out=out, quick=quick, reps=reps, seeds=seeds, first_seed=first_seed,
                                models=_csv(models, ("mlp", "dcgan32", "dcgan64"), "--models"),
                                datasets=_csv(datasets, ("ring8", "grid25", "digits"), "--datasets"), kimg=kimg)
         results = run_suites(list(suites or DEFAULT_SUITES), options)

@@ -96,6 +96,7 @@ class BenchOptions:
     quick: bool = False
     reps: Optional[int] = None        # None: the suite's default (5, 2 with --quick)
     seeds: Optional[int] = None       # quality: None means 10 (2 with --quick)
+    first_seed: Optional[int] = None  # quality: None means 1000 (held out from recipe choice)
     models: Optional[list[str]] = None
     datasets: Optional[list[str]] = None
     kimg: Optional[float] = None      # quality: total_kimg of each training run

@@ -23,7 +23,7 @@ from ganray.bench.cases import case_config, case_tree
 from ganray.bench.harness import REPO, SUITES, Report, fmt, machine_info
 from ganray.bench.overhead import gpu_engine_config
 from ganray.bench.plain import GPU_VARIANTS, PlainGAN, gpu_variant_cfg, resolve_runtime
-from ganray.bench.quality import _vae_scores, first_time, stats
+from ganray.bench.quality import _vae_scores, best_point, first_time, meets_target, stats, worst
 from ganray.bench.scaling import worker_counts
 from ganray.bench.timing import alternate, paired_ratios, summary
 from ganray.models.errors import ConfigError
@@ -216,6 +216,10 @@ def test_quality_helpers() -> None:
     s = stats([1.0, 3.0, None])
     assert s["mean"] == 2.0 and s["n"] == 2 and s["of"] == 3 and s["min"] == 1.0
     assert stats([None, float("inf")])["mean"] is None
+    # The best evaluation (most modes, then hq, then KL) is reported beside the final one.
+    assert best_point(timeline + [{"wall_s": 4.0, "modes": 8, "hq": 0.96, "kl": 0.02}])["wall_s"] == 3.0
+    assert meets_target(timeline[2], 8) and not meets_target(timeline[1], 8) and not meets_target({}, 8)
+    assert worst([0.9, None, 0.7]) == 0.7 and worst([0.01, 0.05], lower_is_better=True) == 0.05
 
 
 # -- the package boundary -----------------------------------------------------------------------
@@ -362,7 +366,10 @@ def test_bench_quick_writes_reports(ray_session: Any, tmp_path: Path, monkeypatc
     for key, value in ratios:
         assert isinstance(value, float) and value > 0 and math.isfinite(value), (key, value)
     quality = reports["quality"]["ring8"]
-    assert [s["seed"] for s in quality["seeds"]] == [0, 1]
+    assert [s["seed"] for s in quality["seeds"]] == [1000, 1001]  # held out from the recipes' choice
+    assert reports["quality"]["held_out"] is True
+    assert quality["misses_final"] == sum(not s["final_meets_target"] for s in quality["seeds"])
+    assert quality["worst_final"]["modes"] == min(s["modes"] for s in quality["seeds"])
     for seed in quality["seeds"]:
         assert 3.9 <= seed["kimg"] <= 5.0
         # The reported figures are the final evaluation's: the last probe of the timeline, taken
