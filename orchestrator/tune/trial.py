@@ -19,7 +19,9 @@ MLflow: the driver makes the tracking URI absolute (Tune changes each trial's wo
 directory), creates the store and the parent run before any trial starts, and each trial
 writes one nested child run (tag `mlflow.parentRunId`), found again by its trial id when PBT or
 `--resume` restarts it. A trial flushes its metrics before every report, so a trial that Tune
-stops right after a report has lost nothing.
+stops right after a report has lost nothing; a trial going on in its own run from its own
+checkpoint does not log again the points that run already holds (a killed driver's trials log
+past their last checkpoint).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ganray.models.errors import CheckpointError
+from ganray.models.errors import CheckpointError, GanrayError
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.job.config import RESUME_ALLOWED, TrainConfig
 from ganray.orchestrator.job.hooks import JobHooks
@@ -116,11 +118,12 @@ class TrialHooks(JobHooks):
         self.structure_hash = _structure_hash(config)
         self.logger: Any = NullRunLogger()
         self.restored: dict[str, Any] = {}  # added to the first report after a restore
+        self.run_existed = False  # the trial's child run was there before: a restart or `--resume`
 
     def open_run(self, config: TrainConfig) -> Any:
         if config.tracking.enabled and self.tracking_uri and self.parent_run_id:
-            self.logger = _open_child_run(config, self.tracking_uri, self.parent_run_id, self.trial_id,
-                                          self.trial_name)
+            self.logger, self.run_existed = _open_child_run(config, self.tracking_uri, self.parent_run_id,
+                                                            self.trial_id, self.trial_name)
         return self.logger
 
     def start_state(self, config: TrainConfig) -> Optional[StartState]:
@@ -147,6 +150,11 @@ class TrialHooks(JobHooks):
         if self.restored:
             self.logger.set_tags({"ganray.tune.restored_from": self.restored["restored_from"]})
             self.logger.log_metrics({"pbt/restored_kimg": self.restored["restored_kimg"]}, step=images_seen)
+        if self.run_existed and self.restored.get("restored_from", self.trial_id) == self.trial_id:
+            # The trial goes on from its own checkpoint (or from scratch) in its own run, which may
+            # hold points past that state: those of a driver killed mid-interval (`--resume`).
+            # Training is deterministic, so they are the points it would log again: not twice.
+            self.logger.skip_steps_upto(_logged_upto(self.logger, images_seen))
 
     def on_eval(self, engine: Any, images_seen: int, scores: dict[str, float]) -> None:
         from ray import tune
@@ -172,8 +180,10 @@ class TrialHooks(JobHooks):
         self.restored = {}
 
 
-def _open_child_run(config: TrainConfig, uri: str, parent_run_id: str, trial_id: str, trial_name: str) -> Any:
-    """The trial's nested MLflow run: created once, found again by trial id when the trial restarts."""
+def _open_child_run(config: TrainConfig, uri: str, parent_run_id: str, trial_id: str,
+                    trial_name: str) -> tuple[Any, bool]:
+    """The trial's nested MLflow run, and whether it existed: created once, found again by trial
+    id when the trial restarts."""
     from mlflow import MlflowClient
 
     from ganray.orchestrator.tracking import store as tracking
@@ -192,7 +202,15 @@ def _open_child_run(config: TrainConfig, uri: str, parent_run_id: str, trial_id:
                                          buffer_size=config.tracking.buffer_size), "opening the trial's run")
     logger.log_params(config.flat())  # a mutated value becomes a ganray.resumed.<key> tag
     logger.log_text(config.to_yaml(), tracking.CONFIG_ARTIFACT)
-    return logger
+    return logger, existing is not None
+
+
+def _logged_upto(logger: Any, images_seen: int) -> int:
+    """The highest step the run holds (every training point carries `kimg`), at least `images_seen`."""
+    try:
+        return max(images_seen, logger.max_logged_step("kimg") or 0)
+    except GanrayError:  # a store that cannot say: log from the start state on
+        return images_seen
 
 
 def _retrying(fn: Callable[[], Any], what: str, tries: int = 5) -> Any:
