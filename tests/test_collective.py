@@ -1,7 +1,8 @@
 """The gradient all-reduce among worker processes (gloo on CPU), outside Ray: the exchange path
 for power-of-two worlds, gloo's all_reduce otherwise, and the same-node shared-memory slots give
 the mean, identical on every rank, and leave the tensors alone until the pending reduce is waited
-for; the shared slots notice a dead or hung rank instead of spinning forever."""
+for; the shared slots and gloo notice a dead rank at once, and the slots a hung one, instead of
+waiting for the group's timeout (tests/test_collective_gloo.py: `resources.collective` on Ray)."""
 
 from __future__ import annotations
 
@@ -97,16 +98,16 @@ def _absent_peer_main(rank: int, port: int, out: "mp.Queue") -> None:
         out.put(str(err))
 
 
-def _dying_peer_main(rank: int, port: int, out: "mp.Queue") -> None:
+def _dying_peer_main(rank: int, port: int, collective: str, numel: int, out: "mp.Queue") -> None:
     from ganray.workers.collective import Collective
 
     group = Collective(rank, 2, torch.device("cpu"))
-    group.join("127.0.0.1", port, timeout_s=600, shared_numel=4)
+    group.join("127.0.0.1", port, timeout_s=600, shared_numel=4, collective=collective)
     if rank == 1:
         os._exit(1)  # dies without leaving the group, as a killed replica
     t0 = time.monotonic()
     try:
-        group.all_reduce_mean([torch.ones(4)])
+        group.all_reduce_mean([torch.ones(numel)])
         out.put(("returned", 0.0))
     except RuntimeError as err:
         out.put((str(err), time.monotonic() - t0))
@@ -114,8 +115,17 @@ def _dying_peer_main(rank: int, port: int, out: "mp.Queue") -> None:
 
 @needs_shm
 def test_shared_slots_notice_a_dead_rank_at_once() -> None:
-    [(message, waited)] = _run_ranks(_dying_peer_main, 2, results=1, clean_exit=False)
+    [(message, waited)] = _run_ranks(_dying_peer_main, 2, "auto", 4, results=1, clean_exit=False)
     assert "rank 1" in message and "exited" in message
+    assert waited < 60  # long before the 600 s timeout
+
+
+def test_gloo_notices_a_dead_rank_at_once() -> None:
+    """The path ranks on different hosts take: the dead peer's kernel closes its sockets, and
+    gloo raises on the survivor instead of waiting for the group's timeout. (gloo's ring
+    all_reduce here; tests/test_collective_gloo.py kills a replica inside the pairwise exchange.)"""
+    [(message, waited)] = _run_ranks(_dying_peer_main, 2, "gloo", 2 << 20, results=1, clean_exit=False)
+    assert "Connection closed by peer" in message or "Connection reset by peer" in message, message
     assert waited < 60  # long before the 600 s timeout
 
 

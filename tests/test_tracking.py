@@ -264,7 +264,7 @@ def _metric_steps(client, run_id: str, key: str) -> list[int]:
 def test_short_run_logs_system_metrics_at_the_training_steps(sqlite_store: Path) -> None:
     from mlflow import MlflowClient
 
-    from ganray.orchestrator.tracking.system_metrics import NAMES
+    from ganray.workers.system_metrics import NAMES
     from ganray.orchestrator.job.trainer import Trainer
 
     config = small_config(schedule={"total_kimg": 2})
@@ -274,13 +274,15 @@ def test_short_run_logs_system_metrics_at_the_training_steps(sqlite_store: Path)
     run = client.get_run(result.run_id)
     loss_steps = _metric_steps(client, result.run_id, "loss/D")
     assert loss_steps and loss_steps[-1] == result.images_seen
-    for name in NAMES:
+    for name in (f"system/{n}" for n in NAMES):  # the coordinator's machine: MLflow's single-node names
         assert name in run.data.metrics, name
         assert _metric_steps(client, result.run_id, name) == loss_steps, name
     for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_percentage",
                  "system/disk_usage_percentage"):
         assert 0.0 <= run.data.metrics[name] <= 100.0
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    # `local` trains on that machine alone: no per-node series (`system/<node>/...`).
+    assert not [k for k in run.data.metrics if k.startswith("system/") and k.count("/") > 1]
 
 
 def test_system_metrics_off_logs_none(sqlite_store: Path) -> None:
@@ -299,7 +301,7 @@ def test_system_metrics_without_psutil_are_empty(monkeypatch: pytest.MonkeyPatch
                                                  caplog: pytest.LogCaptureFixture) -> None:
     import sys
 
-    from ganray.orchestrator.tracking.system_metrics import SystemMetrics
+    from ganray.workers.system_metrics import SystemMetrics
 
     monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
     caplog.set_level(logging.DEBUG, logger="ganray")

@@ -17,7 +17,18 @@ instead, with a spinning wait: see workers/shared_slots.py for why a sleeping re
 milliseconds on a small VM. All paths are asynchronous (`start_all_reduce_mean` returns a
 `PendingMean`): the replica starts a phase's reduce right after its backward pass and waits only
 when the optimizer step needs the result, doing the other network's work in between
-(workers/stepper.py, `ReplicaStepper`).
+(workers/stepper.py, `ReplicaStepper`). `resources.collective: gloo` turns the shared memory off
+(`join(collective="gloo")`; gloo also on GPUs), so a test on one host runs the path of ranks on
+different hosts.
+
+A peer's loss: a survivor must not sit in a collective until the group's timeout, which is
+`resources.step_timeout_s` because it has to allow for the slowest step. It does not: gloo's TCP
+pairs report "Connection closed by peer" as soon as the peer's process is gone (its kernel closes
+the sockets), so a survivor blocked in an exchange or an all_reduce raises at once, and the shared
+slots watch their peers' pids. A peer whose host vanishes without closing its connections is the
+one loss a survivor cannot see; the coordinator does not wait for such a survivor: the chunk's
+`ray.get` fails on the first dead worker, the liveness probe (`ray_calls.lost_workers`) counts a
+survivor that does not answer as lost, and the recovery kills it.
 """
 
 from __future__ import annotations
@@ -52,6 +63,11 @@ def backend_for(device: torch.device, shared_gpu: bool = False) -> str:
     return "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
 
 
+# `resources.collective`: "auto" sums through shared memory when every rank is on this host,
+# "gloo" always goes through torch.distributed's gloo.
+COLLECTIVES = ("auto", "gloo")
+
+
 class Collective:
     """This process's membership in the job's group: average-all-reduce and broadcast helpers."""
 
@@ -63,20 +79,24 @@ class Collective:
         self.slots: Optional[SharedSlots] = None  # same-node shared memory, when every rank has it
 
     def join(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False,
-             shared_numel: int = 0) -> None:
+             shared_numel: int = 0, collective: str = "auto") -> None:
         """Join the group rank 0 hosts at (address, port); blocks until every rank has joined.
 
-        With `shared_numel` (the largest buffer the caller will reduce) CPU ranks that share this
-        node also map a shared-memory segment for their reduces (workers/shared_slots.py)."""
+        With `shared_numel` (the largest buffer the caller will reduce) and `collective="auto"`,
+        CPU ranks that share this node also map a shared-memory segment for their reduces
+        (workers/shared_slots.py). `collective="gloo"` uses gloo whatever the device and hosts.
+        `timeout_s` bounds the rendezvous and every collective call."""
+        if collective not in COLLECTIVES:
+            raise ValueError(f"collective must be one of {COLLECTIVES} (got {collective!r})")
         if self.world == 1:
             return  # nothing to synchronise: no group, so one worker is exactly `local`
-        self.backend = backend_for(self.device, shared_gpu)
+        self.backend = "gloo" if collective == "gloo" else backend_for(self.device, shared_gpu)
         if dist.is_initialized():
             dist.destroy_process_group()
         dist.init_process_group(self.backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=float(timeout_s)))
         self.joined = True
-        if self.backend == "gloo" and self.device.type == "cpu" and shared_numel > 0:
+        if collective == "auto" and self.backend == "gloo" and self.device.type == "cpu" and shared_numel > 0:
             self.slots = open_shared_slots(self.rank, self.world, shared_numel, timeout_s)
 
     def path(self) -> str:

@@ -37,6 +37,7 @@ class ReplicaWorker(WorkerBase):
                                      start_sync=self._start_all_reduce if self.world > 1 else None)
         self.settings = self.stepper.settings
         self.group = Collective(self.rank, self.world, self.settings.device)
+        self._fault_test_hold: Optional[tuple[int, str]] = None  # (round, flag): `hold_at_round_for_fault_test`
         return self.info()
 
     def modules(self) -> tuple[nn.Module, ...]:
@@ -54,7 +55,21 @@ class ReplicaWorker(WorkerBase):
 
     def _start_all_reduce(self, grads: list[Optional[torch.Tensor]]) -> PendingMean:
         assert self.group is not None
+        if self._fault_test_hold is not None and self._fault_test_hold[0] == self.stepper.rounds:
+            flag, self._fault_test_hold = self._fault_test_hold[1], None
+            self.hold_for_fault_test(flag)
         return self.group.start_all_reduce_mean(grads)
+
+    def rounds_done(self) -> int:
+        return self.stepper.rounds
+
+    def hold_at_round_for_fault_test(self, round_index: int, flag: str) -> None:
+        """Fault tests only: in round `round_index` of a later chunk, park this replica in
+        `hold_for_fault_test` just before its first gradient all-reduce of that round: mid-round,
+        its D gradients computed and not applied, its peers waiting for them in the reduce. One
+        chunk is a single Ray call, so no call can be queued inside it; this is the way in.
+        (Only replicas with peers reduce; the hold is one comparison per reduce otherwise.)"""
+        self._fault_test_hold = (int(round_index), flag)
 
     # -- training ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

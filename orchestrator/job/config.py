@@ -158,6 +158,10 @@ class ResourcesConfig(_Section):
         None, description="channels_last memory format for conv nets; unset: on for CPU (oneDNN's NHWC "
                           "kernels are the faster path), off on CUDA (mixed there: see docs/performance.md)")
     step_timeout_s: float = Field(600.0, gt=0.0, description="a worker call slower than this counts as hung")
+    collective: Literal["auto", "gloo"] = Field(
+        "auto", description="how the workers' all-reduces travel: auto (shared memory when every rank "
+                            "shares a host, else gloo on CPU, nccl on GPU) or gloo (always, as between "
+                            "hosts: a one-host test runs a cluster's path)")
 
 
 class TrackingConfig(_Section):
@@ -168,7 +172,8 @@ class TrackingConfig(_Section):
     enabled: bool = Field(True, description="false: no MLflow at all (benchmarks)")
     buffer_size: int = Field(100_000, ge=10, description="metric points buffered while the server is away")
     log_system_metrics: bool = Field(True, description="system/* metrics (CPU, memory, disk) of the coordinator's "
-                                     "machine at each sync point, when psutil is installed")
+                                     "machine and system/<node>/* of each worker node at each sync point, "
+                                     "when psutil is installed")
 
 
 class EvalConfig(_Section):
@@ -388,7 +393,7 @@ RESUME_ALLOWED = (
     "schedule.sync_kimg", "schedule.sample_kimg", "eval.every_kimg", "eval.num_samples",
     "tracking.uri", "tracking.model_name", "tracking.run_name", "tracking.buffer_size",
     "tracking.log_system_metrics", "resources.ray_address", "resources.connect_timeout_s",
-    "resources.placement_timeout_s",
+    "resources.placement_timeout_s", "resources.collective",
     "resources.num_cpus", "resources.step_timeout_s", "fault.snapshot_rounds",
     "fault.max_restarts", "fault.grace_s", "fault.capacity_wait_s",
 )

@@ -27,6 +27,7 @@ import ray
 from ganray.models.errors import ConfigError, DataError, GanrayError
 from ganray.orchestrator.job.engine import ChunkResult, restore_rng_state, rng_state
 from ganray.orchestrator.job.fault import SnapshotLostError, WorkerLostError, is_worker_loss
+from ganray.orchestrator.job.node_metrics import NodeMetrics
 from ganray.orchestrator.job.placement import Placement, connect
 from ganray.orchestrator.job.ray_calls import kill, lost_workers
 from ganray.orchestrator.job.replicated_job import ReplicatedJob
@@ -50,6 +51,7 @@ class RayEngine:
         self._closed = False
         self._job: Any = None
         self._placement: Optional[Placement] = None
+        self._node_metrics = NodeMetrics()
         self._ray = connect(res)
         try:
             self._placement = Placement(layout, res.placement_timeout_s, fixed_capacity=self._ray.fixed)
@@ -130,6 +132,11 @@ class RayEngine:
     def actors(self) -> list[Any]:
         """The worker actor handles (for fault handling and tests)."""
         return list(self._job.actors) if self._job is not None else []
+
+    def node_metrics(self) -> dict[str, float]:
+        """`system/<node>/<name>` of each Ray node that hosts a worker (see node_metrics.py); a
+        worker that does not answer within a short wait is left out, never failing the job."""
+        return self._node_metrics.sample(self.actors)
 
     def snapshot(self) -> Any:
         """The job state in Ray's object store, owned by the driver: it outlives any worker or worker node."""

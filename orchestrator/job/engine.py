@@ -62,6 +62,10 @@ class Engine(Protocol):
     def restart_workers(self, wait_s: float) -> None:
         """Recreate every worker (waiting up to `wait_s` for capacity); the caller restores the state."""
 
+    def node_metrics(self) -> dict[str, float]:
+        """`system/<node>/<name>` figures of every node that hosts a worker (MLflow's names for
+        several nodes); `{}` without workers. Asked at metric sync points, never per round."""
+
     def close(self) -> None: ...
 
 
@@ -128,6 +132,11 @@ class LocalEngine:
     def restart_workers(self, wait_s: float) -> None:
         # Nothing here can be lost without this process: a "loss" is a bug, re-raised as one.
         raise RuntimeError("the local engine has no workers to recreate")
+
+    def node_metrics(self) -> dict[str, float]:
+        # The one machine that trains is the coordinator's, whose un-prefixed `system/<name>`
+        # figures the trainer logs: MLflow names a single node's metrics without a node id.
+        return {}
 
     def close(self) -> None:
         pass

@@ -74,6 +74,9 @@ class Layout:
     # The config keys that set the workers' CPUs and GPUs, for messages that say what to change.
     cpu_keys: tuple[str, ...] = ()
     gpu_keys: tuple[str, ...] = ()
+    # How a worker group's all-reduces travel (`resources.collective`): "auto" takes same-host
+    # shared memory where it can, "gloo" never does (what ranks on different hosts run).
+    collective: str = "auto"
 
     @property
     def per_worker_batch(self) -> int:
@@ -131,7 +134,7 @@ def resolve_layout(config: Any) -> Layout:
     if res.gpus_per_worker > 0:
         local_bundle["GPU"] = float(res.gpus_per_worker)
     common: dict[str, Any] = {"kind": topo.kind, "batch_size": batch, "strategy": res.strategy,
-                              "local_bundle": local_bundle}
+                              "local_bundle": local_bundle, "collective": res.collective}
     if topo.kind == "replicated":
         n = topo.num_workers or 1
         _divides(batch, n, "topology.num_workers")

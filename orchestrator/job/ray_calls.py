@@ -16,7 +16,10 @@ log = logging.getLogger("ganray")
 
 def get(refs: Any, timeout_s: float, what: str, limit: str = "resources.step_timeout_s") -> Any:
     """`ray.get` that turns a user error raised in a worker back into itself (one line, exit 2)
-    and a hung worker into a TimeoutError naming the limit."""
+    and a hung worker into a TimeoutError naming the limit.
+
+    Given a list, it raises as soon as any one call fails (`ray.get` does not wait for the others):
+    a worker's death ends a chunk at once, even while its peers still sit in a collective."""
     try:
         return ray.get(refs, timeout=timeout_s)
     except GetTimeoutError:
@@ -66,17 +69,19 @@ def kill(actors: list[Any]) -> None:
             log.debug("killing an actor failed: %s", err)
 
 
-def form_group(actors: list[Any], gpus_each: float, timeout_s: float, role: str) -> tuple[list[float], str]:
-    """Form the torch.distributed group among `actors` (rank = position); returns their checksums
-    and how the group's all-reduces travel (`Collective.path`).
+def form_group(actors: list[Any], gpus_each: float, timeout_s: float, role: str,
+               collective: str) -> tuple[list[float], str]:
+    """Form the torch.distributed group among `actors` (rank = position), its all-reduces taking
+    the `collective` path (`resources.collective`); returns their checksums and how the group's
+    all-reduces travel (`Collective.path`).
 
     Workers with a fraction of a GPU may share a device, which NCCL refuses: they use gloo. Logs
     how the all-reduces travel: shared memory, gloo or nccl make a large difference in speed,
     and a user tuning a job should not have to guess which one a group got."""
     address, port = get(actors[0].rendezvous.remote(), timeout_s, "group rendezvous")
     shared_gpu = 0 < gpus_each < 1
-    joined = get([a.join_group.remote(address, port, timeout_s, shared_gpu) for a in actors], timeout_s,
-                 "joining the group")
+    joined = get([a.join_group.remote(address, port, timeout_s, shared_gpu, collective) for a in actors],
+                 timeout_s, "joining the group")
     log.info("%s gradient all-reduce: %s", role, joined[0][1])
     return [checksum for checksum, _ in joined], joined[0][1]
 

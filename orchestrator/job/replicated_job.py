@@ -38,7 +38,7 @@ class ReplicatedJob:
             self.allreduce = "none (one replica)"
             if n > 1:
                 checksums, self.allreduce = form_group(self.workers, specs[0].gpus, timeout_s,
-                                                        "replica")
+                                                        "replica", layout.collective)
                 check_same(checksums, "replica")
         except BaseException:
             kill(self.workers)

@@ -68,7 +68,8 @@ class SplitJob:
             # Discriminators never all-reduce (each trains on its own share); generators do when M > 1.
             self.allreduce = "none (one generator)"
             if self.m > 1:
-                checksums, self.allreduce = form_group(self.gens, g_specs[0].gpus, timeout_s, "generator")
+                checksums, self.allreduce = form_group(self.gens, g_specs[0].gpus, timeout_s, "generator",
+                                                        layout.collective)
                 check_same(checksums, "generator")
         except BaseException:
             kill(self.actors)

@@ -42,7 +42,7 @@ from ganray.orchestrator.job.resume import (ResumedRun, StartState, check_resume
 from ganray.orchestrator.job.schedule import FINAL_UPLOAD_TIMEOUT_S, Checkpointer, Interval, NullCheckpointer
 from ganray.orchestrator.tracking.null_run_logger import NullRunLogger
 from ganray.orchestrator.tracking.samples import NullSamplePlots, SamplePlots
-from ganray.orchestrator.tracking.system_metrics import SystemMetrics
+from ganray.workers.system_metrics import SystemMetrics, metric_names
 
 log = logging.getLogger("ganray")
 
@@ -247,7 +247,8 @@ class Trainer:
             self.logger.set_tags({"ganray.data_hash": engine.data_fingerprint, "ganray.allreduce": engine.allreduce})
         self._system_sample: Callable[[], dict[str, float]] = dict
         if self.tracked and cfg.tracking.log_system_metrics:  # the CPU figure of the first point covers its interval
-            self._system_sample = SystemMetrics().sample
+            driver = SystemMetrics()  # this machine as `system/<name>`, the workers' nodes as `system/<node>/<name>`
+            self._system_sample = lambda: {**metric_names(driver.sample()), **engine.node_metrics()}
         self._ipr = cfg.schedule.n_critic * cfg.schedule.batch_size
         self._total_images = int(round(cfg.schedule.total_kimg * 1000))
         self._stop_images = self._total_images

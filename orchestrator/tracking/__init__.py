@@ -1,2 +1,3 @@
 """Tracking in MLflow: the store (`store`), the job's one writer (`run_logger`), released
-generators (`release`), sample figures (`samples`) and system metrics (`system_metrics`)."""
+generators (`release`) and sample figures (`samples`). System metrics are sampled by
+ganray.workers.system_metrics (the coordinator's machine and every worker's node alike)."""
