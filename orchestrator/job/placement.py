@@ -40,6 +40,7 @@ class RayInstance:
 RAY_CLIENT_PORT = 10001  # Ray Client's default port (`ray://host` without one)
 _PROBE_EVERY_S = 0.5
 _SAY_STILL_WAITING_EVERY_S = 10.0
+_answered: set[tuple[str, int]] = set()  # endpoints that answered in this process: probed once
 
 
 def explicit_address(resources: Any) -> Optional[tuple[str, str]]:
@@ -84,6 +85,8 @@ def probe(resources: Any) -> None:
     if endpoint is None:
         return
     host, port = endpoint
+    if (host, port) in _answered:  # the trainer probed before opening its run; connect needs no second try
+        return
     timeout = float(resources.connect_timeout_s)
     check = ("the head node is up and this machine can reach that port (for a `ray start` head: its --port, "
              "6379 by default; for Ray Client: ray://HEAD:10001)")
@@ -98,6 +101,7 @@ def probe(resources: Any) -> None:
         remaining = timeout - (time.monotonic() - start)
         try:
             with socket.create_connection((host, port), timeout=max(0.1, min(2.0, remaining))):
+                _answered.add((host, port))
                 return
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
