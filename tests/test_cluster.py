@@ -22,7 +22,7 @@ import yaml
 
 from helpers import small_tree
 from mlflow_server import template_db
-from ray_cluster import RayCluster, ray_cluster  # noqa: F401 - the fixture  # noqa: F401 (the fixture)
+from ray_cluster import RayCluster, ray_cluster  # noqa: F401 - the fixture
 
 GANRAY = Path(sys.executable).with_name("ganray")
 BATCH = 64
