@@ -78,7 +78,8 @@ def time_to_first_metric(config_path: Path, sets: list[str], store: Path, log_pa
 
 def startup(ctx: BenchContext) -> Report:
     """`ganray train configs/ring8.yaml` to its first logged metric, local and replicated, run
-    twice each in the same folder; the second run (warm file cache, existing store) is the figure."""
+    twice each in the same folder: the cold first run (a new process, a new local Ray instance,
+    a new store, OS caches as found) and the warm second one, each reported under its name."""
     config_path = REPO / "configs" / "ring8.yaml"
     topologies = {"local": ["topology.kind=local", "topology.num_workers=null"],
                   "replicated": ["topology.kind=replicated", "topology.num_workers=1"]}
@@ -98,11 +99,17 @@ def startup(ctx: BenchContext) -> Report:
             store.mkdir()
             for i in range(2):
                 times.append(time_to_first_metric(config_path, sets + common, store, ctx.out / f"startup-{name}-{i}.log"))
-            second = times[-1]
-            data[name] = {"runs_s": times, "seconds": second, "target_s": STARTUP_TARGET_S,
-                          "met": second is not None and second <= STARTUP_TARGET_S}
-            rows.append([name, fmt(times[0]), fmt(second), f"<= {STARTUP_TARGET_S:g} s"])
-    return Report(data, ["topology", "first run (s)", "second run (s)", "target"], rows,
+            cold, warm = times
+
+            def met(seconds: Optional[float]) -> bool:
+                return seconds is not None and seconds <= STARTUP_TARGET_S
+
+            data[name] = {"runs_s": times, "cold_s": cold, "warm_s": warm, "target_s": STARTUP_TARGET_S,
+                          "met_cold": met(cold), "met_warm": met(warm)}
+            rows.append([name, fmt(cold), fmt(warm), f"<= {STARTUP_TARGET_S:g} s",
+                         "yes" if met(cold) else "no (cold)" if met(warm) else "no"])
+    return Report(data, ["topology", "cold first run (s)", "warm second run (s)", "target", "met (cold)"], rows,
                   ["From launching the `ganray` console script (a fresh process; replicated starts its own Ray) "
-                   "to the first `loss/D` point readable from the sqlite store; the first run also creates the "
-                   "store's schema."])
+                   "to the first `loss/D` point readable from the sqlite store. Cold: the first run in a new "
+                   "folder (it also creates the store's schema; OS caches as the machine left them); warm: the "
+                   "second run in the same folder. The target is judged on the cold run."])

@@ -388,3 +388,18 @@ def test_bench_quick_writes_reports(ray_session: Any, tmp_path: Path, monkeypatc
     assert quality["ganray"]["modes"]["mean"] == pytest.approx(sum(s["modes"] for s in quality["seeds"]) / 2)
     assert quality["published"]["PacGAN4"]["modes"] == 7.8 and quality["ganray"]["modes"]["of"] == 2
     assert "grid25" not in reports["quality"] and "digits" not in reports["quality"]
+
+
+def test_startup_reports_the_cold_and_the_warm_run_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ganray.bench import startup as suite
+    from ganray.bench.harness import BenchContext, BenchOptions
+
+    # Cold and warm of each topology, in the order the suite launches them: what the timer saw.
+    seen = iter([10.9, 7.0, 21.5, 13.2])
+    monkeypatch.setattr(suite, "time_to_first_metric", lambda *args, **kwargs: next(seen))
+    report = suite.startup(BenchContext(BenchOptions(out=tmp_path)))
+    assert report.data["local"] == {"runs_s": [10.9, 7.0], "cold_s": 10.9, "warm_s": 7.0, "target_s": 20.0,
+                                    "met_cold": True, "met_warm": True}
+    assert report.data["replicated"]["met_cold"] is False and report.data["replicated"]["met_warm"] is True
+    assert [row[-1] for row in report.rows] == ["yes", "no (cold)"]
+    assert report.header[1:3] == ["cold first run (s)", "warm second run (s)"]
