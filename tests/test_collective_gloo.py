@@ -14,23 +14,18 @@ all-reduce of a round in the middle of a chunk, so the hit provably lands inside
 
 from __future__ import annotations
 
-import json
 import logging
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
-import psutil
 import pytest
-import ray
 
 from ganray.orchestrator.job.engine import make_engine
 from ganray.orchestrator.job.trainer import Trainer
 from ganray.workers.shared_slots import supported as shared_memory_supported
 from helpers import small_config
+from saboteur import Saboteur, assert_hit_inside_chunk, assert_same_history, sabotaged
 
 SNAPSHOT_ROUNDS = 8
 TOTAL_ROUNDS = 24  # 1.536 kimg at batch 64
@@ -38,7 +33,6 @@ STEP_TIMEOUT_S = 120.0
 # How soon after the kill the coordinator must see the loss: far below STEP_TIMEOUT_S (what a
 # survivor stuck in its collective would cost), generous for a loaded 2-core machine.
 NOTICED_WITHIN_S = 60.0
-HOLD_WAIT_S = 120.0
 
 
 def _config(collective: str) -> Any:
@@ -70,71 +64,13 @@ def runs(ray_session) -> dict[str, tuple[Any, list[str]]]:
     return out
 
 
-def _assert_same_history(history: dict[str, list[float]], reference: Any) -> None:
-    assert history.keys() == reference.history.keys()
-    for key, values in reference.history.items():
-        np.testing.assert_allclose(history[key], values, rtol=1e-4, atol=1e-5, err_msg=key)
-
-
 def test_gloo_on_one_host_takes_the_gloo_path_with_the_same_losses(runs: dict[str, tuple[Any, list[str]]]) -> None:
     (auto, auto_paths), (gloo, gloo_paths) = runs["auto"], runs["gloo"]
     assert len(gloo_paths) == 1 and gloo_paths[0].startswith("gloo (2 ranks)"), gloo_paths
     expected_auto = "shared memory on this node" if shared_memory_supported() else "gloo (2 ranks)"
     assert len(auto_paths) == 1 and auto_paths[0].startswith(expected_auto), auto_paths
     assert gloo.images_seen == auto.images_seen == TOTAL_ROUNDS * 64
-    _assert_same_history(gloo.history, auto)
-
-
-class _KillInCollective:
-    """An engine wrapper: in the first chunk of two or more rounds starting at or after round
-    `after`, replica `victim` is parked before its first all-reduce of the chunk's middle round
-    (its peer waiting for it in that reduce) and SIGKILLed there. Records when it was killed and
-    when, and with what error, the engine reported the chunk lost."""
-
-    def __init__(self, engine: Any, victim: int, after: int, flag: Path) -> None:
-        self._engine, self.victim, self.after, self.flag = engine, victim, after, flag
-        self.rounds = 0
-        self.hit: Optional[dict[str, Any]] = None
-
-    def _strike(self, chunk_over: threading.Event) -> None:
-        assert self.hit is not None
-        deadline = time.monotonic() + HOLD_WAIT_S
-        while not self.flag.exists():
-            if chunk_over.is_set() or time.monotonic() > deadline:
-                self.hit["error"] = "the victim never reached its hold"
-                return
-            time.sleep(0.005)
-        held = json.loads(self.flag.read_text())
-        self.hit.update(pid=held["pid"], rounds_done=held["rounds"])
-        victim = psutil.Process(held["pid"])
-        self.hit["killed_at"] = time.monotonic()
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
-
-    def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> Any:
-        striker: Optional[threading.Thread] = None
-        chunk_over = threading.Event()
-        if self.hit is None and n_rounds >= 2 and self.rounds >= self.after:
-            self.hit = {"chunk": (self.rounds, n_rounds), "round": self.rounds + n_rounds // 2}
-            actor = self._engine.actors[self.victim]
-            ray.get(actor.hold_at_round_for_fault_test.remote(self.hit["round"], str(self.flag)), timeout=30)
-            striker = threading.Thread(target=self._strike, args=(chunk_over,), daemon=True)
-            striker.start()
-        try:
-            res = self._engine.run(n_rounds, stop_at_images)
-        except Exception as err:
-            if self.hit is not None and "seen_at" not in self.hit:
-                self.hit.update(seen_at=time.monotonic(), seen=str(err))
-            raise
-        finally:
-            chunk_over.set()
-            if striker is not None:
-                striker.join(timeout=HOLD_WAIT_S + 60)
-        self.rounds = res.round_index
-        return res
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
+    assert_same_history(gloo.history, auto)
 
 
 @pytest.mark.slow
@@ -142,20 +78,15 @@ def test_gloo_survivor_leaves_its_collective_when_its_peer_is_killed(
         runs: dict[str, tuple[Any, list[str]]], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="ganray")
     reference, _ = runs["gloo"]
-    box: list[_KillInCollective] = []
-
-    def factory(config: Any) -> _KillInCollective:
-        box.append(_KillInCollective(make_engine(config), victim=1, after=SNAPSHOT_ROUNDS + 1, flag=tmp_path / "held"))
-        return box[-1]
-
+    box: list[Saboteur] = []
     t0 = time.monotonic()
-    trainer = Trainer(_config("gloo"), progress=False, engine_factory=factory)
+    trainer = Trainer(_config("gloo"), progress=False,
+                      engine_factory=sabotaged(box, tmp_path / "held", victim=1, after=SNAPSHOT_ROUNDS + 1))
     result = trainer.run()
     hit = box[0].hit
-    assert hit is not None and "error" not in hit, hit
-    start, n = hit["chunk"]
-    assert start < hit["rounds_done"] == hit["round"] < start + n, hit  # killed inside the chunk
-    noticed_s = hit["seen_at"] - hit["killed_at"]
+    assert hit is not None
+    assert_hit_inside_chunk(hit)
+    noticed_s = hit["seen_at"] - hit["struck_at"]
     # Only the killed replica is lost: the survivor answered the coordinator's liveness probe,
     # which a replica still inside its chunk call (stuck in the collective) cannot do.
     assert "lost replica 1 (" in hit["seen"] and "replica 0 (" not in hit["seen"], (noticed_s, hit["seen"])
@@ -164,6 +95,6 @@ def test_gloo_survivor_leaves_its_collective_when_its_peer_is_killed(
     assert result.images_seen == reference.images_seen == TOTAL_ROUNDS * 64 and not result.stopped_early
     assert trainer.faults is not None and trainer.faults.restarts == 1
     assert trainer.faults.rounds_redone <= SNAPSHOT_ROUNDS
-    _assert_same_history(result.history, reference)
+    assert_same_history(result.history, reference)
     print(f"gloo loss noticed {noticed_s:.2f} s after the kill ({hit['seen'][:160]}); "
           f"job wall {time.monotonic() - t0:.1f} s, recovered run {result.wall_s:.1f} s vs {reference.wall_s:.1f} s")

@@ -19,21 +19,15 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
-import psutil
 import pytest
-import ray
 
-from ganray.orchestrator.job.engine import make_engine
 from ganray.orchestrator.job.fault import FaultError
 from ganray.orchestrator.job.trainer import Trainer
-from ganray.workers.worker_base import FAULT_TEST_HOLD_LIMIT_S
 from helpers import REPO, small_config
+from saboteur import Saboteur, assert_hit_inside_chunk, assert_same_history, sabotaged
 from mlflow_server import sqlite_store  # noqa: F401
 
 SNAPSHOT_ROUNDS = 8
@@ -50,132 +44,20 @@ def _config(kind: str, tracking: bool = False, **fault: Any):
                         fault={"snapshot_rounds": SNAPSHOT_ROUNDS, "capacity_wait_s": 180, **fault})
 
 
-class _HoldBeforeRound:
-    """Stands in for a split discriminator's actor handle while a chunk is submitted: just before
-    its `d_phase` call of round `round_index` it queues `hold_for_fault_test` on the real actor,
-    then puts the real handle back. One caller's calls to an actor run in submission order, so
-    the discriminator parks after its calls of every earlier round, inside the chunk."""
-
-    def __init__(self, handles: list[Any], index: int, round_index: int, flag: Path) -> None:
-        self._handles, self._index, self._real = handles, index, handles[index]
-        self._round, self._flag = round_index, flag
-        self.d_phase = self  # `d_phase.remote(...)` lands in `remote` below
-
-    def remote(self, round_idx: int, *args: Any) -> Any:
-        if round_idx == self._round:
-            self._real.hold_for_fault_test.remote(str(self._flag))
-            self._handles[self._index] = self._real
-        return self._real.d_phase.remote(round_idx, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
-class Saboteur:
-    """An engine wrapper that hurts worker `victim` inside the first chunk of two or more rounds
-    that starts at or after round `after`.
-
-    The victim is parked in the chunk's middle round (a replica just before that round's first
-    gradient all-reduce, its peer waiting in the reduce; a split discriminator between its calls
-    of two rounds) and a thread sends it `sig` as soon as it announces the hold, then waits until
-    it is dead (or stopped). `hit` records the chunk, the round and what the victim reported."""
-
-    def __init__(self, engine: Any, victim: int, after: int, sig: int, flag: Path) -> None:
-        self._engine = engine
-        self.victim, self.after, self.sig, self.flag = victim, after, sig, flag
-        self.rounds = 0
-        self.hit: Optional[dict[str, Any]] = None
-        self.chunks: list[tuple[int, int]] = []  # (start round, rounds) of every completed chunk
-
-    def _park(self, round_index: int) -> None:
-        if self._engine.layout.kind == "replicated":
-            actor = self._engine.actors[self.victim]
-            ray.get(actor.hold_at_round_for_fault_test.remote(round_index, str(self.flag)), timeout=30)
-        else:  # split: the engine's actors are [*generators, *discriminators]
-            job = self._engine._job
-            index = self.victim - len(job.gens)
-            assert index >= 0, "a split victim must be a discriminator"
-            job.discs[index] = _HoldBeforeRound(job.discs, index, round_index, self.flag)
-
-    def _strike(self, chunk_over: threading.Event) -> None:
-        assert self.hit is not None
-        deadline = time.monotonic() + FAULT_TEST_HOLD_LIMIT_S
-        while not self.flag.exists():
-            if chunk_over.is_set() or time.monotonic() > deadline:
-                self.hit["error"] = "the victim never reached its hold"
-                return
-            time.sleep(0.005)
-        held = json.loads(self.flag.read_text())
-        self.hit.update(pid=held["pid"], rounds_done=held["rounds"])
-        victim = psutil.Process(held["pid"])
-        victim.send_signal(self.sig)
-        if self.sig == signal.SIGSTOP:  # a stopped process never exits: wait until it is stopped
-            while victim.status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-                time.sleep(0.01)
-        else:
-            victim.wait(timeout=30)
-
-    def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> Any:
-        striker: Optional[threading.Thread] = None
-        chunk_over = threading.Event()
-        if self.hit is None and n_rounds >= 2 and self.rounds >= self.after:
-            self.hit = {"chunk": (self.rounds, n_rounds), "round": self.rounds + n_rounds // 2}
-            self._park(self.hit["round"])
-            striker = threading.Thread(target=self._strike, args=(chunk_over,), daemon=True)
-            striker.start()
-        elif self.hit is not None and "pids_after" not in self.hit:  # the first chunk after recovery
-            self.hit["pids_after"] = [ray.get(a.process_info.remote(), timeout=30)["pid"] for a in self._engine.actors]
-        try:
-            res = self._engine.run(n_rounds, stop_at_images)
-        finally:
-            chunk_over.set()
-            if striker is not None:
-                striker.join(timeout=FAULT_TEST_HOLD_LIMIT_S + 60)
-        if n_rounds:
-            self.chunks.append((self.rounds, res.rounds))
-        self.rounds = res.round_index
-        return res
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
-def _sabotaged(box: list[Saboteur], flag: Path, victim: int, after: int, sig: int = signal.SIGKILL):
-    def factory(config: Any) -> Saboteur:
-        box.append(Saboteur(make_engine(config), victim, after, sig, flag))
-        return box[-1]
-    return factory
-
-
 @pytest.fixture(scope="module")
 def reference(ray_session) -> dict[str, Any]:
     """Uninterrupted runs of both topologies (histories to compare with)."""
     return {kind: Trainer(_config(kind), progress=False).run() for kind in ("replicated", "split")}
 
 
-def _assert_hit_inside_chunk(hit: dict[str, Any]) -> None:
-    """The victim was parked with k of the chunk's n rounds done, 0 < k < n, when it was hit."""
-    assert "error" not in hit, hit
-    start, n = hit["chunk"]
-    assert start < hit["rounds_done"] == hit["round"] < start + n, hit
-
-
-def _assert_same_history(history: dict[str, list[float]], reference: Any) -> None:
-    # Restored exactly: the same losses round by round. (Two Ray runs agree to float32 rounding
-    # only, not to the bit: tolerance at that level, far below what a wrong restore would give.)
-    assert history.keys() == reference.history.keys()
-    for key, values in reference.history.items():
-        np.testing.assert_allclose(history[key], values, rtol=1e-4, atol=1e-5, err_msg=key)
-
-
 def _assert_recovered(result: Any, trainer: Trainer, saboteur: Saboteur, reference: Any) -> None:
     assert saboteur.hit is not None
-    _assert_hit_inside_chunk(saboteur.hit)
+    assert_hit_inside_chunk(saboteur.hit)
     # Every image once: a round counted twice (or lost) would change the count and the history.
     assert result.images_seen == reference.images_seen == TOTAL_ROUNDS * 64 and not result.stopped_early
     assert trainer.faults is not None and trainer.faults.restarts == 1
     assert trainer.faults.rounds_redone <= SNAPSHOT_ROUNDS
-    _assert_same_history(result.history, reference)
+    assert_same_history(result.history, reference)
     # The chunk the victim was parked in was the one lost; what ran before it was kept up to the snapshot.
     assert sum(n for _, n in saboteur.chunks) - TOTAL_ROUNDS == trainer.faults.rounds_redone
     assert saboteur.hit["pid"] not in saboteur.hit["pids_after"]  # the worker was recreated
@@ -193,7 +75,7 @@ def test_replicated_worker_sigkilled_mid_chunk(reference: dict[str, Any], sqlite
     # Killed in the chunk from round 20 (the snapshot of round 16 is the last): parked mid-round,
     # its D gradients computed; the survivor meets the death inside that round's all-reduce.
     trainer = Trainer(_config("replicated", tracking=True), progress=False,
-                      engine_factory=_sabotaged(box, tmp_path / "held", victim=1, after=17))
+                      engine_factory=sabotaged(box, tmp_path / "held", victim=1, after=17))
     result = trainer.run()
     _assert_recovered(result, trainer, box[0], reference["replicated"])
     client = MlflowClient(f"sqlite:///{sqlite_store / 'mlflow.db'}")
@@ -212,7 +94,7 @@ def test_split_discriminator_sigkilled_mid_chunk(reference: dict[str, Any], tmp_
     # Discriminator 1 (actor 2, after the generator), killed between its calls of two rounds of
     # the chunk from round 20 while the driver has later rounds of that chunk in flight.
     trainer = Trainer(_config("split"), progress=False,
-                      engine_factory=_sabotaged(box, tmp_path / "held", victim=2, after=20))
+                      engine_factory=sabotaged(box, tmp_path / "held", victim=2, after=20))
     result = trainer.run()
     _assert_recovered(result, trainer, box[0], reference["split"])
 
@@ -224,7 +106,7 @@ def test_hung_worker_times_out_and_is_replaced(reference: dict[str, Any], tmp_pa
     box: list[Saboteur] = []
     # Stopped mid-round in the chunk from round 10: the chunk can only end by the step timeout.
     trainer = Trainer(config, progress=False,
-                      engine_factory=_sabotaged(box, tmp_path / "held", victim=0, after=9, sig=signal.SIGSTOP))
+                      engine_factory=sabotaged(box, tmp_path / "held", victim=0, after=9, sig=signal.SIGSTOP))
     try:
         result = trainer.run()
     finally:
@@ -246,11 +128,11 @@ def test_restart_budget_spent_stops_with_a_resumable_checkpoint(ray_session, sql
     box: list[Saboteur] = []
     config = _config("replicated", tracking=True, max_restarts=0)
     # Killed mid-chunk in the chunk from round 20: the snapshot of round 16 is the last one.
-    trainer = Trainer(config, progress=False, engine_factory=_sabotaged(box, tmp_path / "held", victim=0, after=20))
+    trainer = Trainer(config, progress=False, engine_factory=sabotaged(box, tmp_path / "held", victim=0, after=20))
     with pytest.raises(FaultError) as err:
         trainer.run()
     assert "fault.max_restarts=0" in str(err.value) and "--resume" in str(err.value)
-    _assert_hit_inside_chunk(box[0].hit)
+    assert_hit_inside_chunk(box[0].hit)
     client = MlflowClient(f"sqlite:///{sqlite_store / 'mlflow.db'}")
     state, meta = latest_checkpoint(client, trainer.run_id, sqlite_store / "dl")
     assert meta["images_seen"] == trainer.keeper.images_seen == 16 * 64  # the last snapshot before the kill
@@ -354,9 +236,9 @@ def test_node_lost_mid_chunk_then_replaced_on_a_cluster(reference: dict[str, Any
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     history = report.pop("history")
     print(f"fault report: {report}")
-    _assert_hit_inside_chunk({**report, "rounds_done": report["held"]["rounds"]})
+    assert_hit_inside_chunk({**report, "rounds_done": report["held"]["rounds"]})
     assert report["removed_at"] < report["added_at"]
     assert report["images_seen"] == reference["replicated"].images_seen == TOTAL_ROUNDS * 64
     # A loss while recovering (a worker placed on the dying node) is one more restart, with nothing redone.
     assert report["restarts"] >= 1 and report["rounds_redone"] <= SNAPSHOT_ROUNDS
-    _assert_same_history(history, reference["replicated"])
+    assert_same_history(history, reference["replicated"])
