@@ -10,7 +10,7 @@ import contextlib
 import copy
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +70,27 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     with redirect_stdout(out), redirect_stderr(err):
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
+
+
+def processes_of(temp_dir: str, env_key: Optional[str] = None) -> list[Any]:
+    """Processes a test started under `temp_dir` (a Ray instance's temp dir): every one naming it
+    on its command line, or (with `env_key`) inheriting it in that environment variable, plus
+    all their descendants; never this process. Ray's workers rename themselves and sit in
+    process groups of their own, so a worker whose raylet is gone is found by its environment."""
+    import os
+
+    import psutil
+
+    me = os.getpid()
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.pid != me and (any(temp_dir in arg for arg in proc.info["cmdline"] or ())
+                                   or (env_key is not None and proc.environ().get(env_key) == temp_dir)):
+                roots.append(proc)
+    found = {p.pid: p for p in roots}
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            found.update({c.pid: c for c in root.children(recursive=True)})
+    found.pop(me, None)
+    return list(found.values())

@@ -25,40 +25,22 @@ from typing import Iterator
 import pytest
 import yaml
 
-from helpers import free_ports
+from helpers import free_ports, processes_of
 from test_retrain import BASE, NAME, WRECK
 
 VENV_BIN = Path(sys.executable).parent
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def started_processes(temp_dir: str) -> list:
-    """Processes of the head in `temp_dir`: every one naming it, plus all their descendants."""
-    import psutil
-
-    me = os.getpid()
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if proc.pid != me and any(temp_dir in arg for arg in proc.info["cmdline"] or ()):
-                roots.append(proc)
-    found = {p.pid: p for p in roots}
-    for root in roots:
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in root.children(recursive=True)})
-    found.pop(me, None)
-    return list(found.values())
-
-
 def stop_processes(temp_dir: str) -> None:
     import psutil
 
-    procs = started_processes(temp_dir)
+    procs = processes_of(temp_dir)
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=5)
-    for proc in alive + started_processes(temp_dir):  # and anything respawned meanwhile
+    for proc in alive + processes_of(temp_dir):  # and anything respawned meanwhile
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=5)

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from helpers import small_tree
+from helpers import processes_of, small_tree
 from mlflow_server import sqlite_store  # noqa: F401
 
 GANRAY = Path(sys.executable).parent / "ganray"
@@ -33,34 +33,12 @@ SHORT_KIMG, LONG_KIMG = 1, 8
 EVAL_KIMG = 0.5
 
 
-def _ray_processes(temp_dir: str) -> list[Any]:
-    """Processes of the Ray instances started with RAY_TMPDIR=`temp_dir` (and their descendants).
-
-    Ray's workers rename themselves (`ray::ImplicitFunc`) and sit in process groups of their
-    own, so a worker whose raylet is gone is found by the environment it inherited."""
-    import psutil
-
-    me = os.getpid()
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if proc.pid != me and (any(temp_dir in arg for arg in proc.info["cmdline"] or ())
-                                   or proc.environ().get("RAY_TMPDIR") == temp_dir):
-                roots.append(proc)
-    found = {p.pid: p for p in roots}
-    for root in roots:
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in root.children(recursive=True)})
-    found.pop(me, None)
-    return list(found.values())
-
-
 def _kill_all(temp_dir: str, timeout_s: float = 30.0) -> None:
     """SIGKILL every process of the Ray instances under `temp_dir` until none is left."""
     import psutil
 
     deadline = time.monotonic() + timeout_s
-    while procs := _ray_processes(temp_dir):
+    while procs := processes_of(temp_dir, "RAY_TMPDIR"):
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
