@@ -21,6 +21,13 @@ when the optimizer step needs the result, doing the other network's work in betw
 (`join(collective="gloo")`; gloo also on GPUs), so a test on one host runs the path of ranks on
 different hosts.
 
+Each call adds the logical payload this rank sends to `sent_bytes` (docs/scaling.md derives it
+per round): what the algorithm sends, not what the wire carries (no TCP or gloo headers). Ring
+all-reduce (gloo's all_reduce, and nccl's ring): 2(w-1)/w of the buffer, rounded down;
+recursive doubling: the whole buffer in each of its log2(w) swaps; shared memory: the buffer
+written once into this rank's slot (the w-1 peers' slots it then reads are not counted as sent).
+The broadcast on joining, once per group, is not counted.
+
 A peer's loss: a survivor must not sit in a collective until the group's timeout, which is
 `resources.step_timeout_s` because it has to allow for the slowest step. It does not: gloo's TCP
 pairs report "Connection closed by peer" as soon as the peer's process is gone (its kernel closes
@@ -77,6 +84,10 @@ class Collective:
         self.backend = backend_for(device)
         self.joined = False
         self.slots: Optional[SharedSlots] = None  # same-node shared memory, when every rank has it
+        # Logical payload sent and all-reduces run since construction (plain ints: a counter
+        # read by the worker around a chunk, never a per-call log).
+        self.sent_bytes = 0
+        self.reduces = 0
 
     def join(self, address: str, port: int, timeout_s: float, shared_gpu: bool = False,
              shared_numel: int = 0, collective: str = "auto") -> None:
@@ -135,13 +146,21 @@ class Collective:
         if (self.slots is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in present)
                 and sum(t.numel() for t in present) <= self.slots.capacity):
             # Flattened straight into this rank's shared slot: no private copy first.
+            self._count(sum(t.numel() * t.element_size() for t in present))
             return PendingMean(_SharedSum(self.slots, present), present, self.world)
         flat = torch.cat([t.reshape(-1) for t in present])
+        nbytes = flat.numel() * flat.element_size()
         if (self.backend == "gloo" and flat.device.type == "cpu" and _power_of_two(self.world)
                 and flat.numel() <= EXCHANGE_MAX_NUMEL):
+            self._count(nbytes * (self.world.bit_length() - 1))  # the whole buffer in each of log2(w) swaps
             return PendingMean(_Exchange(flat, self.rank, self.world), present, self.world)
+        self._count(2 * (self.world - 1) * nbytes // self.world)  # ring: reduce-scatter, then all-gather
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
         return PendingMean(_AsyncWork(work, flat), present, self.world)
+
+    def _count(self, nbytes: int) -> None:
+        self.sent_bytes += nbytes
+        self.reduces += 1
 
     def broadcast(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
         """Overwrite `tensors` on every rank with rank `src`'s values (one collective call)."""

@@ -79,7 +79,10 @@ class ReplicaWorker(WorkerBase):
                 "threads": torch.get_num_threads()}
 
     def run_rounds(self, n_rounds: int, stop_at_images: Optional[int] = None) -> dict[str, Any]:
-        return self.stepper.run_rounds(n_rounds, stop_at_images)
+        sent = self.payload_bytes()
+        out = self.stepper.run_rounds(n_rounds, stop_at_images)
+        out["comm_bytes"] = self.payload_bytes() - sent  # this chunk's all-reduce payload (docs/scaling.md)
+        return out
 
     def state(self, full: bool = True) -> dict[str, Any]:
         """The replica's state; with full=False only its sampler, under its own key (`rank{r}`)."""

@@ -86,6 +86,11 @@ class WorkerBase(NodeMetricsSource):  # `node_metrics`: this node's system figur
         self.group.broadcast(module_tensors(*self.modules()), src=0)
         return self.param_checksum(), self.group.path()
 
+    def payload_bytes(self) -> int:
+        """Logical bytes this worker has sent in its group's all-reduces so far
+        (`Collective.sent_bytes`; docs/scaling.md); 0 without peers."""
+        return self.group.sent_bytes if self.group is not None else 0
+
     def leave_group(self) -> None:
         if self.group is not None:
             self.group.leave()

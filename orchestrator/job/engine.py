@@ -30,6 +30,10 @@ class ChunkResult:
     time_comm_s: float = 0.0
     time_wait_s: float = 0.0
     nonfinite_run: int = 0
+    # Logical bytes one replica sent in the chunk's gradient all-reduces (the largest over the
+    # replicas; they are equal): docs/scaling.md gives it per round as a formula. 0 for `local`
+    # and for `split`, whose object-store payload docs/scaling.md derives instead.
+    comm_bytes: int = 0
 
 
 class Engine(Protocol):

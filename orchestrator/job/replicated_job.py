@@ -61,7 +61,8 @@ class ReplicatedJob:
         return ChunkResult(rounds=first["rounds"], images_seen=first["images_seen"],
                            round_index=first["round_index"], metrics=metrics, time_compute_s=compute,
                            time_comm_s=comm, time_wait_s=max(0.0, wall - compute - comm),
-                           nonfinite_run=max(o["nonfinite_run"] for o in outs))
+                           nonfinite_run=max(o["nonfinite_run"] for o in outs),
+                           comm_bytes=max(int(o.get("comm_bytes", 0)) for o in outs))
 
     def state(self) -> dict[str, Any]:
         check_same(get([w.param_checksum.remote() for w in self.workers], self.timeout_s, "checksums"), "replica")
