@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -47,13 +48,16 @@ def stop_processes(temp_dir: str) -> None:
 
 
 @pytest.fixture()
-def ray_head(tmp_path) -> Iterator[str]:
-    """A local Ray head with the dashboard (Jobs API) on 127.0.0.1; yields the dashboard URL."""
+def ray_head(tmp_path) -> Iterator[tuple[str, str]]:
+    """A local Ray head with the dashboard (Jobs API) on 127.0.0.1 and Ray token auth (Ray's other
+    servers listen on every interface); yields (the dashboard URL, the cluster's token)."""
     # Short: Ray's unix socket paths under the temp dir must stay within 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="gr-e2e-", dir="/tmp")
     gcs, dash, agent_http, agent_grpc, metrics, env_agent, client_srv, node_mgr, obj_mgr = free_ports(9)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"})
+    token = secrets.token_hex(32)  # the jobs inherit it from the head, never through runtime_env
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+                "OMP_NUM_THREADS": "1"})
     cmd = [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
            "--num-cpus=2", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats",
@@ -70,7 +74,7 @@ def ray_head(tmp_path) -> Iterator[str]:
         if proc.returncode != 0:
             tail = "\n".join(log_path.read_text().splitlines()[-15:])
             pytest.fail(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
-        yield f"http://127.0.0.1:{dash}"
+        yield f"http://127.0.0.1:{dash}", token
     finally:
         stop_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -82,7 +86,7 @@ def submit_and_wait(client, workdir: Path, db: Path, *args: str, timeout_s: floa
                            "--no-progress", *args])
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(workdir),
-        "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "disabled",
+        "env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{db}",
                      "OMP_NUM_THREADS": "1", "GANRAY_CACHE": str(db.parent / "cache")}})
     deadline = time.monotonic() + timeout_s
     status = str(client.get_job_status(job_id))
@@ -109,7 +113,10 @@ def test_retrain_as_ray_jobs(ray_head, tmp_path):
     registry = MlflowClient(f"sqlite:///{db}")
     registry.search_experiments()  # one process creates the schema, before any job touches it
     registry.search_registered_models()
-    jobs = JobSubmissionClient(ray_head)
+    url, token = ray_head
+    with pytest.raises(Exception, match="(?i)auth|token|401|403"):  # the Jobs API is code execution: no token, no entry
+        JobSubmissionClient(url).list_jobs()
+    jobs = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
 
     _, first = submit_and_wait(jobs, workdir, db, "--schedule-key", "2026-11-26T03:00")
     assert first["decision"] == "promoted" and first["version"] == "1"
