@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from ganray.models.errors import ConfigError, DataError
 
 SPLITS = ("train", "test")
-BUILTIN_NAMES = ("ring8", "grid25", "digits", "imagefolder", "parquet", "random_images")
+BUILTIN_NAMES = ("ring8", "grid25", "digits", "imagefolder", "parquet", "random_images", "stacked-digits")
 # Fixed, not the job seed: every job (any seed, any retrain) evaluates on the same digits split.
 DIGITS_SPLIT_SEED = 1797
 # The synthetic test split is at least the BENCHMARKS.md evaluation size.
@@ -138,16 +138,28 @@ def _mixture_source(name: str, size: int, test_fraction: float, seed: int, split
     return TensorSource(name, points.astype(np.float32), fingerprint, labels=labels, kind="2d")
 
 
-def _digits_source(test_fraction: float, split: str) -> TensorSource:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All of scikit-learn's digits: images (N, 1, 8, 8) in [-1, 1] and labels (N,)."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()  # bundled with scikit-learn: no download
     x = bunch.data.astype(np.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    y = bunch.target.astype(np.int64)
+    return x, bunch.target.astype(np.int64)
+
+
+def digits_split_indices(test_fraction: float, split: str) -> np.ndarray:
+    """Sorted indices into `digits_arrays()` of the digits' fixed, stratified `split`."""
+    from sklearn.model_selection import train_test_split
+
+    y = digits_arrays()[1]
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=test_fraction,
                                            random_state=DIGITS_SPLIT_SEED, stratify=y)
-    idx = np.sort(train_idx if split == "train" else test_idx)
+    return np.sort(train_idx if split == "train" else test_idx)
+
+
+def _digits_source(test_fraction: float, split: str) -> TensorSource:
+    x, y = digits_arrays()
+    idx = digits_split_indices(test_fraction, split)
     fingerprint = content_digest("digits", split, test_fraction, arrays=[x[idx], y[idx]])
     return TensorSource("digits", x[idx], fingerprint, labels=y[idx], kind="image")
 
@@ -351,6 +363,10 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
         source: SampleSource = _mixture_source(name, int(cfg.get("size", 100_000)), test_fraction, seed, split)
     elif name == "digits":
         source = _digits_source(test_fraction, split)
+    elif name == "stacked-digits":
+        from ganray.workers.stacked_digits import stacked_digits_source  # builds on this module
+
+        source = stacked_digits_source(int(cfg.get("size", 100_000)), test_fraction, seed, split)
     elif name == "random_images":
         source = _random_images_source(int(cfg.get("size", 100_000)), _require_resolution(cfg, name),
                                        cfg.get("channels"), seed, split)

@@ -30,11 +30,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: str = Field("grid25", description="ring8 | grid25 | digits | imagefolder | parquet | random_images | "
-                      "torchvision:<Dataset> | an import path 'pkg.mod:loader'")
+    name: str = Field("grid25", description="ring8 | grid25 | digits | stacked-digits | imagefolder | parquet | "
+                      "random_images | torchvision:<Dataset> | an import path 'pkg.mod:loader'")
     path: Optional[str] = Field(None, description="root folder or URI for imagefolder/parquet/torchvision")
     size: int = Field(100_000, ge=16, le=100_000_000,
-                      description="samples drawn once from a synthetic set (2D mixture, random_images)")
+                      description="samples drawn once from a synthetic set (2D mixture, random_images; "
+                      "stacked-digits: triples per split)")
     resolution: Optional[int] = Field(None, description="image side for imagefolder/parquet/torchvision (8, 16, 32, 64)")
     channels: Optional[int] = Field(None, ge=1, le=4, description="image channels (1 or 3)")
     column: Optional[str] = Field(None, description="parquet column holding encoded images or arrays")
@@ -180,7 +181,8 @@ class EvalConfig(_Section):
     every_kimg: float = Field(50.0, gt=0.0)
     num_samples: int = Field(2500, ge=16, le=1_000_000)
     seed: int = Field(1234, ge=0)
-    metrics: list[str] = Field(default_factory=lambda: ["auto"], description="auto | modes,hq,kl | fid,kid")
+    metrics: list[str] = Field(default_factory=lambda: ["auto"], description="auto | modes,hq,kl | fid,kid | "
+                               "modes,kl,confidence (stacked-digits)")
     inception_weights: Optional[str] = Field(None, description="local path of Inception weights for FID on RGB sets")
 
 

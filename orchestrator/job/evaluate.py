@@ -16,11 +16,13 @@ from torch import nn
 
 from ganray.models.latent import draw_latent, latent_of
 from ganray.models.metrics2d import evaluate_2d, mixture_modes
+from ganray.models.stacked_metrics import STACKED_METRICS, stacked_scores
 from ganray.workers.data import load_dataset
 
 log = logging.getLogger("ganray")
 
 MIXTURES = ("ring8", "grid25")
+STACKED = "stacked-digits"
 
 
 def cache_dir() -> Path:
@@ -50,6 +52,8 @@ def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024) -> torc
 def default_metrics(data_name: str, kind: str) -> list[str]:
     if kind == "2d":
         return ["modes", "hq", "kl"] if data_name in MIXTURES else []
+    if data_name == STACKED:
+        return list(STACKED_METRICS)
     return ["fid", "kid"]
 
 
@@ -71,6 +75,26 @@ class Evaluator:
         self._real: Optional[torch.Tensor] = None
 
     # -- images ------------------------------------------------------------------------------
+    def _digits_classifier(self) -> nn.Module:
+        """The digits classifier (trained on the digits' train split, cached by its hash): the
+        channel labeller of stacked digits, shared with the FID features of `digits` jobs."""
+        from ganray.models.digits_classifier import load_or_train_digits_classifier
+
+        digits_cfg = {"name": "digits", "test_fraction": self.config.data.test_fraction}
+        train_src = load_dataset(digits_cfg, self.config.seed, "train")
+        test_src = load_dataset(digits_cfg, self.config.seed, "test")
+        net, acc = load_or_train_digits_classifier(
+            cache_dir(), train_src.get(np.arange(len(train_src))), torch.as_tensor(train_src.labels),
+            test_src.get(np.arange(len(test_src))), torch.as_tensor(test_src.labels), train_src.fingerprint)
+        self.classifier_accuracy = float(acc)
+        return net
+
+    def _evaluate_stacked(self, G: nn.Module) -> dict[str, float]:
+        if self._feature_net is None:
+            self._feature_net = self._digits_classifier()
+        scores = stacked_scores(self._feature_net, sample_generator(G, self.num_samples, self.seed))
+        return {k: float(scores[k]) for k in self.metrics if k in scores}
+
     def _prepare_images(self) -> None:
         if self._feature_net is not None:
             return
@@ -109,6 +133,8 @@ class Evaluator:
             samples = sample_generator(G, self.num_samples, self.seed)
             scores = evaluate_2d(samples.numpy(), modes, std)
             return {k: float(scores[k]) for k in self.metrics if k in scores}
+        if self.config.data.name == STACKED:
+            return self._evaluate_stacked(G)
         self._prepare_images()
         if not self.metrics:
             return {}

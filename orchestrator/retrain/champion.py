@@ -52,7 +52,7 @@ TAG = "ganray.retrain."  # prefix of every retrain tag, on runs and on model ver
 KEY_TAG = TAG + "schedule_key"
 DECISION_TAG = TAG + "decision"
 # Direction of each metric the evaluator can produce (lower FID/KID/KL is better, more modes better).
-METRIC_MODES = {"kl": "min", "fid": "min", "kid": "min", "modes": "max", "hq": "max"}
+METRIC_MODES = {"kl": "min", "fid": "min", "kid": "min", "modes": "max", "hq": "max", "confidence": "max"}
 _SAFE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,249}")
 _UNSAFE_NAME = re.compile(r"['\"`\\]")
 
@@ -81,8 +81,11 @@ class RetrainOutcome:
 
 def resolve_metric(config: TrainConfig, kind: str) -> tuple[str, str]:
     """(metric, mode): `retrain.metric`/`retrain.mode`, defaulting to kl/min (2D) or fid/min (images)."""
-    metric = config.retrain.metric or ("kl" if kind == "2d" else "fid")
-    allowed = ("modes", "hq", "kl") if kind == "2d" else ("fid", "kid")
+    from ganray.orchestrator.job.evaluate import default_metrics
+
+    # What the evaluator computes for this data (stacked-digits: modes, kl, confidence).
+    allowed = tuple(default_metrics(config.data.name, kind)) or (("modes", "hq", "kl") if kind == "2d" else ("fid", "kid"))
+    metric = config.retrain.metric or ("kl" if "kl" in allowed else "fid")
     if metric not in allowed:
         raise ConfigError(f"retrain.metric '{metric}' is not computed for {kind} data '{config.data.name}'; "
                           f"use one of {', '.join(allowed)}")
@@ -249,7 +252,7 @@ def _score(evaluator: "Evaluator", config: TrainConfig, state: dict, shape: tupl
 
 def _check_image_metric(config: TrainConfig, kind: str) -> None:
     """FID/KID need a feature network; fail before training, not after it (see evaluate.py)."""
-    if kind == "image" and config.data.name != "digits" and not config.eval.inception_weights:
+    if kind == "image" and config.data.name not in ("digits", "stacked-digits") and not config.eval.inception_weights:
         raise ConfigError(f"retrain on '{config.data.name}' images needs a feature network for its metric: set "
                           "eval.inception_weights to a local Inception weights file")
 

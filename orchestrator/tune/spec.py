@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ganray.models.errors import ConfigError
 from ganray.orchestrator.job.config import TrainConfig, config_from_dict, read_yaml_file
-from ganray.orchestrator.job.evaluate import MIXTURES
+from ganray.orchestrator.job.evaluate import MIXTURES, STACKED, default_metrics
 
 # Keys PBT may change in a running trial: the engine re-applies them to the restored optimizers
 # and schedule (`Engine.set_hyper`). Everything else shapes the networks or the data and is only
@@ -267,7 +267,9 @@ def reported_eval_metrics(config: TrainConfig) -> list[str]:
     """The `eval/<name>` keys a trial of this job reports (mirrors `Evaluator` without loading data)."""
     wanted = [m for m in config.eval.metrics if m != "auto"]
     if config.data.name in MIXTURES:
-        return [f"eval/{m}" for m in (wanted or ["modes", "hq", "kl"])]
+        return [f"eval/{m}" for m in (wanted or default_metrics(config.data.name, "2d"))]
+    if config.data.name == STACKED:
+        return [f"eval/{m}" for m in (wanted or default_metrics(config.data.name, "image"))]
     if config.data.name != "digits" and not config.eval.inception_weights:
         return []  # images without a feature network: the evaluator skips FID/KID
     names = wanted or ["fid", "kid"]
