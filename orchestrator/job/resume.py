@@ -115,3 +115,13 @@ def load_start(engine: "Engine", start: StartState) -> None:
         raise CheckpointError(f"the checkpoint of {start.source} at {start.meta.get('kimg', '?')} kimg does not fit "
                               f"this config ({brief(err)}); resume with the run's config and topology") from None
     log.info("resumed %s at %.1f kimg", start.source, start.meta.get("images_seen", 0) / 1000)
+
+
+def logged_upto(logger: Any, images_seen: int) -> int:
+    """The highest step the run already holds, at least `images_seen`: a run continued from a
+    checkpoint (`train --resume`, a Tune trial going on in its own run) may hold points logged
+    past it by a killed driver; they are not logged twice. Every training point carries `kimg`."""
+    try:
+        return max(images_seen, logger.max_logged_step("kimg") or 0)
+    except GanrayError:  # a store that cannot say: log from the checkpoint on
+        return images_seen

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ganray.models.errors import GanrayError
 from ganray.orchestrator.job.config import TrainConfig, load_config
 from ganray.orchestrator.job.engine import ChunkResult, Engine, build_eval_generator, make_engine
 from ganray.orchestrator.job.evaluate import Evaluator
@@ -37,7 +36,7 @@ from ganray.orchestrator.job.fault import (ChunkClock, FaultError, FaultPolicy, 
 from ganray.orchestrator.job.hooks import JobHooks
 from ganray.orchestrator.job.loop_state import LoopState
 from ganray.orchestrator.job.progress import Progress
-from ganray.orchestrator.job.resume import (ResumedRun, StartState, check_resume_config, load_start,
+from ganray.orchestrator.job.resume import (ResumedRun, StartState, check_resume_config, load_start, logged_upto,
                                             run_checkpoint)
 from ganray.orchestrator.job.schedule import FINAL_UPLOAD_TIMEOUT_S, Checkpointer, Interval, NullCheckpointer
 from ganray.orchestrator.tracking.null_run_logger import NullRunLogger
@@ -176,14 +175,6 @@ class Trainer:
             start = run_checkpoint(self.logger.client, self.resume, self.config, self._resumed)
         return start
 
-    def _logged_upto(self, images_seen: int) -> int:
-        """Resume: the highest step already stored (a killed driver may have logged past its last
-        checkpoint; those points are not logged twice). Every point carries `kimg`."""
-        try:
-            return max(images_seen, self.logger.max_logged_step("kimg") or 0)
-        except GanrayError:  # a store that cannot say: log from the checkpoint on
-            return images_seen
-
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> TrainResult:
         t_start = self._t_engine_start if self._engine is not None else time.perf_counter()
@@ -258,7 +249,7 @@ class Trainer:
         st = LoopState(res0.images_seen, res0.round_index, res0.round_index)
         if self.resume and start is not None:
             self.logger.skip_steps_upto(st.images_seen)
-            st.last_logged_step = self._logged_upto(st.images_seen)
+            st.last_logged_step = logged_upto(self.logger, st.images_seen)
         self._sync_rounds = max(1, int(round(cfg.schedule.sync_kimg * 1000 / self._ipr)))
         self.keeper.take(engine, st.rounds, st.images_seen)
         self.faults = FaultPolicy(cfg.fault)

@@ -32,11 +32,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ganray.models.errors import CheckpointError, GanrayError
+from ganray.models.errors import CheckpointError
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.job.config import RESUME_ALLOWED, TrainConfig
 from ganray.orchestrator.job.hooks import JobHooks
-from ganray.orchestrator.job.resume import StartState
+from ganray.orchestrator.job.resume import StartState, logged_upto
 from ganray.orchestrator.tracking.null_run_logger import NullRunLogger
 from ganray.orchestrator.tune.spec import MUTABLE_KEYS, hyper_of, plain, trial_config
 
@@ -154,7 +154,7 @@ class TrialHooks(JobHooks):
             # The trial goes on from its own checkpoint (or from scratch) in its own run, which may
             # hold points past that state: those of a driver killed mid-interval (`--resume`).
             # Training is deterministic, so they are the points it would log again: not twice.
-            self.logger.skip_steps_upto(_logged_upto(self.logger, images_seen))
+            self.logger.skip_steps_upto(logged_upto(self.logger, images_seen))
 
     def on_eval(self, engine: Any, images_seen: int, scores: dict[str, float]) -> None:
         from ray import tune
@@ -203,14 +203,6 @@ def _open_child_run(config: TrainConfig, uri: str, parent_run_id: str, trial_id:
     logger.log_params(config.flat())  # a mutated value becomes a ganray.resumed.<key> tag
     logger.log_text(config.to_yaml(), tracking.CONFIG_ARTIFACT)
     return logger, existing is not None
-
-
-def _logged_upto(logger: Any, images_seen: int) -> int:
-    """The highest step the run holds (every training point carries `kimg`), at least `images_seen`."""
-    try:
-        return max(images_seen, logger.max_logged_step("kimg") or 0)
-    except GanrayError:  # a store that cannot say: log from the start state on
-        return images_seen
 
 
 def _retrying(fn: Callable[[], Any], what: str, tries: int = 5) -> Any:
