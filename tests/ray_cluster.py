@@ -157,14 +157,14 @@ class RayCluster:
             cmd += [f"--address={self.address}", f"--dashboard-agent-listen-port={agent_http}"]
         return cmd
 
-    def _spawn(self, head: bool) -> Node:
+    def _spawn(self, head: bool, extra_env: Optional[dict[str, str]] = None) -> Node:
         index = len(self.nodes)
         # Short, under /tmp: Ray's unix socket paths below it must stay within 107 characters.
         temp_dir = Path(tempfile.mkdtemp(prefix=f"grc{index}-", dir="/tmp"))
         log_path = self.log_dir / f"node{index}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(self._command(head, temp_dir), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=temp_dir, env=self.environment(temp_dir),
+                                    stdin=subprocess.DEVNULL, cwd=temp_dir, env={**self.environment(temp_dir), **(extra_env or {})},
                                     start_new_session=True)
         node = Node(index, proc, temp_dir, log_path)
         self.nodes.append(node)
@@ -187,13 +187,14 @@ class RayCluster:
             raise RuntimeError(f"`ray start` of node {node.index} exited with {node.proc.returncode}:\n"
                                f"{self.log_tail(node)}")
 
-    def start(self, workers: int) -> "RayCluster":
-        """Start the head, then `workers` worker nodes at once; return when all are alive."""
+    def start(self, workers: int, node_env: Optional[dict[int, dict[str, str]]] = None) -> "RayCluster":
+        """Start the head, then `workers` worker nodes at once (node i, from 1, with `node_env[i]`
+        added to its environment, which its workers inherit); return when all are alive."""
         try:
             head = self._spawn(head=True)
             self._wait_for_port(self.gcs_port, head)
-            for _ in range(workers):
-                self._spawn(head=False)
+            for index in range(1, workers + 1):
+                self._spawn(head=False, extra_env=(node_env or {}).get(index))
             self.wait_for_nodes(1 + workers, self.start_timeout_s)
         except BaseException:
             self.stop()

@@ -10,6 +10,7 @@ hands it many rounds per call (`run_rounds`), so the Ray call cost is spread ove
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import ray
@@ -19,6 +20,12 @@ from torch import nn
 from ganray.workers.collective import Collective, PendingMean
 from ganray.workers.stepper import build_replica
 from ganray.workers.worker_base import WorkerBase
+
+
+# Fault tests on a real multi-node cluster only: `ROUND:FLAG` in a node's environment parks its
+# replica as `hold_at_round_for_fault_test(ROUND, FLAG)` would (a job run as a subprocess cannot
+# be called into; the node's workers inherit its environment).
+FAULT_TEST_HOLD_ENV = "GANRAY_FAULT_TEST_HOLD_AT_ROUND"
 
 
 @ray.remote
@@ -38,6 +45,10 @@ class ReplicaWorker(WorkerBase):
         self.settings = self.stepper.settings
         self.group = Collective(self.rank, self.world, self.settings.device)
         self._fault_test_hold: Optional[tuple[int, str]] = None  # (round, flag): `hold_at_round_for_fault_test`
+        held = os.environ.get(FAULT_TEST_HOLD_ENV)
+        if held and self.world > 1:  # a multi-node fault test marked this worker's node
+            round_index, flag = held.split(":", 1)
+            self.hold_at_round_for_fault_test(int(round_index), flag)
         return self.info()
 
     def modules(self) -> tuple[nn.Module, ...]:
@@ -62,6 +73,17 @@ class ReplicaWorker(WorkerBase):
 
     def rounds_done(self) -> int:
         return self.stepper.rounds
+
+    def rebind(self, rank: int, world: int) -> dict[str, Any]:
+        """Become rank `rank` of `world` replicas: an elastic job shrank onto the survivors or grew
+        by newcomers. The old group is left first (a no-op when already left); the coordinator
+        forms the new one and loads the job state next. Returns `info()`."""
+        self.leave_group()
+        self.rank, self.world = int(rank), int(world)
+        self.stepper.rebind(self.rank, self.world, self._start_all_reduce if self.world > 1 else None)
+        self.group = Collective(self.rank, self.world, self.settings.device)
+        return self.info()
+
 
     def hold_at_round_for_fault_test(self, round_index: int, flag: str) -> None:
         """Fault tests only: in round `round_index` of a later chunk, park this replica in

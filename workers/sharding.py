@@ -108,6 +108,23 @@ class ShardSampler:
         self._epoch, self._position = epoch, position
 
 
+def sampler_state_for(samplers: dict[str, dict[str, int]], key: str) -> dict[str, int]:
+    """The sampler state a worker named `key` continues from, in a job state saved at any world size.
+
+    Every rank's position (epoch, global batch within it) is the same number, so a world that
+    grew (a rank the state does not name) takes any rank's; the states must agree, or the job
+    state is damaged."""
+    if key in samplers:
+        return samplers[key]
+    if not samplers:
+        raise CheckpointError("the state holds no sampler position; the checkpoint is damaged")
+    positions = {(int(s["epoch"]), int(s["position"])) for s in samplers.values()}
+    if len(positions) != 1:
+        raise CheckpointError(f"the state's samplers disagree on their position ({sorted(positions)}); "
+                              "the checkpoint is damaged")
+    return next(iter(samplers.values()))
+
+
 # In-memory datasets up to this size are copied to a GPU once; larger ones stay on the host.
 DEVICE_DATA_MAX_BYTES = 2 * 1024**3
 

@@ -15,13 +15,12 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
-from ganray.models.errors import CheckpointError
 from ganray.workers.data import load_dataset
 from ganray.workers.noise import ALPHA_SLOT, FAKE_NOISE_SLOT, G_NOISE_SLOT, G_SLOT, REAL_NOISE_SLOT, NoiseStreams
 from ganray.workers.phase_loss import RealHalf
 from ganray.workers.phases import Phase, Progress, table_of
 from ganray.workers.settings import StepSettings
-from ganray.workers.sharding import RealBatches, ShardSampler
+from ganray.workers.sharding import RealBatches, ShardSampler, sampler_state_for
 from ganray.workers.stats import LOSS_G, SKIPPED, RoundStats, per_round_lists
 from ganray.workers.steps import DiscriminatorRole, GeneratorRole, cpu_tree
 
@@ -217,6 +216,13 @@ class ReplicaStepper:
             "sampler": {self.sampler_key: self.sampler.state_dict()},
         }
 
+    def rebind(self, rank: int, world: int, start_sync: Optional[StartSync]) -> None:
+        """Become rank `rank` of `world` replicas (an elastic job that shrank or grew): the same
+        global batch, data order and noise, this rank's part of them. The caller loads a job
+        state next, which sets the sampler's position."""
+        self.rank, self.world, self.start_sync = int(rank), int(world), start_sync
+        self.sampler = ShardSampler(self.sampler.n, self.sampler.global_batch, self.sampler.seed, rank, world)
+
     @property
     def sampler_key(self) -> str:
         return f"rank{self.rank}"
@@ -225,17 +231,19 @@ class ReplicaStepper:
         """Restore from a job state holding this replica's sampler key; with keep_hyper the current
         (possibly mutated) learning rates and betas are re-applied over the restored optimizers
         (PBT exploit)."""
-        samplers = state.get("sampler", {})
-        if self.sampler_key not in samplers:
-            raise CheckpointError(f"the state holds samplers {sorted(samplers)}, not {self.sampler_key!r}: "
-                                  f"it was saved by a job with fewer replicas; resume with the run's topology")
+        sampler = sampler_state_for(state.get("sampler", {}), self.sampler_key)
         self.gen.G.load_state_dict(state["G"])
         self.disc.D.load_state_dict(state["D"])
         self.gen.G_ema.load_state_dict(state["G_ema"])
         self.gen.opt.load_state_dict(state["opt_G"])
         self.disc.opt.load_state_dict(state["opt_D"])
         self.progress.load(state["progress"])
-        self.sampler.load_state_dict(samplers[self.sampler_key])
+        self.sampler.load_state_dict(sampler)
+        # A round cut short (a peer lost mid-chunk) leaves its gradients behind, and the next
+        # backward would add to them: the restored replica starts as a fresh one would.
+        self.gen.opt.zero_grad(set_to_none=True)
+        self.disc.opt.zero_grad(set_to_none=True)
+        self.nonfinite_run = 0
         if keep_hyper:
             self.apply_hyper()
 

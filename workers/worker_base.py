@@ -12,6 +12,7 @@ For fault tests only, `hold_for_fault_test` parks a worker at a point the test c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -99,6 +100,10 @@ class WorkerBase(NodeMetricsSource):  # `node_metrics`: this node's system figur
         """Change hyperparameters (an unknown name is a ConfigError naming the valid ones)."""
         self.settings.hyper.update(hyper)
         self.apply_hyper()
+
+    def hyper(self) -> dict[str, Any]:
+        """The current hyperparameters (`set_hyper` names), for a newcomer that joins the job."""
+        return dataclasses.asdict(self.settings.hyper)
 
     def param_checksum(self) -> float:
         """Sum of every parameter of `modules()` in float64: equal on peers that agree."""

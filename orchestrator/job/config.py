@@ -113,8 +113,12 @@ class ScheduleConfig(_Section):
 class TopologyConfig(_Section):
     kind: Literal["local", "replicated", "split"] = "replicated"
     num_workers: Optional[int] = Field(None, ge=1, le=4096, description="replicated: number of replicas (default 1)")
+    min_workers: Optional[int] = Field(None, ge=1, le=4096, description="replicated: fewest replicas the job trains "
+                                       "on after losing some (default num_workers: not elastic)")
     num_generators: Optional[int] = Field(None, ge=1, le=1024, description="split: generator workers (default 1)")
     num_discriminators: Optional[int] = Field(None, ge=1, le=1024, description="split: discriminator workers (default 2)")
+    min_discriminators: Optional[int] = Field(None, ge=1, le=1024, description="split: fewest discriminators G trains "
+                                              "against after losing some (default num_discriminators: not elastic)")
     feedback: Optional[Literal["mean", "max", "softmax"]] = Field(None, description="split: how G combines the K discriminators")
     softmax_lambda: Optional[float] = Field(None, ge=0.0, le=1e3, description="split: GMAN lambda for feedback=softmax")
     swap_every_epochs: Optional[int] = Field(None, ge=0, description="split: MD-GAN discriminator swap (0 = off)")
@@ -127,7 +131,7 @@ class TopologyConfig(_Section):
         given = {k for k in self.model_fields_set if getattr(self, k) is not None}
         wrong = [k for k, owner in KEY_OWNER.items() if k in given and owner != self.kind]
         if wrong and KEY_OWNER[wrong[0]] == "replicated":
-            raise ValueError(f"topology.num_workers belongs to topology.kind 'replicated', not "
+            raise ValueError(f"topology.{wrong[0]} belongs to topology.kind 'replicated', not "
                              f"'{self.kind}'; remove it" + (" and use topology.num_generators / "
                              "topology.num_discriminators" if self.kind == "split" else ""))
         if wrong:
@@ -396,6 +400,7 @@ RESUME_ALLOWED = (
     "tracking.uri", "tracking.model_name", "tracking.run_name", "tracking.buffer_size",
     "tracking.log_system_metrics", "resources.ray_address", "resources.connect_timeout_s",
     "resources.placement_timeout_s", "resources.collective",
+    "topology.num_workers", "topology.min_workers", "topology.min_discriminators",
     "resources.num_cpus", "resources.step_timeout_s", "fault.snapshot_rounds",
     "fault.max_restarts", "fault.grace_s", "fault.capacity_wait_s",
 )

@@ -20,16 +20,19 @@ object transfers, stragglers).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import ray
 
 from ganray.models.errors import ConfigError, DataError, GanrayError
+from ganray.orchestrator.job.elastic import Newcomers, Resize, leave_groups, node_of, placed_bundles
 from ganray.orchestrator.job.engine import ChunkResult, restore_rng_state, rng_state
 from ganray.orchestrator.job.fault import SnapshotLostError, WorkerLostError, is_worker_loss
 from ganray.orchestrator.job.node_metrics import NodeMetrics
 from ganray.orchestrator.job.placement import Placement, connect
-from ganray.orchestrator.job.ray_calls import kill, lost_workers
+from ganray.orchestrator.job.layout import REPLICA
+from ganray.orchestrator.job.ray_calls import get, kill, lost_workers
 from ganray.orchestrator.job.replicated_job import ReplicatedJob
 from ganray.orchestrator.job.split_job import SplitJob
 
@@ -52,6 +55,7 @@ class RayEngine:
         self._job: Any = None
         self._placement: Optional[Placement] = None
         self._node_metrics = NodeMetrics()
+        self._newcomers = Newcomers()
         self._ray = connect(res)
         try:
             self._placement = Placement(layout, res.placement_timeout_s, fixed_capacity=self._ray.fixed)
@@ -81,11 +85,99 @@ class RayEngine:
             lost = lost_workers(self._job.actors, probe_s)
             if not lost and not is_worker_loss(err):
                 raise  # every worker is alive: a real error, not a fault to recover from
-            specs = self.layout.workers
-            who = ", ".join(f"{specs[i].role} {specs[i].rank} ({why})"
+            specs, bundles = self.layout.workers, self._bundles()
+            who = ", ".join(f"{specs[bundles[i]].role} {specs[bundles[i]].rank} ({why})"
                             for i, why in sorted(lost.items())) or "a worker"
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise WorkerLostError(f"{what}: lost {who}: {type(err).__name__}: {first}") from err
+
+    def _bundles(self) -> list[int]:
+        """The placement bundle of each current worker, in `actors` order."""
+        return list(getattr(self._job, "bundles", range(len(self.layout.workers))))
+
+    @property
+    def worker_count(self) -> int:
+        """Workers of the job now (fewer than the layout's after an elastic shrink)."""
+        return len(self._job.actors) if self._job is not None else 0
+
+    def _elastic(self) -> bool:
+        """Shrinking and growing need the job's own placement group (a Tune trial's is Tune's)."""
+        return (self.layout.elastic_role == REPLICA and self._job is not None
+                and self._placement is not None and self._placement.owned)
+
+    def shrink(self) -> Optional[Resize]:
+        """After a worker loss: go on with the survivors that leave their broken group cleanly,
+        in their own bundles, when at least `topology.min_workers` do; None otherwise (not
+        elastic, too few left, nobody lost), and the caller recreates every worker as before.
+        The caller restores the state."""
+        if not self._elastic():
+            return None
+        t0 = time.perf_counter()
+        old = self._job
+        before = len(old.actors)
+        lost = lost_workers(old.actors, min(10.0, self.config.resources.step_timeout_s))
+        kill([a for i, a in enumerate(old.actors) if i in lost])
+        survivors = leave_groups({b: a for i, (b, a) in enumerate(zip(old.bundles, old.actors)) if i not in lost})
+        if not lost or len(survivors) < self.layout.min_elastic:
+            return None
+        self._newcomers.discard()
+        self._job = None
+        self._job = self._regroup(survivors)
+        return Resize("shrink", before, len(survivors), time.perf_counter() - t0, node_of(self._job.actors))
+
+    def grow(self) -> Optional[Resize]:
+        """At a round boundary, between chunks: start workers in bundles Ray has placed on live
+        nodes again (returns at once), and once they are set up, let them join: the job's current
+        state and hyperparameters go to every worker of the grown world. None when nothing joined."""
+        if not self._elastic() or len(self._job.actors) >= self.layout.count(REPLICA):
+            return None
+        if not self._newcomers.pending:
+            if self._newcomers.poll_due():
+                have = set(self._job.bundles)
+                free = sorted(b for b in placed_bundles(self._placement.group) if b not in have)
+                if free:
+                    self._newcomers.start(free, self._new_replica)
+            return None
+        joining = self._newcomers.take_ready()
+        if not joining:
+            return None
+        t0 = time.perf_counter()
+        old = self._job
+        before = len(old.actors)
+        try:
+            state, hyper = old.state(), get(old.actors[0].hyper.remote(), old.timeout_s, "the hyperparameters")
+            survivors = leave_groups(dict(zip(old.bundles, old.actors)))
+        except Exception:
+            kill(list(joining.values()))
+            raise
+        self._job = None
+        try:
+            self._job = self._regroup({**survivors, **joining})
+            self._job.set_hyper(hyper)
+            self._job.load_state(state, keep_hyper=True)
+        except Exception as err:
+            raise WorkerLostError(f"growing the job from {before} workers failed: {type(err).__name__}: "
+                                  f"{str(err).strip()[:200]}") from err
+        return Resize("grow", before, len(self._job.actors), time.perf_counter() - t0, node_of(self._job.actors))
+
+    def _new_replica(self, bundle: int) -> Any:
+        from ganray.workers.replica import ReplicaWorker
+
+        assert self._placement is not None
+        # Rank 0 of 1 until it joins: `rebind` gives it its rank in the world it joins.
+        return ReplicaWorker.options(**self._placement.actor_options(bundle)).remote(self._cfg, 0, 1)
+
+    def _regroup(self, workers: dict[int, Any]) -> Any:
+        """A job over exactly `workers` (bundle -> live worker), rebound to ranks by bundle order."""
+        res = self.config.resources
+        assert self._placement is not None
+        job = self._job_cls(self._cfg, self.layout, self._placement, res.step_timeout_s,
+                            max(res.step_timeout_s, res.placement_timeout_s), bundles=sorted(workers), reuse=workers)
+        if job.fingerprint != self.data_fingerprint:
+            kill(job.actors)
+            raise DataError(f"the training data changed while the job ran (fingerprint {job.fingerprint[:12]}, "
+                            f"was {self.data_fingerprint[:12]}); restore the data and resume the run")
+        return job
 
     def run(self, n_rounds: int, stop_at_images: Optional[int] = None) -> ChunkResult:
         return self._guard(f"a chunk of {n_rounds} rounds", self._job.run, n_rounds, stop_at_images)
@@ -115,6 +207,7 @@ class RayEngine:
         to be overwritten from the snapshot anyway. The caller restores the state."""
         res = self.config.resources
         old, self._job = self._job, None
+        self._newcomers.discard()
         if old is not None:
             kill(old.actors)  # no leave_group: a peer is dead, a survivor may be stuck in a collective
         if self._placement is not None:
@@ -153,6 +246,7 @@ class RayEngine:
         if self._closed:
             return
         self._closed = True
+        self._newcomers.discard()
         if self._job is not None:
             actors = self._job.actors
             # Leave the process groups cleanly when the workers answer quickly; kill regardless.

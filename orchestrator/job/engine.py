@@ -66,6 +66,17 @@ class Engine(Protocol):
     def restart_workers(self, wait_s: float) -> None:
         """Recreate every worker (waiting up to `wait_s` for capacity); the caller restores the state."""
 
+    @property
+    def worker_count(self) -> int:
+        """Worker actors of the job now (0 without actors; fewer than the layout's after a shrink)."""
+
+    def shrink(self) -> Optional[Any]:
+        """After a worker loss, go on with the survivors when the layout is elastic and enough
+        survive (`elastic.Resize`); None when the caller must recreate every worker instead."""
+
+    def grow(self) -> Optional[Any]:
+        """Between chunks: let workers rejoin where capacity came back (`elastic.Resize`), or None."""
+
     def node_metrics(self) -> dict[str, float]:
         """`system/<node>/<name>` figures of every node that hosts a worker (MLflow's names for
         several nodes); `{}` without workers. Asked at metric sync points, never per round."""
@@ -136,6 +147,16 @@ class LocalEngine:
     def restart_workers(self, wait_s: float) -> None:
         # Nothing here can be lost without this process: a "loss" is a bug, re-raised as one.
         raise RuntimeError("the local engine has no workers to recreate")
+
+    @property
+    def worker_count(self) -> int:
+        return 0
+
+    def shrink(self) -> None:
+        return None  # nothing to shrink onto: the loop runs in this process
+
+    def grow(self) -> None:
+        return None
 
     def node_metrics(self) -> dict[str, float]:
         # The one machine that trains is the coordinator's, whose un-prefixed `system/<name>`

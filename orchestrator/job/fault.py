@@ -151,6 +151,7 @@ class FaultPolicy:
         self.rollbacks = 0
         self.restarts = 0
         self.rounds_redone = 0
+        self.resizes = 0  # elastic shrinks and grows: never counted against max_restarts
         self.lr_scale = 1.0
         self.streak = 0  # rounds in a row with a skipped (non-finite) step
         self._rollbacks_here = 0
@@ -206,7 +207,8 @@ class FaultPolicy:
 
     def metrics(self) -> dict[str, float]:
         return {"fault/rollbacks": float(self.rollbacks), "fault/restarts": float(self.restarts),
-                "fault/rounds_redone": float(self.rounds_redone), "fault/lr_scale": float(self.lr_scale)}
+                "fault/rounds_redone": float(self.rounds_redone), "fault/lr_scale": float(self.lr_scale),
+                "fault/resizes": float(self.resizes)}
 
 
 def brief(err: BaseException) -> str:
@@ -234,19 +236,29 @@ def roll_back(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, backoff:
 
 def recover_workers(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, fault_cfg: Any, exc: BaseException,
                     rounds_now: int, images_now: int,
-                    fallback: Callable[[BaseException], tuple[int, int]]) -> tuple[int, int]:
-    """Worker loss: recreate the workers, restore them all from the snapshot (or `fallback(lost)`,
-    the last checkpoint, when the snapshot itself is gone) and re-apply the learning-rate scale.
-    A loss during recovery counts as another restart. Returns (round_index, images_seen) restored."""
+                    fallback: Callable[[BaseException], tuple[int, int]]) -> tuple[int, int, Optional[Any]]:
+    """Worker loss: shrink onto the survivors when the job is elastic and enough survive (a
+    resize: not a restart), else recreate every worker (a restart, counted against
+    `fault.max_restarts`); then restore them all from the snapshot (or `fallback(lost)`, the last
+    checkpoint, when the snapshot itself is gone) and re-apply the learning-rate scale. A loss
+    during recovery is handled the same way again. Returns (round_index, images_seen, the
+    `elastic.Resize` when the job shrank)."""
     redone = rounds_now - keeper.round_index
     while True:
-        policy.note_restart(redone)
-        log.warning("worker lost at %.1f kimg (%s): recreating the workers (restart %d of %d) and restoring "
-                    "the snapshot at %.1f kimg", images_now / 1000, brief(exc), policy.restarts,
-                    fault_cfg.max_restarts, keeper.images_seen / 1000)
         t0 = time.perf_counter()
+        resize = None
         try:
-            engine.restart_workers(fault_cfg.capacity_wait_s)
+            resize = engine.shrink()
+            if resize is None:
+                policy.note_restart(redone)
+                log.warning("worker lost at %.1f kimg (%s): recreating the workers (restart %d of %d) and "
+                            "restoring the snapshot at %.1f kimg", images_now / 1000, brief(exc), policy.restarts,
+                            fault_cfg.max_restarts, keeper.images_seen / 1000)
+                engine.restart_workers(fault_cfg.capacity_wait_s)
+            else:
+                policy.resizes += 1
+                log.warning("worker lost at %.1f kimg (%s): %s; restoring the snapshot at %.1f kimg",
+                            images_now / 1000, brief(exc), resize.line(), keeper.images_seen / 1000)
             try:
                 snap = keeper.restore(engine, keep_hyper=True)
                 rounds, images = snap.round_index, snap.images_seen
@@ -254,16 +266,19 @@ def recover_workers(engine: Any, keeper: SnapshotKeeper, policy: FaultPolicy, fa
                 rounds, images = fallback(lost)
             if policy.lr_scale != 1.0:  # fresh workers start from the config's learning rates
                 engine.scale_lr(policy.lr_scale)
-        except Exception as again:  # noqa: BLE001 - a loss during recovery is another restart
+        except FaultError:
+            raise
+        except Exception as again:  # noqa: BLE001 - a loss during recovery is another loss
             if not is_worker_loss(again):
                 raise FaultError(f"recovering from a lost worker failed ({brief(again)}); the last snapshot is "
                                  "saved as a checkpoint: continue with `ganray train CONFIG --resume RUN_ID`") from None
             exc, redone = again, 0
             continue
         policy.reset_streak()
-        log.warning("workers recreated in %.1f s; continuing from %.1f kimg (%d rounds redone)",
-                    time.perf_counter() - t0, images / 1000, rounds_now - rounds)
-        return rounds, images
+        log.warning("%s in %.1f s; continuing from %.1f kimg (%d rounds redone)",
+                    "training on the survivors" if resize else "workers recreated", time.perf_counter() - t0,
+                    images / 1000, rounds_now - rounds)
+        return rounds, images, resize
 
 
 class ChunkClock:

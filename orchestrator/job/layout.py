@@ -12,6 +12,7 @@ in the calling process (a Tune trial reserves its threads).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,7 +23,8 @@ REPLICA, GENERATOR, DISCRIMINATOR = "replica", "generator", "discriminator"
 
 # Topology keys that only one kind reads; a key of another kind is a config error (or, when
 # `topology.kind` comes from `--set`, dropped from the file's keys: see config.py).
-KEY_OWNER = {"num_workers": "replicated", "num_generators": "split", "num_discriminators": "split",
+KEY_OWNER = {"num_workers": "replicated", "min_workers": "replicated", "num_generators": "split",
+             "min_discriminators": "split", "num_discriminators": "split",
              "feedback": "split", "softmax_lambda": "split", "swap_every_epochs": "split", "overlap": "split"}
 
 
@@ -77,11 +79,26 @@ class Layout:
     # How a worker group's all-reduces travel (`resources.collective`): "auto" takes same-host
     # shared memory where it can, "gloo" never does (what ranks on different hosts run).
     collective: str = "auto"
+    # Elastic worlds (`topology.min_workers` / `min_discriminators`): the fewest workers of the
+    # elastic role (replicas; discriminators in split) the job trains on after losing some.
+    # Equal to the full count: not elastic (a loss recreates every worker at the full count).
+    min_elastic: int = 0
 
     @property
     def per_worker_batch(self) -> int:
         """Real samples one worker takes per D step (a replica's share, or a discriminator's)."""
         return self.batch_size // self.batch_parts
+
+    @property
+    def elastic_role(self) -> Optional[str]:
+        """The role whose workers may be lost without stopping the job (None: not elastic)."""
+        role = {"replicated": REPLICA, "split": DISCRIMINATOR}.get(self.kind)
+        return role if role is not None and 0 < self.min_elastic < self.count(role) else None
+
+    def elastic_sizes(self) -> range:
+        """Every count of the elastic role the job may train with (just the full count when not elastic)."""
+        full = self.batch_parts
+        return range(self.min_elastic if self.elastic_role else full, full + 1)
 
     def of_role(self, role: str) -> tuple[WorkerSpec, ...]:
         return tuple(s for s in self.workers if s.role == role)
@@ -126,6 +143,19 @@ def _divides(batch: int, count: int, key: str) -> None:
                          f"use a multiple of {count}")
 
 
+def _elastic_floor(full: int, floor: Optional[int], key: str, full_key: str, batch: int) -> int:
+    """The elastic minimum of a role of `full` workers; every count from it to `full` must divide the batch."""
+    low = full if floor is None else int(floor)
+    if low > full:
+        raise ValueError(f"{key}={low} exceeds {full_key}={full}; set it to at most {full}")
+    for count in range(low, full + 1):
+        if batch % count:
+            raise ValueError(f"schedule.batch_size {batch} does not divide among {count} workers, a size the "
+                             f"elastic range {key}={low}..{full_key}={full} allows; use a multiple of every "
+                             f"size in the range (e.g. {math.lcm(*range(low, full + 1))}) or narrow the range")
+    return low
+
+
 def resolve_layout(config: Any) -> Layout:
     """The layout of a `TrainConfig` (its sections already validated); a ValueError names the
     first key that makes it impossible."""
@@ -138,13 +168,16 @@ def resolve_layout(config: Any) -> Layout:
     if topo.kind == "replicated":
         n = topo.num_workers or 1
         _divides(batch, n, "topology.num_workers")
+        low = _elastic_floor(n, topo.min_workers, "topology.min_workers", "topology.num_workers", batch)
         layout = Layout(workers=tuple(_role_specs(REPLICA, n, 0, res.cpus_per_worker, res.gpus_per_worker)),
-                        batch_parts=n, cpu_keys=("resources.cpus_per_worker",),
+                        batch_parts=n, min_elastic=low, cpu_keys=("resources.cpus_per_worker",),
                         gpu_keys=("resources.gpus_per_worker",), **common)
     elif topo.kind == "split":
         m, k = topo.num_generators or 1, topo.num_discriminators or 2
         _divides(batch, m, "topology.num_generators")
         _divides(batch, k, "topology.num_discriminators")
+        low = _elastic_floor(k, topo.min_discriminators, "topology.min_discriminators",
+                             "topology.num_discriminators", batch)
         roles = [(GENERATOR, res.generator, m), (DISCRIMINATOR, res.discriminator, k)]
         specs: list[WorkerSpec] = []
         cpu_keys: list[str] = []
@@ -158,7 +191,7 @@ def resolve_layout(config: Any) -> Layout:
         split = SplitSettings(feedback=topo.feedback or "mean",
                               softmax_lambda=1.0 if topo.softmax_lambda is None else float(topo.softmax_lambda),
                               swap_every_epochs=topo.swap_every_epochs or 0, overlap=bool(topo.overlap))
-        layout = Layout(workers=tuple(specs), batch_parts=k, split=split,
+        layout = Layout(workers=tuple(specs), batch_parts=k, split=split, min_elastic=low,
                         cpu_keys=tuple(dict.fromkeys(cpu_keys)), gpu_keys=tuple(dict.fromkeys(gpu_keys)), **common)
     else:
         layout = Layout(workers=(), batch_parts=1, **common)
@@ -171,10 +204,15 @@ def _check_pack(config: Any, layout: Layout) -> None:
     """A packed MLP discriminator judges `model.pack` samples at once: each worker's share of the
     batch must hold whole packs."""
     pack = config.model.pack
-    if config.model.discriminator == "mlp" and pack > 1 and layout.per_worker_batch % pack:
-        where = "" if layout.batch_parts == 1 else f" per {'discriminator' if layout.kind == 'split' else 'replica'}"
-        raise ValueError(f"model.pack={pack} needs a batch{where} that is a multiple of {pack} "
-                         f"(got {layout.per_worker_batch}); change schedule.batch_size or model.pack")
+    if config.model.discriminator != "mlp" or pack == 1:
+        return
+    for count in reversed(layout.elastic_sizes()):
+        share = layout.batch_size // count
+        if share % pack:
+            where = "" if count == 1 else f" per {'discriminator' if layout.kind == 'split' else 'replica'}"
+            when = f" at {count} workers (a size of the elastic range)" if count != layout.batch_parts else ""
+            raise ValueError(f"model.pack={pack} needs a batch{where} that is a multiple of {pack} "
+                             f"(got {share}{when}); change schedule.batch_size or model.pack")
 
 
 def _check_devices(config: Any, layout: Layout) -> None:

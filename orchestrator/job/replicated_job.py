@@ -7,7 +7,7 @@ themselves (one gradient all-reduce per phase), so there is one Ray call per chu
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 
@@ -19,20 +19,30 @@ from ganray.workers.stats import merge_chunks, merge_replicas
 
 
 class ReplicatedJob:
-    """N `ReplicaWorker`s, one Ray call per chunk."""
+    """N `ReplicaWorker`s, one Ray call per chunk.
+
+    `bundles` (default: every replica's) are the placement bundles the job's replicas occupy,
+    rank r in the r-th smallest: an elastic job that shrank or grew is a new `ReplicatedJob` over
+    the bundles it has now. `reuse` maps bundles to live workers that carry over (survivors,
+    newcomers already set up): they are rebound to their new rank and world instead of created."""
 
     def __init__(self, cfg: dict[str, Any], layout: Layout, placement: Placement, timeout_s: float,
-                 start_timeout_s: float) -> None:
+                 start_timeout_s: float, bundles: Optional[Sequence[int]] = None,
+                 reuse: Optional[dict[int, Any]] = None) -> None:
         from ganray.workers.replica import ReplicaWorker
 
         self.timeout_s = timeout_s
         specs = layout.of_role(REPLICA)
-        n = len(specs)
-        self.workers = [ReplicaWorker.options(**placement.actor_options(s.index)).remote(cfg, s.rank, n)
-                        for s in specs]
+        self.bundles = sorted(bundles) if bundles is not None else [s.index for s in specs]
+        reuse = reuse or {}
+        n = len(self.bundles)
+        self.workers = [reuse[b] if b in reuse else
+                        ReplicaWorker.options(**placement.actor_options(b)).remote(cfg, rank, n)
+                        for rank, b in enumerate(self.bundles)]
         try:
-            info = get([w.setup.remote() for w in self.workers], start_timeout_s, "starting the replicas",
-                       START_LIMIT)
+            calls = [w.rebind.remote(rank, n) if b in reuse else w.setup.remote()
+                     for rank, (b, w) in enumerate(zip(self.bundles, self.workers))]
+            info = get(calls, start_timeout_s, "starting the replicas", START_LIMIT)
             self.sample_shape = tuple(info[0]["sample_shape"])
             self.fingerprint = info[0]["fingerprint"]
             self.allreduce = "none (one replica)"

@@ -302,6 +302,12 @@ class Trainer:
     def _iteration(self, engine: Engine) -> bool:
         """One chunk and whatever boundaries it reaches; False when the engine made no progress."""
         st, stop = self._st, self._stop_images
+        grown = engine.grow()  # a round boundary: workers whose capacity came back join here
+        if grown is not None:
+            assert self.faults is not None
+            self.faults.resizes += 1
+            log.warning("%s at %.1f kimg", grown.line(), st.images_seen / 1000)
+            self._fault_event(grown.line(), st.images_seen)
         rounds_left = math.ceil((stop - st.images_seen) / self._ipr)
         n = plan_chunk(st.rounds, self._sync_rounds, self.keeper.every, rounds_left, self._clock.cap())
         t0 = time.perf_counter()
@@ -321,7 +327,7 @@ class Trainer:
             self.faults.on_snapshot()
         # A stop request logs the rounds since the last point now: the checkpoint follows.
         if res.round_index % self._sync_rounds == 0 or res.images_seen >= stop or self._stop_requested.is_set():
-            self._log_point()
+            self._log_point(engine)
             self._bar.update(st.images_seen / 1000.0, res.rounds / max(dt, 1e-9), res.metrics)
             self._boundaries(engine)
         return True
@@ -337,10 +343,10 @@ class Trainer:
         """Recreate lost workers and restore them all from the snapshot (or the last checkpoint)."""
         assert self.faults is not None
         st = self._st
-        rounds, images = recover_workers(engine, self.keeper, self.faults, self.config.fault, exc, st.rounds,
-                                         st.images_seen, fallback=lambda lost: self._restore_from_checkpoint(engine, lost))
+        rounds, images, resize = recover_workers(engine, self.keeper, self.faults, self.config.fault, exc, st.rounds,
+                                                 st.images_seen, fallback=lambda lost: self._restore_from_checkpoint(engine, lost))
         st.rewind(rounds, images)
-        self._fault_event("restart", images)
+        self._fault_event(resize.line() if resize else "restart", images)
 
     def _restore_from_checkpoint(self, engine: Engine, lost: BaseException) -> tuple[int, int]:
         """The snapshot is gone: fall back to the run's latest complete checkpoint in MLflow."""
@@ -359,7 +365,8 @@ class Trainer:
         self.logger.log_metrics(self.faults.metrics(), step=step)
         self.logger.set_tags({"ganray.fault.last_event": f"{kind} at {step / 1000:.1f} kimg",
                               "ganray.fault.rollbacks": str(self.faults.rollbacks),
-                              "ganray.fault.restarts": str(self.faults.restarts)})
+                              "ganray.fault.restarts": str(self.faults.restarts),
+                              "ganray.fault.resizes": str(self.faults.resizes)})
 
     def _save_snapshot_checkpoint(self, engine: Engine) -> None:
         """Giving up: make the last good snapshot a resumable checkpoint (when it is newer than the last one)."""
@@ -375,11 +382,13 @@ class Trainer:
             log.warning("the checkpoint of the last snapshot was not uploaded in time; resume uses an earlier one")
 
     # -- boundaries --------------------------------------------------------------------------
-    def _log_point(self) -> None:
+    def _log_point(self, engine: Engine) -> None:
         point = self._st.take_point(self._ipr)
         if point is None:
             return  # redone rounds of an interval already logged are not logged twice
         point.update(self._system_sample())  # same writer, same step as the training point
+        if engine.worker_count:  # every worker of the job: an elastic world's size over time
+            point["topology/workers"] = float(engine.worker_count)
         self.logger.log_metrics(point, step=self._st.images_seen)
 
     def _boundaries(self, engine: Engine) -> None:
