@@ -33,13 +33,15 @@ def register(app: typer.Typer) -> None:
                                                        help="quality: the first seed (default 1000: held out; the recipes were chosen below 100)"),
               models: Optional[str] = typer.Option(None, "--models", help="only these cases: mlp,dcgan32,dcgan64"),
               datasets: Optional[str] = typer.Option(None, "--datasets", help="quality: only these sets: ring8,grid25,digits"),
-              kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="quality: total_kimg of each training run")) -> None:
+              kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="quality: total_kimg of each training run"),
+              workers: Optional[str] = typer.Option(None, "--workers", help="peer: only these worker counts: 1,2")) -> None:
         """Measure ganray against a plain PyTorch loop and Ray Train; print Markdown tables, write JSON."""
         from ganray.bench.harness import DEFAULT_SUITES, BenchOptions, run_suites
 
         options = BenchOptions(out=out, quick=quick, reps=reps, seeds=seeds, first_seed=first_seed,
                                models=_csv(models, ("mlp", "dcgan32", "dcgan64"), "--models"),
-                               datasets=_csv(datasets, ("ring8", "grid25", "digits"), "--datasets"), kimg=kimg)
+                               datasets=_csv(datasets, ("ring8", "grid25", "digits"), "--datasets"), kimg=kimg,
+                               workers=[int(n) for n in _csv(workers, ("1", "2"), "--workers") or []] or None)
         results = run_suites(list(suites or DEFAULT_SUITES), options)
         for name in results:
             print(f"json={out / (name + '.json')}", flush=True)

@@ -1,6 +1,7 @@
 """`replicated` scaling on a many-core host that has PyTorch but not Ray: N processes x 1 thread
 running ganray's replica round (`build_replica` + `Collective`, the code every `ReplicaWorker`
-runs) against the plain loop with N threads, in alternation, as `ganray bench scaling` does.
+runs) against the tuned plain loop with N threads (`PlainGAN`'s default, the reference of every
+suite), in alternation, as `ganray bench scaling` does.
 
 What it leaves out is Ray itself: the actors, the placement group and the driver's call per
 chunk (one Ray call per many rounds; `ganray bench scaling` measures all of it on hosts with Ray).
@@ -69,6 +70,8 @@ class ProcessReplicas:
             msg = self.results.get(timeout=300)
             assert msg[0] == "ready", msg
         self.comm_s = 0.0
+        self.settings = {"contender": f"ganray's replica round in {world} processes x 1 thread (no Ray)",
+                         "workers": world, "threads_per_worker": 1, "adam": "fused", "ema": "foreach lerp"}
 
     def run(self, n_rounds: int) -> int:
         for q in self.commands:
@@ -103,15 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         data = training_set(cfg)
         rows = {}
         for n in counts:
-            contenders: dict[str, Any] = {"plain": PlainGAN(cfg, data, n), "replicated": ProcessReplicas(cfg, n)}
+            contenders: dict[str, Any] = {"tuned": PlainGAN(cfg, data, n), "replicated": ProcessReplicas(cfg, n)}
             try:
-                row = compare(cfg, contenders, args.reps, args.seconds, warmup_rounds=3)
+                row = compare(cfg, contenders, args.reps, args.seconds, warmup_rounds=3, reference="tuned")
             finally:
                 close_all(contenders)
             row["replicated_comm_s"] = contenders["replicated"].comm_s
             rows[str(n)] = row
             s = row["summary"]
-            print(f"{path.stem} {n:>2} workers/threads: plain {s['plain']['median']:9.1f}/s  "
+            print(f"{path.stem} {n:>2} workers/threads: tuned loop {s['tuned']['median']:9.1f}/s  "
                   f"replicated {s['replicated']['median']:9.1f}/s  ratio {row['replicated_ratio']:.2f} "
                   f"({row['replicated_ratio_range'][0]:.2f}-{row['replicated_ratio_range'][1]:.2f})", flush=True)
             report[path.stem] = rows

@@ -100,6 +100,7 @@ class BenchOptions:
     models: Optional[list[str]] = None
     datasets: Optional[list[str]] = None
     kimg: Optional[float] = None      # quality: total_kimg of each training run
+    workers: Optional[list[int]] = None  # peer: only these worker counts (None: the suite's own)
 
 
 @dataclass
@@ -162,6 +163,10 @@ class BenchContext:
         wanted = self.options.models or list(allowed)
         return [m for m in wanted if m in allowed]
 
+    def worker_counts(self, default: tuple[int, ...]) -> list[int]:
+        wanted = self.options.workers or list(default)
+        return [n for n in default if n in wanted]
+
     def config(self, case: str, **sections: dict[str, Any]) -> Any:
         """`case_config`, shrunk under --quick (`QUICK_SECTIONS`)."""
         if self.quick:
@@ -183,8 +188,9 @@ class BenchContext:
     def ensure_ray(self) -> None:
         """A local Ray instance (no dashboard, explicit CPUs) unless one is already initialised.
 
-        Logical CPUs exceed the cores so that the largest topology here (split 1 G + 2 D, plus
-        Ray Train's workers) can be placed on a 2-core machine; contenders never run at once.
+        Logical CPUs exceed the cores so that the largest row here (ganray's 2 replicas beside two
+        Ray Train peers of 2 workers each) can be placed on a 2-core machine; contenders are all
+        alive at once but never run at once.
         Ray starts its workers at niceness 15 by default, so on a machine shared with other work
         every Ray worker (ganray's and Ray Train's alike) would lose CPU to the plain loop running
         in this process at niceness 0: a scheduling policy, not orchestration overhead. The
@@ -196,7 +202,7 @@ class BenchContext:
             return
         for attempt in range(3):
             try:
-                ray.init(address="local", num_cpus=max(4, self.cores() + 2), include_dashboard=False,
+                ray.init(address="local", num_cpus=max(6, self.cores() + 4), include_dashboard=False,
                          log_to_driver=False, configure_logging=False,
                          _system_config={"worker_niceness": WORKER_NICENESS})
                 break

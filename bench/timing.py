@@ -19,6 +19,11 @@ class Contender(Protocol):
     def close(self) -> None: ...
 
 
+def settings_of(contenders: dict[str, Any]) -> dict[str, Any]:
+    """Each contender's `settings` (how it was written and run), for the suite's JSON."""
+    return {name: dict(getattr(c, "settings", None) or {}) for name, c in contenders.items()}
+
+
 def close_all(contenders: dict[str, Contender]) -> None:
     for c in contenders.values():
         c.close()
@@ -79,17 +84,20 @@ def rounds_for(contender: Contender, target_s: float, lo: int, hi: int) -> int:
 
 
 def compare(cfg: dict[str, Any], contenders: dict[str, Contender], reps: int, target_s: float,
-            warmup_rounds: int, reference: str = "plain", max_rounds: int = 10_000) -> dict[str, Any]:
+            warmup_rounds: int, reference: str = "plain", max_rounds: int = 10_000,
+            size_on: Optional[str] = None) -> dict[str, Any]:
     """One row of figures: every contender against `contenders[reference]`, side by side.
 
-    The number of rounds per repetition is sized on the reference so that it lasts `target_s`;
-    every contender then runs that same number of rounds.
+    The number of rounds per repetition is sized on `size_on` (default: the reference) so that it
+    lasts `target_s`; every contender then runs that same number of rounds.
     """
     for c in contenders.values():  # warm-up first: the probe below must not time a cold start
         c.run(warmup_rounds)
-    rounds = rounds_for(contenders[reference], target_s, max(1, warmup_rounds), max_rounds)
+    rounds = rounds_for(contenders[size_on or reference], target_s, max(1, warmup_rounds), max_rounds)
     samples = alternate(contenders, reps, rounds, warmup_rounds=0)
     row: dict[str, Any] = {"batch": int(cfg["schedule"]["batch_size"]), "rounds_per_rep": rounds, "reps": reps,
+                           "reference": reference, "sized_on": size_on or reference,
+                           "settings": settings_of(contenders),
                            "samples_per_s": samples, "summary": {k: summary(v) for k, v in samples.items()}}
     for name in samples:
         if name != reference:

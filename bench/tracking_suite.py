@@ -86,7 +86,10 @@ def tracking(ctx: BenchContext) -> Report:
         for rep in range(reps):
             for mode in (("off", "on") if rep % 2 == 0 else ("on", "off")):
                 runs[mode].append(_train_timed(tree, mode == "on", Path(tmp)))
-    data: dict[str, Any] = {"config": {k: tree[k] for k in ("schedule", "model", "eval")}, "runs": runs}
+    data: dict[str, Any] = {"config": {k: tree[k] for k in ("schedule", "model", "eval")}, "runs": runs,
+                            "settings": {"on": {"contender": "Trainer.run, local", "tracking.enabled": True,
+                                                "store": "sqlite (a file in a temporary folder)"},
+                                         "off": {"contender": "Trainer.run, local", "tracking.enabled": False}}}
     row: dict[str, Any] = {"samples_per_s": {f"{m}_{k}": [r[f"{k}_samples_per_s"] for r in runs[m]]
                                              for m in runs for k in ("loop", "wall")}}
     add_ratio(row, "ratio", "on_loop", "off_loop")

@@ -28,7 +28,7 @@ Builder = Callable[[Mapping[str, Any], tuple[int, ...]], nn.Module]
 _DEFAULTS: dict[str, Any] = {
     "generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 256, "depth": 3,
     "base_width": 64, "spectral_norm": False, "batchnorm": True, "mlp_batchnorm": False, "mlp_skip": False, "pack": 1,
-    "kwargs": {},
+    "kwargs": {}, "learner": "gan", "ae_noise": 0.0,
 }
 
 _GENERATORS: dict[str, Builder] = {}
@@ -209,3 +209,42 @@ def check_model_names(model_cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"unknown {key} '{name}': use one of {', '.join(sorted(table))} "
                               "or an import path 'pkg.module:Class'")
         _import_callable(key, name)
+
+
+# --- sampling modules: each learner's z -> x module ------------------------------------------------
+
+_SAMPLERS: dict[str, Builder] = {}
+
+
+def register_sampling_module(learner: str, builder: Builder) -> Builder:
+    """Make `build_sampling_module` build `builder(model_cfg, sample_shape)` for `model.learner: <learner>`."""
+    return _register(_SAMPLERS, "sampling module", learner, builder)
+
+
+def build_sampling_module(model_cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
+    """The learner's z -> x module, untrained, for the given config and data sample shape: what
+    evaluation, sample grids and releases run, loaded with the state a stepper's
+    `sampling_module()` saved (the GAN's G_ema). It has `z_dim`, `sample_shape` and `latent`."""
+    cfg = _config(model_cfg)
+    learner = str(cfg["learner"])
+    if learner not in _SAMPLERS:
+        raise ConfigError(f"unknown model.learner '{learner}': use one of {', '.join(sorted(_SAMPLERS))}")
+    return _SAMPLERS[learner](cfg, tuple(int(s) for s in sample_shape))
+
+
+register_sampling_module("gan", build_generator)
+
+
+def _register_learners() -> None:
+    # Imported here, at the bottom: the learners' networks import nothing from this module.
+    from ganray.models.autoencoders import build_ae_sampler
+    from ganray.models.vae import build_vae_sampler
+
+    from ganray.models.energy import build_energy_sampler
+
+    register_sampling_module("ae", build_ae_sampler)
+    register_sampling_module("vae", build_vae_sampler)
+    register_sampling_module("energy", build_energy_sampler)
+
+
+_register_learners()

@@ -149,10 +149,11 @@ _extensions_registered = False
 
 
 def _register_extensions() -> None:
-    """The `tune` and `retrain` commands, then commands other distributions declare under the
+    """The `tune`, `retrain` and `compare` commands, then commands other distributions declare under the
     `ganray.commands` entry point (ganray's own `bench`): the control plane never imports them."""
     from importlib.metadata import entry_points
 
+    from ganray.orchestrator.compare import command as compare_command
     from ganray.orchestrator.retrain import command as retrain_command
     from ganray.orchestrator.tune import command as tune_command
 
@@ -162,6 +163,7 @@ def _register_extensions() -> None:
     _extensions_registered = True
     tune_command.register(app)
     retrain_command.register(app)
+    compare_command.register(app)
     for entry in entry_points(group="ganray.commands"):
         entry.load()(app)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU rows of `ganray bench overhead` on a machine that has PyTorch but not ganray's other
 # dependencies (no Ray, MLflow or pydantic): DCGAN 64x64, bf16 autocast on/off, channels_last
-# on/off, ganray's round (the ReplicaStepper every replica runs, from `build_replica`) against the
-# plain loop.
+# on/off. What it times: ganray's round in this process (the ReplicaStepper every replica runs, from
+# `build_replica`; no Ray in the path, the device machine has none) against the tuned plain loop
+# (the reference: data on the device, fused Adam, foreach EMA), with the minimal loop as an extra
+# row. The Ray path adds only the driver's call per chunk, measured on CPU by `ganray bench overhead`.
 # Usage: [BATCH=256] [REPS=5] [SECONDS_PER_REP=2] scripts/gpu_overhead.sh OUT_DIR
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench_helpers import FixedContender, ratio_items
 from ganray.bench.cases import case_config, case_tree
 from ganray.bench.harness import REPO, SUITES, Report, fmt, machine_info
 from ganray.bench.overhead import gpu_engine_config
@@ -29,21 +30,6 @@ from ganray.bench.timing import alternate, paired_ratios, summary
 from ganray.models.errors import ConfigError
 from ganray.workers.data import load_dataset
 from ganray.workers.settings import StepSettings
-
-
-def _ratios(tree: Any, path: str = "") -> list[tuple[str, Any]]:
-    """Every (dotted key, value) whose key ends in 'ratio', anywhere in a JSON tree."""
-    found: list[tuple[str, Any]] = []
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            dotted = f"{path}.{key}" if path else str(key)
-            if str(key).endswith("ratio"):
-                found.append((dotted, value))
-            found += _ratios(value, dotted)
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            found += _ratios(value, f"{path}[{i}]")
-    return found
 
 
 # -- settings: the plain loop and the engine must resolve device/autocast/memory format alike ----
@@ -129,41 +115,8 @@ def test_plain_loop_trains_the_registry_networks() -> None:
     assert not any(p.requires_grad for p in loop.G_ema.parameters())
 
 
-def test_tuned_plain_loop_follows_the_minimal_one() -> None:
-    """The tuned reference (data on the device, fused Adam, foreach EMA) is a faster way to do the
-    same thing: same seed, same batches, the same parameters after a few rounds."""
-    cfg = case_config("mlp", data={"size": 512}, model={"hidden": 16, "depth": 2},
-                      schedule={"batch_size": 64, "ema_half_life_kimg": 0.1}).model_dump()
-    data = torch.randn(512, 2)
-    torch.manual_seed(5)
-    minimal = PlainGAN(cfg, data, threads=1)
-    minimal.run(4)
-    torch.manual_seed(5)
-    tuned = PlainGAN(cfg, data, threads=1, tuned=True)
-    tuned.run(4)
-    assert tuned.opt_G.defaults["fused"] and not minimal.opt_G.defaults.get("fused")
-    for a, b in zip(list(minimal.G_ema.parameters()) + list(minimal.D.parameters()),
-                    list(tuned.G_ema.parameters()) + list(tuned.D.parameters())):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-class _Fixed:
-    """A contender that reports a fixed number of images per round (timing-independent checks)."""
-
-    def __init__(self, per_round: int) -> None:
-        self.per_round = per_round
-        self.calls: list[int] = []
-
-    def run(self, n_rounds: int) -> int:
-        self.calls.append(n_rounds)
-        return n_rounds * self.per_round
-
-    def close(self) -> None:
-        pass
-
-
 def test_alternate_runs_every_contender_each_rep_after_an_untimed_warmup() -> None:
-    a, b = _Fixed(10), _Fixed(20)
+    a, b = FixedContender(10), FixedContender(20)
     seen: list[int] = []
     out = alternate({"a": a, "b": b}, reps=3, rounds=4, warmup_rounds=2, on_rep=lambda rep, figs: seen.append(rep))
     assert a.calls == [2, 4, 4, 4] and b.calls == [2, 4, 4, 4]
@@ -248,9 +201,11 @@ import json, math, sys
 from ganray.bench.plain import PlainGAN, StepperContender, training_set
 from ganray.bench.timing import compare
 cfg = json.load(open(sys.argv[1]))
-row = compare(cfg, {"plain": PlainGAN(cfg, training_set(cfg), 1), "ganray": StepperContender(cfg, 1)},
-              reps=2, target_s=0.05, warmup_rounds=1)
+row = compare(cfg, {"tuned": PlainGAN(cfg, training_set(cfg), 1), "ganray": StepperContender(cfg, 1)},
+              reps=2, target_s=0.05, warmup_rounds=1, reference="tuned")
 assert math.isfinite(row["ganray_ratio"]) and row["ganray_ratio"] > 0, row
+assert row["reference"] == "tuned" and row["settings"]["tuned"]["adam"] == "fused", row["settings"]
+assert "no Ray" in row["settings"]["ganray"]["contender"], row["settings"]
 refused = [m for m in sys.modules if m.split(".")[0] in ("ray", "mlflow", "pydantic", "typer")
            or m.startswith("ganray.orchestrator")]
 assert not refused, refused
@@ -357,12 +312,21 @@ def test_bench_quick_writes_reports(ray_session: Any, tmp_path: Path, monkeypatc
         assert {"cpu", "cores", "torch", "ray", "mlflow", "gpu"} <= set(body["machine"])
         assert (out / f"{name}.md").read_text().startswith("| ")
     overhead = reports["overhead"]
-    assert set(overhead["mlp"]["samples_per_s"]) == {"plain", "replicated", "local"}
+    assert set(overhead["mlp"]["samples_per_s"]) == {"tuned", "minimal", "replicated", "local"}
     assert all(len(v) == 2 for v in overhead["mlp"]["samples_per_s"].values())  # --quick: 2 repetitions
+    # The tuned loop is the reference; every contender's settings are recorded beside its figures.
+    settings = overhead["mlp"]["settings"]
+    assert overhead["mlp"]["reference"] == "tuned" and set(settings) == set(overhead["mlp"]["samples_per_s"])
+    assert settings["tuned"]["adam"] == settings["replicated"]["adam"] == "fused"
+    assert settings["minimal"]["adam"] == "default (for-loop)" and settings["minimal"]["ema"] != "foreach lerp"
+    assert settings["tuned"]["threads"] == settings["replicated"]["threads_per_worker"] == 1
+    assert settings["replicated"]["topology"] == {"kind": "replicated", "num_workers": 1}
+    assert reports["tracking"]["settings"]["on"]["tracking.enabled"] is True
     assert "dcgan32" not in overhead  # --models mlp
     assert reports["tracking"]["ring8"]["ratio"] > 0
-    ratios = _ratios(overhead) + _ratios(reports["tracking"])
-    assert {"mlp.ratio", "mlp.local_ratio", "ring8.ratio", "ring8.wall_ratio"} <= {k for k, _ in ratios}
+    ratios = ratio_items(overhead) + ratio_items(reports["tracking"])
+    assert {"mlp.ratio", "mlp.local_ratio", "mlp.minimal_ratio", "ring8.ratio", "ring8.wall_ratio"} <= {
+        k for k, _ in ratios}
     for key, value in ratios:
         assert isinstance(value, float) and value > 0 and math.isfinite(value), (key, value)
     quality = reports["quality"]["ring8"]
@@ -398,8 +362,11 @@ def test_startup_reports_the_cold_and_the_warm_run_apart(tmp_path: Path, monkeyp
     seen = iter([10.9, 7.0, 21.5, 13.2])
     monkeypatch.setattr(suite, "time_to_first_metric", lambda *args, **kwargs: next(seen))
     report = suite.startup(BenchContext(BenchOptions(out=tmp_path)))
-    assert report.data["local"] == {"runs_s": [10.9, 7.0], "cold_s": 10.9, "warm_s": 7.0, "target_s": 20.0,
-                                    "met_cold": True, "met_warm": True}
+    local = report.data["local"]
+    assert {k: local[k] for k in ("runs_s", "cold_s", "warm_s", "target_s", "met_cold", "met_warm")} == {
+        "runs_s": [10.9, 7.0], "cold_s": 10.9, "warm_s": 7.0, "target_s": 20.0, "met_cold": True, "met_warm": True}
+    assert [label.split(":")[0] for label in local["labels"]] == ["cold", "warm"]
+    assert "topology.kind=local" in local["settings"]["command"]
     assert report.data["replicated"]["met_cold"] is False and report.data["replicated"]["met_warm"] is True
     assert [row[-1] for row in report.rows] == ["yes", "no (cold)"]
     assert report.header[1:3] == ["cold first run (s)", "warm second run (s)"]

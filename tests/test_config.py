@@ -194,3 +194,10 @@ def test_resume_differences_name_keys():
     assert config_differences(a, b) == ["schedule.g_lr"]
     assert "schedule.total_kimg" in RESUME_ALLOWED
     assert a.config_hash(ignore=RESUME_ALLOWED) == config_from_dict({"schedule": {"total_kimg": 999}}).config_hash(ignore=RESUME_ALLOWED)
+
+
+def test_eval_samples_default_to_the_papers_count_for_stacked_digits():
+    assert config_from_dict({"data": {"name": "stacked-digits"}}).eval.num_samples == 26_000
+    assert config_from_dict({}).eval.num_samples == 2_500
+    given = config_from_dict({"data": {"name": "stacked-digits"}, "eval": {"num_samples": 300}})
+    assert given.eval.num_samples == 300 and given.flat()["eval.num_samples"] == 300

@@ -108,3 +108,55 @@ def test_a_job_below_its_minimum_is_not_shrunk(ray_session) -> None:
 def test_every_size_of_the_elastic_range_must_divide_the_batch(topology, message) -> None:
     with pytest.raises(ConfigError, match=message):
         small_config(topology={"kind": "replicated", **topology})
+
+
+def test_split_generator_trains_on_against_the_surviving_discriminator_and_the_lost_one_rejoins(ray_session) -> None:
+    config = small_config(topology={"kind": "split", "num_generators": 1, "num_discriminators": 2,
+                                    "min_discriminators": 1}, resources={"cpus_per_worker": 0.5})
+    engine = RayEngine(config)
+    try:
+        engine.run(3)
+        snapshot = engine.state()
+        ray.kill(engine.actors[2], no_restart=True)  # generator 0, discriminator 0, discriminator 1
+        with pytest.raises(WorkerLostError, match="discriminator 1"):
+            engine.run(2)
+        shrunk = engine.shrink()
+        assert shrunk is not None and (shrunk.before, shrunk.after) == (3, 2) and engine.worker_count == 2
+        engine.load_state(snapshot)
+        alone = engine.run(4)
+        assert "feedback/loss_G/d0" in alone.metrics and "feedback/loss_G/d1" not in alone.metrics
+        assert alone.metrics["feedback/weight/d0"] == [1.0] * 4  # G weighs the survivor's feedback alone
+        kept = engine.state()  # every state still holds both discriminators: the lost one as it was
+        assert sorted(kept["D"]) == ["d0", "d1"]
+        assert all(torch.equal(kept["D"]["d1"][k], snapshot["D"]["d1"][k]) for k in snapshot["D"]["d1"])
+        assert not all(torch.equal(kept["D"]["d0"][k], snapshot["D"]["d0"][k]) for k in snapshot["D"]["d0"])
+
+        grown = _grow(engine)
+        assert (grown.before, grown.after) == (2, 3) and engine.worker_count == 3
+        rejoined = engine.state()
+        assert all(torch.equal(rejoined["D"]["d1"][k], snapshot["D"]["d1"][k]) for k in snapshot["D"]["d1"])
+        assert rejoined["sampler"]["d1"] == rejoined["sampler"]["d0"]  # at the job's data position
+        both = engine.run(2)
+        assert len(both.metrics["feedback/loss_G/d1"]) == 2 and both.images_seen == (3 + 4 + 2) * 64
+    finally:
+        engine.close()
+
+
+def test_a_checkpoint_resumes_at_another_size_of_the_elastic_range(ray_session, mlflow_store) -> None:
+    from ganray.orchestrator.job.trainer import Trainer
+
+    def job(workers: int):
+        return small_config(topology={"kind": "replicated", "num_workers": workers, "min_workers": 1},
+                            schedule={"total_kimg": 1.28, "batch_size": 64, "sync_kimg": 0.32,
+                                      "checkpoint_kimg": 100, "sample_kimg": 100},
+                            resources={"num_cpus": None, "cpus_per_worker": 0.5})
+
+    first = Trainer(job(2), progress=False, stop_at_kimg=0.64).run()
+    assert first.stopped_early and first.images_seen == 640
+    rest = Trainer(job(1), progress=False, resume=first.run_id).run()  # the two samplers' position, one replica
+    assert rest.run_id == first.run_id and rest.images_seen == 1280
+    # The resumed replica read on where the two left off: its losses are a 1-replica job's from
+    # the same checkpoint, so they continue the 2-replica run within the reduction order.
+    full = Trainer(job(2), progress=False).run()
+    assert len(rest.history["loss/D"]) == 10
+    assert max(abs(a - b) for a, b in zip(rest.history["loss/D"], full.history["loss/D"][10:])) < 1e-4

@@ -151,7 +151,7 @@ def test_lazy_r1_and_r2_report_their_terms_on_the_same_d_steps():
     assert plain.metrics["loss/D"][1] != out.metrics["loss/D"][1]
 
 
-def test_set_hyper_refuses_unknown_names_and_a_replica_reads_only_its_own_sampler():
+def test_set_hyper_refuses_unknown_names_and_a_replica_of_another_world_takes_the_position():
     engine = LocalEngine(small_config())
     with pytest.raises(ConfigError, match="unknown hyperparameter 'lr'; use one of g_lr, d_lr, betas"):
         engine.set_hyper({"lr": 1e-3, "g_lr": 5e-4})
@@ -160,6 +160,11 @@ def test_set_hyper_refuses_unknown_names_and_a_replica_reads_only_its_own_sample
     assert "loss/R2" in engine.run(1).metrics
     state = engine.state()
     assert set(state["sampler"]) == {"rank0"}
+    # A state saved at one world size loads at another (elastic worlds, resume at another
+    # size): every rank's position is the same number, so rank 1 of 2 takes rank 0's.
     second = build_replica(small_config().model_dump(), rank=1, world=2)
-    with pytest.raises(CheckpointError, match="not 'rank1'"):
+    second.load_state(state)
+    assert second.sampler.position == engine.stepper.sampler.position and second.sampler.rank == 1
+    state["sampler"] = {"rank0": state["sampler"]["rank0"], "rank2": {**state["sampler"]["rank0"], "position": 3}}
+    with pytest.raises(CheckpointError, match="disagree"):
         second.load_state(state)

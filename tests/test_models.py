@@ -1,4 +1,4 @@
-"""Networks, the model registry, EMA and the VAE baseline (ganray.models)."""
+"""Networks, the model registry and EMA (ganray.models); the VAE learner is tested in test_learners.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from ganray.models.errors import ConfigError
 from ganray.models.losses import r1_penalty
 from ganray.models.nets import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from ganray.models.registry import build_discriminator, build_generator, register_generator
-from ganray.models.vae import VAE2D, train_vae
 
 
 def _cfg(**over: object) -> dict:
@@ -321,100 +320,3 @@ def test_update_ema_with_spectral_norm_and_mismatch() -> None:
         assert torch.allclose(pe, p - 0.9, atol=1e-6)
     with pytest.raises(ValueError, match="different architectures"):
         update_ema(MLPGenerator(4, 8, 1), MLPGenerator(4, 8, 2), 0.5)
-
-
-# --- VAE baseline -----------------------------------------------------------------------------
-
-def _two_modes(n: int = 2000) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
-    return centres[torch.arange(n) % 2] + 0.05 * torch.randn(n, 2, generator=gen)
-
-
-def test_vae_spreads_mass_between_modes() -> None:
-    data = _two_modes()
-    held_out = torch.Generator().manual_seed(7)
-    untrained = train_vae(data, steps=1, batch_size=128, lr=1e-3, seed=0)
-    vae = train_vae(data, steps=400, batch_size=128, lr=1e-3, seed=0)
-    assert isinstance(vae, VAE2D) and not vae.training
-    before = untrained.negative_elbo(data, held_out).item()
-    after = vae.negative_elbo(data, held_out).item()
-    assert after < before - 0.3  # it learned something
-
-    samples = vae.sample(4000, torch.Generator().manual_seed(1))
-    assert samples.shape == (4000, 2)
-    assert samples[:, 0].mean().abs() < 0.5 and samples[:, 1].mean().abs() < 0.2
-    assert 1.2 < samples[:, 0].std() < 2.6  # the data's x spread is 2
-    assert samples[:, 1].std() < 0.3
-    dist = torch.cdist(samples, torch.tensor([[-2.0, 0.0], [2.0, 0.0]])).min(dim=1).values
-    # Part of the mass sits on the modes (more than a single wide Gaussian would put there)...
-    assert (dist < 0.15).float().mean() > 0.2
-    # ...and a noticeable part in the gap, 20 data stds from either mode, where the data has none.
-    assert (samples[:, 0].abs() < 1.0).float().mean() > 0.03
-    assert (data[:, 0].abs() < 1.0).sum() == 0
-
-
-def test_vae_sampling_is_seeded_and_leaves_global_rng() -> None:
-    data = _two_modes(200)
-    torch.manual_seed(123)
-    expected = torch.rand(1)
-    torch.manual_seed(123)
-    a = train_vae(data, steps=5, batch_size=16, lr=1e-3, seed=3)
-    assert torch.equal(torch.rand(1), expected)  # train_vae used its own streams
-    b = train_vae(data, steps=5, batch_size=16, lr=1e-3, seed=3)
-    s1 = a.sample(10, torch.Generator().manual_seed(0))
-    assert torch.equal(s1, b.sample(10, torch.Generator().manual_seed(0)))
-    assert not torch.equal(s1, a.sample(10, torch.Generator().manual_seed(1)))
-    noisy = a.sample(10, torch.Generator().manual_seed(0), add_noise=True)
-    assert noisy.shape == (10, 2) and not torch.equal(noisy, s1)
-
-
-def test_latent_distributions_and_generators_carry_theirs() -> None:
-    from ganray.models.latent import draw_latent, latent_of
-    from ganray.orchestrator.job.evaluate import sample_generator
-
-    gen = torch.Generator().manual_seed(0)
-    z = draw_latent("uniform", (20000, 3), generator=gen)
-    assert z.min() >= -1.0 and z.max() < 1.0 and abs(float(z.mean())) < 0.02
-    assert float(z.var()) == pytest.approx(1 / 3, rel=0.05)  # U(-1, 1) has variance 1/3
-    normal = draw_latent("normal", (20000, 3), generator=torch.Generator().manual_seed(0))
-    assert float(normal.abs().max()) > 1.5 and float(normal.var()) == pytest.approx(1.0, rel=0.05)
-    # Same seed, same stream: the same draw twice.
-    assert torch.equal(draw_latent("uniform", (4, 2), torch.Generator().manual_seed(7)),
-                       draw_latent("uniform", (4, 2), torch.Generator().manual_seed(7)))
-    with pytest.raises(ValueError, match="unknown latent distribution 'cauchy'"):
-        draw_latent("cauchy", (2, 2))
-
-    G = build_generator({"generator": "mlp", "z_dim": 2, "hidden": 8, "depth": 1, "latent": "uniform"}, (2,))
-    assert latent_of(G) == "uniform"
-    assert latent_of(build_generator({"generator": "mlp", "z_dim": 2, "hidden": 8, "depth": 1}, (2,))) == "normal"
-
-    class Identity(nn.Module):
-        z_dim, latent = 2, "uniform"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(()))
-
-        def forward(self, z: torch.Tensor) -> torch.Tensor:
-            return z * self.w
-
-    # Evaluation samples G on the latent it was trained on.
-    drawn = sample_generator(Identity(), 5000, seed=3)
-    assert drawn.min() >= -1.0 and drawn.max() < 1.0
-
-
-def test_mlp_generator_skip_adds_a_linear_path_from_z() -> None:
-    from ganray.models.registry import build_generator
-
-    cfg = {"generator": "mlp", "z_dim": 2, "hidden": 16, "depth": 2, "mlp_skip": True, "latent": "uniform"}
-    torch.manual_seed(0)
-    G = build_generator(cfg, (2,))
-    z = torch.rand(8, 2) * 2 - 1
-    assert torch.allclose(G(z), G.net(z) + G.skip(z))
-    torch.manual_seed(0)
-    plain = build_generator({**cfg, "mlp_skip": False}, (2,))
-    assert plain.skip is None and torch.equal(plain(z), G.net(z))  # same MLP, the path is extra
-    # The skip path trains: it receives a gradient like every other layer.
-    G(z).sum().backward()
-    assert G.skip.weight.grad is not None and G.skip.weight.grad.abs().sum() > 0

@@ -58,3 +58,19 @@ def test_training_logs_a_scatter_per_sample_interval(sqlite_store: Path) -> None
     steps = sorted(int(n.split("+step+")[1].split("+")[0]) for n in names
                    if n.endswith(".png") and n.startswith("images/samples+step+"))
     assert steps == [1024, 2048], names
+
+
+def test_small_image_grids_are_scaled_up_to_be_readable() -> None:
+    """An 8x8 digits grid (73 px from make_grid) reaches MIN_GRID_WIDTH by whole nearest-neighbour
+    pixels; a grid already wide enough is left as it is."""
+    import torch
+
+    from ganray.orchestrator.tracking.samples import MIN_GRID_WIDTH, image_grid
+
+    images = torch.rand((64, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = image_grid(images)
+    assert grid.shape == (292, 292, 3) and grid.shape[1] >= MIN_GRID_WIDTH and grid.dtype == np.uint8
+    # Every 4x4 block is one source pixel: nothing blurred.
+    assert (np.repeat(np.repeat(grid[::4, ::4], 4, axis=0), 4, axis=1) == grid).all()
+    assert image_grid(images, min_width=1).shape == (73, 73, 3)
+    assert image_grid(torch.zeros((64, 3, 32, 32))).shape == (265, 265, 3)

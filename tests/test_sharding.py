@@ -138,3 +138,24 @@ def test_real_batches_slice_a_device_copy_like_the_host_path() -> None:
         uploads.append(device._perm[1])  # kept alive, so ids below are not reused
     # One permutation upload per epoch (epochs 0-3) plus one for the new shard's sampler.
     assert len({id(t) for t in uploads}) == 5
+
+
+def test_a_state_saved_at_one_world_size_continues_at_another() -> None:
+    from ganray.models.errors import CheckpointError
+    from ganray.workers.sharding import sampler_state_for
+
+    two = [ShardSampler(100, 8, 3, rank, 2) for rank in range(2)]
+    for sampler in two:
+        for _ in range(5):
+            sampler.next_indices()
+    saved = {f"rank{r}": s.state_dict() for r, s in enumerate(two)}
+    # Shrunk to one replica, or grown to four: every rank takes the one position.
+    one = ShardSampler(100, 8, 3, 0, 1)
+    one.load_state_dict(sampler_state_for(saved, "rank0"))
+    four = [ShardSampler(100, 8, 3, rank, 4) for rank in range(4)]
+    for rank, sampler in enumerate(four):
+        sampler.load_state_dict(sampler_state_for(saved, f"rank{rank}"))
+    np.testing.assert_array_equal(np.concatenate([s.next_indices() for s in four]), one.next_indices())
+    damaged = {"rank0": saved["rank0"], "rank1": {**saved["rank1"], "position": 1}}
+    with pytest.raises(CheckpointError, match="disagree"):
+        sampler_state_for(damaged, "rank2")

@@ -14,12 +14,17 @@ from ganray.models.latent import draw_latent
 # Stream slots inside one round: D step k draws z from slot k and the WGAN-GP interpolation
 # factors from slot ALPHA_SLOT + k; the G step draws z from G_SLOT. Instance noise for D step k
 # comes from REAL_NOISE_SLOT + k (real batch) and FAKE_NOISE_SLOT + k (fake batch), and for the
-# G step's fakes from G_NOISE_SLOT.
+# G step's fakes from G_NOISE_SLOT. The augmentation of D step k's reals draws its parameters
+# from AUGMENT_REAL_SLOT + k, of its fakes from AUGMENT_FAKE_SLOT + k, and of the G step's fakes
+# from AUGMENT_G_SLOT (workers/augment.py).
 ALPHA_SLOT = 1_000
 G_SLOT = 2_000
 REAL_NOISE_SLOT = 3_000
 FAKE_NOISE_SLOT = 4_000
 G_NOISE_SLOT = 5_000
+AUGMENT_REAL_SLOT = 6_000
+AUGMENT_FAKE_SLOT = 7_000
+AUGMENT_G_SLOT = 8_000
 
 
 class NoiseStreams:
@@ -49,6 +54,11 @@ class NoiseStreams:
     def uniform(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> torch.Tensor:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
         return _slice(torch.rand((n,), generator=self._gen, device=self.device), part, parts)
+
+    def uniform_rows(self, round_idx: int, slot: int, n: int, columns: int, part: int, parts: int) -> torch.Tensor:
+        """(n, columns) uniforms in [0, 1) for the global batch of n rows, sliced by rank."""
+        self._gen.manual_seed(self._seed_for(round_idx, slot))
+        return _slice(torch.rand((n, columns), generator=self._gen, device=self.device), part, parts)
 
     def add_noise(self, x: torch.Tensor, std: float, round_idx: int, slot: int, global_batch: int, part: int,
                   parts: int) -> torch.Tensor:

@@ -13,6 +13,11 @@ steps whose global index is a multiple of it. `round_table` builds the table fro
 |               |         |           | the last D step, re-scored by the updated D)        |
 | `G_ema`       | G_ema   | none      | none: G_ema moves towards G                         |
 
+With `augment.kind` other than none, the D phases and the G phase are `augment`ed: every input
+of D, real and fake, passes through the augmentation first (`augment.py`); with `ada` each D
+phase also carries the `adapt` step, due after the D steps whose global count is a multiple of
+`augment.interval`: it moves p by its weight (ADA's step) up or down by r_t = E[sign(D(real))].
+
 Every topology runs this table; how it runs it (all-reduces behind the next phase's compute in
 `replicated`, the phases spread over actors in `split`) is the topology's own business.
 `Progress` is the one place that counts rounds, real images and D steps.
@@ -23,10 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ganray.workers.augment import AugmentSettings
 from ganray.workers.settings import Hyper
 
 ADVERSARIAL = "adversarial"
 GP, R1, R2 = "GP", "R1", "R2"
+ADAPT = "adapt"
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,16 @@ class Term:
 
 @dataclass(frozen=True)
 class Phase:
-    """One row of the table. `step` is the D step's index within the round (noise slots)."""
+    """One row of the table. `step` is the D step's index within the round (noise slots);
+    `augment`: D's inputs pass through the augmentation; `adapt`: ADA's p step (D phases, ada)."""
 
     name: str
     network: str
     optimizer: Optional[str]
     terms: tuple[Term, ...] = ()
     step: int = 0
+    augment: bool = False
+    adapt: Optional[Term] = None
 
     def term(self, name: str) -> Optional[Term]:
         return next((t for t in self.terms if t.name == name), None)
@@ -75,8 +85,10 @@ class RoundTable:
         return len(self.d_steps) * global_batch
 
 
-def round_table(loss_kind: str, r1_interval: int, gp_weight: float, hyper: Hyper) -> RoundTable:
-    """The phases of one round for these loss settings and the current hyperparameters."""
+def round_table(loss_kind: str, r1_interval: int, gp_weight: float, hyper: Hyper,
+                augment: Optional[AugmentSettings] = None, global_batch: int = 0) -> RoundTable:
+    """The phases of one round for these loss settings, the current hyperparameters and the
+    augmentation (`global_batch` sets ADA's p step)."""
     d_terms = [Term(ADVERSARIAL)]
     if loss_kind == "wgan-gp" and gp_weight > 0:
         d_terms.append(Term(GP, gp_weight))
@@ -85,13 +97,21 @@ def round_table(loss_kind: str, r1_interval: int, gp_weight: float, hyper: Hyper
     for name, gamma in ((R1, hyper.r1_gamma), (R2, hyper.r2_gamma)):
         if gamma > 0:
             d_terms.append(Term(name, (gamma / 2.0) * r1_interval, r1_interval))
-    d_steps = tuple(Phase(f"D{k}", "D", "opt_D", tuple(d_terms), step=k) for k in range(int(hyper.n_critic)))
-    return RoundTable((*d_steps, Phase("G", "G", "opt_G", (Term(ADVERSARIAL),)), Phase("G_ema", "G_ema", None)))
+    augmented = augment is not None and augment.enabled
+    adapt = None
+    if augmented and augment.adaptive:
+        # Due after D steps whose count is a multiple of the interval: `Term.due(d_steps_done)`.
+        adapt = Term(ADAPT, augment.p_step(global_batch), augment.interval)
+    d_steps = tuple(Phase(f"D{k}", "D", "opt_D", tuple(d_terms), step=k, augment=augmented, adapt=adapt)
+                    for k in range(int(hyper.n_critic)))
+    g_step = Phase("G", "G", "opt_G", (Term(ADVERSARIAL),), augment=augmented)
+    return RoundTable((*d_steps, g_step, Phase("G_ema", "G_ema", None)))
 
 
 def table_of(settings: Any) -> RoundTable:
     """`round_table` for a `StepSettings`."""
-    return round_table(settings.loss_kind, settings.r1_interval, settings.gp_weight, settings.hyper)
+    return round_table(settings.loss_kind, settings.r1_interval, settings.gp_weight, settings.hyper,
+                       settings.augment, settings.global_batch)
 
 
 @dataclass

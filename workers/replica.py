@@ -55,11 +55,10 @@ class ReplicaWorker(WorkerBase):
         return self.stepper.modules()
 
     def generator(self) -> nn.Module:
-        return self.stepper.gen.G_ema
+        return self.stepper.sampling_module()
 
     def reduced_numel(self) -> int:
-        gen, disc = self.stepper.gen, self.stepper.disc
-        return max(sum(p.numel() for p in gen.params), sum(p.numel() for p in disc.params))
+        return self.stepper.reduced_numel()
 
     def apply_hyper(self) -> None:
         self.stepper.apply_hyper()
@@ -83,7 +82,6 @@ class ReplicaWorker(WorkerBase):
         self.stepper.rebind(self.rank, self.world, self._start_all_reduce if self.world > 1 else None)
         self.group = Collective(self.rank, self.world, self.settings.device)
         return self.info()
-
 
     def hold_at_round_for_fault_test(self, round_index: int, flag: str) -> None:
         """Fault tests only: in round `round_index` of a later chunk, park this replica in

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from ganray.models.errors import ConfigError
+from ganray.workers.augment import AugmentSettings
 
 
 @dataclass
@@ -72,6 +73,7 @@ class StepSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
     channels_last: bool = False
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "StepSettings":
@@ -88,6 +90,7 @@ class StepSettings:
             device=device,
             autocast_bf16=(res.get("precision") == "bf16" and device.type == "cuda"),
             channels_last=channels_last_for(res.get("channels_last"), device),
+            augment=AugmentSettings.from_config(config),
         )
 
     def lr_factor(self, kimg: float) -> float:

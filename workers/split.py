@@ -31,7 +31,9 @@ from torch import nn
 
 from ganray.workers.collective import Collective
 from ganray.workers.data import load_dataset
-from ganray.workers.noise import ALPHA_SLOT, G_NOISE_SLOT, G_SLOT, NoiseStreams
+from ganray.workers.augment import DRAWS
+from ganray.workers.noise import (ALPHA_SLOT, AUGMENT_FAKE_SLOT, AUGMENT_G_SLOT, AUGMENT_REAL_SLOT, G_NOISE_SLOT,
+                                  G_SLOT, NoiseStreams)
 from ganray.workers.phases import Progress, table_of
 from ganray.workers.settings import StepSettings
 from ganray.workers.sharding import RealBatches, ShardSampler
@@ -122,7 +124,13 @@ class GeneratorWorker(WorkerBase):
         self.progress = Progress()
         self.timer = _Timed()
         self._fake: Optional[torch.Tensor] = None  # G's output with its graph, between forward and apply
+        self._critics: Optional[list[int]] = None  # the discriminators giving feedback (None: all K)
         return self.param_checksum()
+
+    def set_critics(self, indices: list[int]) -> None:
+        """The discriminators whose feedback `apply_feedback` receives, in order: all K, or the
+        survivors of an elastic job that lost some (its statistics keep each one's own name)."""
+        self._critics = [int(i) for i in indices]
 
     def modules(self) -> tuple[nn.Module, ...]:
         return (self.gen.G, self.gen.G_ema)
@@ -186,9 +194,10 @@ class GeneratorWorker(WorkerBase):
         stats = RoundStats()
         stats.report(LOSS_G, (w * losses).sum())
         # Each critic's loss and the weight it got, so a run shows what the feedback mode did.
+        names = self._critics or list(range(k))
         for i in range(k):
-            stats.report(feedback_loss_name(i), losses[i])
-            stats.report(feedback_weight_name(i), w[i])
+            stats.report(feedback_loss_name(names[i]), losses[i])
+            stats.report(feedback_weight_name(names[i]), w[i])
         self.gen.apply(stats)
         self.gen.update_ema()
         self.progress.end_round(table_of(self.settings), self.settings.global_batch)
@@ -207,6 +216,7 @@ class GeneratorWorker(WorkerBase):
         self.gen.opt.load_state_dict(state["opt_G"])
         self.progress.load(progress)
         self._fake = None
+        self.gen.opt.zero_grad(set_to_none=True)  # a round cut short by a lost peer leaves its gradients
         if keep_hyper:
             self.apply_hyper()
 
@@ -232,7 +242,7 @@ class DiscriminatorWorker(WorkerBase):
         self.source = load_dataset(config["data"], seed, "train")
         self.shape = tuple(self.source.sample_shape)
         # seed_offset = index: D_0 starts exactly like local's D; the others are independent critics.
-        self.disc = DiscriminatorRole(config, self.shape, self.settings, seed_offset=self.index)
+        self.disc = DiscriminatorRole(config, self.shape, self.settings, seed_offset=self.index, d_index=self.index)
         self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
         self.batches = RealBatches(self.source, self.settings.device)
         self.noise = NoiseStreams(seed, self.settings.device)
@@ -296,9 +306,12 @@ class DiscriminatorWorker(WorkerBase):
             k = phase.step
             real, fake = self.noise.noisy_d_inputs(self._next_real(), fakes[k], std, round_idx, k, B, i, K)
             alpha = self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K) if s.loss_kind == "wgan-gp" else None
-            self.disc.d_step(phase, real, fake, alpha, self.progress.d_steps, stats)
+            # Augmentation parameters: this D's slice of the rows `local` draws (None when off).
+            draws = [self.noise.uniform_rows(round_idx, slot + k, B, DRAWS, i, K) if phase.augment else None
+                     for slot in (AUGMENT_REAL_SLOT, AUGMENT_FAKE_SLOT)]
+            # The reals as D saw them (augmented): the G phase pairs with them.
+            self._last_real = self.disc.d_step(phase, real, fake, alpha, self.progress.d_steps, stats, *draws)
             self.progress.d_steps += 1
-            self._last_real = real
         self.progress.end_round(table, B)
         record = _round_record(stats)
         self.timer.compute += time.perf_counter() - t0
@@ -317,7 +330,9 @@ class DiscriminatorWorker(WorkerBase):
         whole = whole.to(self.settings.device, non_blocking=True)
         # Additive noise leaves dL/dx unchanged in form: the gradient at x + n is G's feedback for x.
         whole = self.noise.add_noise(whole, self._noise_std, self._noise_round, G_NOISE_SLOT, whole.shape[0], 0, 1)
-        loss, grad = self.disc.feedback(whole, self._last_real)
+        draws = (self.noise.uniform_rows(self._noise_round, AUGMENT_G_SLOT, whole.shape[0], DRAWS, 0, 1)
+                 if table_of(self.settings).g_step.augment else None)
+        loss, grad = self.disc.feedback(whole, self._last_real, draws)
         grad = grad.cpu()
         sizes = [p.shape[0] for p in fake_parts]
         out = (loss.cpu(), *torch.split(grad, sizes, dim=0))
@@ -331,17 +346,24 @@ class DiscriminatorWorker(WorkerBase):
         return f"d{self.index}"
 
     def state(self) -> dict[str, Any]:
-        """D, opt_D and the sampler under this worker's own name, and its D step count."""
-        return {"D": {self.name: cpu_tree(self.disc.D.state_dict())},
-                "opt_D": {self.name: cpu_tree(self.disc.opt.state_dict())},
-                "sampler": {self.name: self.sampler.state_dict()}, "d_steps": self.progress.d_steps}
+        """D, opt_D, the sampler (and its own p when augmentation is on) under this worker's own
+        name, and its D step count."""
+        state = {"D": {self.name: cpu_tree(self.disc.D.state_dict())},
+                 "opt_D": {self.name: cpu_tree(self.disc.opt.state_dict())},
+                 "sampler": {self.name: self.sampler.state_dict()}, "d_steps": self.progress.d_steps}
+        augment = self.disc.augment_state()
+        if augment is not None:
+            state["augment"] = {self.name: augment}
+        return state
 
     def load_state(self, state: dict[str, Any], progress: dict[str, int], keep_hyper: bool = True) -> None:
         """Restore from job-state parts holding this worker's name; `progress` is the job's."""
         self.disc.D.load_state_dict(state["D"][self.name])
         self.disc.opt.load_state_dict(state["opt_D"][self.name])
         self.sampler.load_state_dict(state["sampler"][self.name])
+        self.disc.load_augment_state(state.get("augment", {}).get(self.name))
         self.progress.load(progress)
         self._last_real = None
+        self.disc.opt.zero_grad(set_to_none=True)  # a round cut short by a lost peer leaves its gradients
         if keep_hyper:
             self.apply_hyper()

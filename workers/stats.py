@@ -86,8 +86,11 @@ def merge_replicas(records: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def merge_models(records: Sequence[dict[str, float]]) -> dict[str, float]:
     """One round's statistics from workers that each step a model of their own (a split job's
-    discriminators): the mean of each, but SKIPPED summed, since every skipped step is its own."""
-    out = merge_replicas(records)
+    discriminators): the mean of each over the workers that report it (a statistic of one
+    model's own, such as "augment/p/d1", comes from that worker alone), but SKIPPED summed,
+    since every skipped step is its own."""
+    names = dict.fromkeys(name for record in records for name in record)
+    out = {name: _mean([r[name] for r in records if name in r]) for name in names}
     if SKIPPED in out:
         out[SKIPPED] = float(sum(r[SKIPPED] for r in records))
     return out

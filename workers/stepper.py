@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ganray.workers.data import load_dataset
-from ganray.workers.noise import ALPHA_SLOT, FAKE_NOISE_SLOT, G_NOISE_SLOT, G_SLOT, REAL_NOISE_SLOT, NoiseStreams
+from ganray.workers.augment import DRAWS
+from ganray.workers.noise import (ALPHA_SLOT, AUGMENT_FAKE_SLOT, AUGMENT_G_SLOT, AUGMENT_REAL_SLOT, FAKE_NOISE_SLOT,
+                                  G_NOISE_SLOT, G_SLOT, REAL_NOISE_SLOT, NoiseStreams)
 from ganray.workers.phase_loss import RealHalf
 from ganray.workers.phases import Phase, Progress, table_of
 from ganray.workers.settings import StepSettings
@@ -51,13 +53,19 @@ class _PendingGStep:
 
 
 def build_replica(config: dict[str, Any], rank: int = 0, world: int = 1,
-                  start_sync: Optional[StartSync] = None) -> "ReplicaStepper":
-    """Replica `rank` of `world`: its training data, its `ShardSampler`, its stepper.
+                  start_sync: Optional[StartSync] = None) -> Any:
+    """Replica `rank` of `world`: its training data, its `ShardSampler`, its stepper: a
+    `ReplicaStepper` for `model.learner: gan`, the learner's `LearnerStepper` otherwise.
 
     World 1 with no `start_sync` is exactly the `local` engine's replica."""
     seed = int(config["seed"])
     source = load_dataset(config["data"], seed, "train")
     sampler = ShardSampler(len(source), int(config["schedule"]["batch_size"]), seed, rank, world)
+    learner = str(config["model"].get("learner", "gan"))
+    if learner != "gan":
+        from ganray.workers.learners import learner_class
+
+        return learner_class(learner)(config, source, sampler, rank, world, start_sync)
     return ReplicaStepper(config, source, sampler, rank, world, start_sync)
 
 
@@ -122,11 +130,12 @@ class ReplicaStepper:
                 "round_index": self.progress.rounds, "time_compute_s": elapsed - comm,
                 "time_comm_s": comm, "nonfinite_run": self.nonfinite_run, "metrics": metrics}
 
-    def _start_sync(self, params: list[nn.Parameter]) -> PendingSync:
+    def _start_sync(self, params: list[nn.Parameter], extra: Optional[list[torch.Tensor]] = None) -> PendingSync:
+        """Start averaging `params`' gradients, and `extra` tensors (ADA's signs) in the same call."""
         if self.start_sync is None:
             return _NoSync()
         t = time.perf_counter()
-        pending = self.start_sync([p.grad for p in params])
+        pending = self.start_sync([p.grad for p in params] + (extra or []))
         self.time_comm += time.perf_counter() - t
         return pending
 
@@ -149,7 +158,16 @@ class ReplicaStepper:
         real = self.batches.next(self.sampler)
         real = self.noise.add_noise(real, std, self.progress.rounds, REAL_NOISE_SLOT + phase.step, s.global_batch,
                                     self.rank, self.world)
-        return self.disc.real_half(phase, real, self.progress.d_steps)
+        draws = self._draws(phase, AUGMENT_REAL_SLOT + phase.step)
+        return self.disc.real_half(phase, real, self.progress.d_steps, draws)
+
+    def _draws(self, phase: Phase, slot: int) -> Optional[torch.Tensor]:
+        """This rank's rows of the augmentation parameters of `phase` from stream `slot`; None
+        when the phase does not augment D's inputs."""
+        if not phase.augment:
+            return None
+        return self.noise.uniform_rows(self.progress.rounds, slot, self.settings.global_batch, DRAWS,
+                                       self.rank, self.world)
 
     def _fake_for_d(self, phase: Phase, std: float) -> torch.Tensor:
         s, r = self.settings, self.progress.rounds
@@ -181,8 +199,9 @@ class ReplicaStepper:
         for k, phase in enumerate(d_phases):
             alpha = self.noise.uniform(self.progress.rounds, ALPHA_SLOT + phase.step, B, r, w) \
                 if s.loss_kind == "wgan-gp" else None
-            self.disc.backward(phase, half, fake, alpha, self.progress.d_steps, stats)
-            d_sync = self._start_sync(self.disc.params)
+            self.disc.backward(phase, half, fake, alpha, self.progress.d_steps, stats,
+                               self._draws(phase, AUGMENT_FAKE_SLOT + phase.step))
+            d_sync = self._start_sync(self.disc.params, self.disc.reduced_with_grads())
             # G's forward pass does not read D, so it runs while D's gradients travel.
             last = k + 1 == len(d_phases)
             if last:
@@ -192,10 +211,11 @@ class ReplicaStepper:
             self._wait(d_sync)
             self.disc.apply(stats)
             self.progress.d_steps += 1
+            self.disc.end_d_step(phase, self.progress.d_steps, stats)
             if not last:
                 half = self._real_half(d_phases[k + 1], std)
         # The G phase: the fakes pair with the last D phase's reals, re-scored by the updated D.
-        loss_g = self.disc.g_loss(fake_g, half.real)
+        loss_g = self.disc.g_loss(fake_g, half.real, self._draws(table.g_step, AUGMENT_G_SLOT))
         loss_g.backward()
         stats.report(LOSS_G, loss_g)
         g_sync = self._start_sync(self.gen.params)
@@ -205,8 +225,9 @@ class ReplicaStepper:
     # -- state -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The full training state of this replica as plain tensors/ints (checkpoint parts); the
-        sampler under this replica's own key, `rank{r}`."""
-        return {
+        sampler under this replica's own key, `rank{r}`; the augmentation's p when it is on (the
+        same on every replica: its r_t is reduced with D's gradients)."""
+        state = {
             "G": cpu_tree(self.gen.G.state_dict()),
             "D": cpu_tree(self.disc.D.state_dict()),
             "G_ema": cpu_tree(self.gen.G_ema.state_dict()),
@@ -215,6 +236,10 @@ class ReplicaStepper:
             "progress": self.progress.state(),
             "sampler": {self.sampler_key: self.sampler.state_dict()},
         }
+        augment = self.disc.augment_state()
+        if augment is not None:
+            state["augment"] = augment
+        return state
 
     def rebind(self, rank: int, world: int, start_sync: Optional[StartSync]) -> None:
         """Become rank `rank` of `world` replicas (an elastic job that shrank or grew): the same
@@ -244,6 +269,7 @@ class ReplicaStepper:
         self.gen.opt.zero_grad(set_to_none=True)
         self.disc.opt.zero_grad(set_to_none=True)
         self.nonfinite_run = 0
+        self.disc.load_augment_state(state.get("augment"))
         if keep_hyper:
             self.apply_hyper()
 
@@ -263,3 +289,13 @@ class ReplicaStepper:
     def modules(self) -> tuple[nn.Module, ...]:
         """The networks whose parameters the checksum covers and a group broadcast shares."""
         return (self.gen.G, self.disc.D, self.gen.G_ema)
+
+    def sampling_module(self) -> nn.Module:
+        """The z -> x module evaluation, samples and releases use: G_ema."""
+        return self.gen.G_ema
+
+    def reduced_numel(self) -> int:
+        """Elements of the largest gradient all-reduce (G's or D's)."""
+        # +1 with ada: r_t's sign mean rides along with D's gradients.
+        extra = 1 if self.settings.augment.adaptive else 0
+        return max(sum(p.numel() for p in self.gen.params), sum(p.numel() for p in self.disc.params) + extra)

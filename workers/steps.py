@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from ganray.models.ema import ema_beta, update_ema
+from ganray.models.errors import CheckpointError
 from ganray.models.latent import latent_of
 from ganray.models.registry import build_discriminator, build_generator
 from ganray.workers import phase_loss
+from ganray.workers.augment import Augmenter, p_metric, refuse_unless_images
 from ganray.workers.phase_loss import RealHalf
 from ganray.workers.phases import Phase
 from ganray.workers.settings import StepSettings
@@ -29,13 +31,13 @@ def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def _adam(params: Any, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+def adam_optimizer(params: Any, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
     # fused: one kernel for the whole update, and it honours `found_inf` on the device, so a
-    # non-finite step is skipped without a host sync (see `_guarded_step`).
+    # non-finite step is skipped without a host sync (see `guarded_step`).
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
 
 
-def _guarded_step(opt: torch.optim.Adam, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
+def guarded_step(opt: torch.optim.Adam, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
     """Step unless the (already all-reduced) gradient norm is non-finite, as AMP's GradScaler
     does: the fused kernel reads `found_inf` and skips the update (and the step count) on the
     device. Every replica sees the same reduced norm, so every replica skips together."""
@@ -47,7 +49,7 @@ def _guarded_step(opt: torch.optim.Adam, params: list[nn.Parameter]) -> tuple[to
     return norm, found_inf
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) -> None:
+def set_lr(opt: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) -> None:
     for group in opt.param_groups:
         group["lr"] = lr
         group["betas"] = betas
@@ -69,14 +71,14 @@ class GeneratorRole:
                                 sample_shape)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         h = settings.hyper
-        self.opt = _adam(self.G.parameters(), h.g_lr, h.betas)
+        self.opt = adam_optimizer(self.G.parameters(), h.g_lr, h.betas)
         self.params = list(self.G.parameters())
         self.z_dim = int(self.G.z_dim)
         self.latent = latent_of(self.G)
 
     def apply_hyper(self, kimg: float) -> None:
         h = self.settings.hyper
-        _set_lr(self.opt, h.g_lr * self.settings.lr_factor(kimg), h.betas)
+        set_lr(self.opt, h.g_lr * self.settings.lr_factor(kimg), h.betas)
 
     def generate(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), phase_loss.autocast(self.settings.autocast_bf16):
@@ -89,7 +91,7 @@ class GeneratorRole:
     def apply(self, stats: RoundStats) -> None:
         """Step on G's (already synchronised) gradients unless they are non-finite, and report
         the gradient norm and the skip as tensors (no host sync on a GPU)."""
-        norm, skipped = _guarded_step(self.opt, self.params)
+        norm, skipped = guarded_step(self.opt, self.params)
         stats.report(GRAD_NORM_G, norm, "last")
         stats.report(SKIPPED, skipped, "sum")
 
@@ -102,54 +104,109 @@ class DiscriminatorRole:
     """D and its optimizer: the D phases, and G's loss (or feedback dL_G/dx) through D."""
 
     def __init__(self, config: dict[str, Any], sample_shape: tuple[int, ...], settings: StepSettings,
-                 seed_offset: int = 0) -> None:
+                 seed_offset: int = 0, d_index: Optional[int] = None) -> None:
         self.settings = settings
+        refuse_unless_images(settings.augment, sample_shape, str(config["data"].get("name")))
         # seed_offset gives each split discriminator its own init; 0 keeps replicas identical.
         torch.manual_seed(settings.seed + 1 + seed_offset)
         self.D = _memory_format(build_discriminator(config["model"], sample_shape).to(settings.device), settings,
                                 sample_shape)
         h = settings.hyper
-        self.opt = _adam(self.D.parameters(), h.d_lr, h.betas)
+        self.opt = adam_optimizer(self.D.parameters(), h.d_lr, h.betas)
         self.params = list(self.D.parameters())
+        # What D's inputs pass through when `augment.kind` is set, with its p (this D's state);
+        # a split discriminator (`d_index`) reports its own p.
+        self.augmenter = Augmenter(settings.augment, settings.device) if settings.augment.enabled else None
+        self.p_metric = p_metric(d_index)
 
     def apply_hyper(self, kimg: float) -> None:
         h = self.settings.hyper
-        _set_lr(self.opt, h.d_lr * self.settings.lr_factor(kimg), h.betas)
+        set_lr(self.opt, h.d_lr * self.settings.lr_factor(kimg), h.betas)
 
-    def real_half(self, phase: Phase, real: torch.Tensor, d_step: int) -> RealHalf:
-        """D on the real rows (and R1 when due). Only D and the data enter here, so a replica
-        runs it while G's gradients are still being all-reduced (see `ReplicaStepper`)."""
-        return phase_loss.real_half(self.D, phase, real, d_step, self.settings.autocast_bf16)
+    def _augmented(self, x: torch.Tensor, draws: Optional[torch.Tensor]) -> torch.Tensor:
+        """`x` through the augmentation when the phase is augmented (its caller drew `draws`)."""
+        if draws is None:
+            return x
+        assert self.augmenter is not None, "augmentation draws for a D without augment.kind"
+        return self.augmenter(x, draws)
+
+    def real_half(self, phase: Phase, real: torch.Tensor, d_step: int,
+                  draws: Optional[torch.Tensor] = None) -> RealHalf:
+        """D on the real rows (augmented with `draws`), and R1 when due. Only D and the data
+        enter here, so a replica runs it while G's gradients are still being all-reduced (see
+        `ReplicaStepper`). ADA's r_t reads the logits here."""
+        half = phase_loss.real_half(self.D, phase, self._augmented(real, draws), d_step, self.settings.autocast_bf16)
+        if self.augmenter is not None:
+            self.augmenter.observe_reals(half.logits)
+        return half
 
     def backward(self, phase: Phase, half: RealHalf, fake: torch.Tensor, alpha: Optional[torch.Tensor],
-                 d_step: int, stats: RoundStats) -> None:
-        """D's loss on `half` and the fake rows, backpropagated into D's gradients (not applied)."""
+                 d_step: int, stats: RoundStats, draws: Optional[torch.Tensor] = None) -> None:
+        """D's loss on `half` and the fake rows (augmented with `draws`), backpropagated into
+        D's gradients (not applied)."""
         s = self.settings
+        fake = self._augmented(fake, draws)
         phase_loss.d_loss(self.D, phase, s.loss_kind, half, fake, alpha, d_step, s.autocast_bf16, stats).backward()
+
+    def reduced_with_grads(self) -> list[torch.Tensor]:
+        """Tensors that ride along with this D step's gradient all-reduce (ADA's sign of the
+        reals: averaged with the gradients, so every replica steers the same p)."""
+        return self.augmenter.pending_signs() if self.augmenter is not None else []
+
+    def end_d_step(self, phase: Phase, d_steps_done: int, stats: RoundStats) -> None:
+        """After the step of D phase `phase` (`d_steps_done` global D steps now done): ADA's r_t
+        and, when the phase's `adapt` step is due, p's move; p is reported."""
+        if self.augmenter is None:
+            return
+        adapt = phase.adapt
+        self.augmenter.end_d_step(adapt is not None and adapt.due(d_steps_done), adapt.weight if adapt else 0.0)
+        stats.report(self.p_metric, self.augmenter.p, "last")
 
     def apply(self, stats: RoundStats) -> None:
         """Step on D's (already synchronised) gradients unless they are non-finite."""
-        norm, skipped = _guarded_step(self.opt, self.params)
+        norm, skipped = guarded_step(self.opt, self.params)
         stats.report(GRAD_NORM_D, norm.detach(), "last")
         stats.report(SKIPPED, skipped, "sum")
 
     def d_step(self, phase: Phase, real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor],
-               d_step: int, stats: RoundStats) -> None:
-        """One whole D phase without peers: both halves, backward, step."""
-        self.backward(phase, self.real_half(phase, real, d_step), fake, alpha, d_step, stats)
+               d_step: int, stats: RoundStats, real_draws: Optional[torch.Tensor] = None,
+               fake_draws: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One whole D phase without peers: both halves, backward, step, ADA's p. Returns the
+        real rows as D saw them (augmented), which a relativistic G phase pairs with."""
+        half = self.real_half(phase, real, d_step, real_draws)
+        self.backward(phase, half, fake, alpha, d_step, stats, fake_draws)
         self.apply(stats)
+        self.end_d_step(phase, d_step + 1, stats)
+        return half.real
 
-    def g_loss(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor]) -> torch.Tensor:
-        """G's loss on `fake` through this D, with D's parameters frozen (no D gradients)."""
+    def g_loss(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor],
+               draws: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """G's loss on `fake` (augmented with `draws`, inside the graph) through this D, with
+        D's parameters frozen (no D gradients). `paired_real` is already as D saw it."""
         s = self.settings
+        fake = self._augmented(fake, draws)
         return phase_loss.g_loss(self.D, self.params, s.loss_kind, fake, paired_real, s.autocast_bf16)
 
-    def feedback(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G loss, dL_G/dx) for a detached fake batch: what a split D worker sends back to G."""
+    def feedback(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor],
+                 draws: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G loss, dL_G/dx) for a detached fake batch: what a split D worker sends back to G.
+        The gradient reaches x through the augmentation."""
         x = fake.detach().requires_grad_(True)
-        loss = self.g_loss(x, paired_real)
+        loss = self.g_loss(x, paired_real, draws)
         (grad,) = torch.autograd.grad(loss, x)
         return loss.detach(), grad
+
+    def augment_state(self) -> Optional[dict[str, Any]]:
+        """p and r_t's running sum (a checkpoint part); None without augmentation."""
+        return None if self.augmenter is None else self.augmenter.state()
+
+    def load_augment_state(self, state: Optional[dict[str, Any]]) -> None:
+        if self.augmenter is None:
+            return
+        if state is None:
+            raise CheckpointError("the state holds no augmentation state (p): it was saved by a job without "
+                                  f"augment.kind '{self.settings.augment.kind}'; resume with the run's config")
+        self.augmenter.load_state(state)
 
 
 def cpu_tree(obj: Any) -> Any:

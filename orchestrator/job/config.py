@@ -1,7 +1,7 @@
 """The job config: a pydantic model tree loaded from YAML with `--set dotted.key=value` overrides.
 
 Section names (`seed`, `data`, `model`, `loss`, `schedule`, `topology`, `resources`, `tracking`,
-`eval`, `fault`, `retrain`) and the keys named in the README are part of the CLI contract.
+`eval`, `fault`, `retrain`, `augment`) and the keys named in the README are part of the CLI contract.
 Every error is a `ConfigError` with one line naming the field and what it accepts.
 """
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ganray.models.errors import ConfigError
 from ganray.orchestrator.job.layout import KEY_OWNER, Layout, resolve_layout
+from ganray.orchestrator.job.learner_keys import LEARNER_IGNORES, unread_keys  # noqa: F401 (LEARNER_IGNORES re-exported)
 
 log = logging.getLogger("ganray")
 
@@ -50,6 +51,28 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    learner: Literal["gan", "ae", "vae", "energy"] = Field("gan", description=(
+        "what trains: gan (G and D), ae (autoencoder), vae (variational autoencoder), energy (D "
+        "alone, its negatives found by a search over its score); docs/architecture.md lists the keys each reads"))
+    ae_noise: float = Field(0.0, ge=0.0, le=1e3, description=(
+        "ae: std of the noise added to codes drawn from the Gaussian fitted to the training codes, when sampling"))
+    # The energy learner's search (models/energy.py; defaults mirrored there as DEFAULT_*). Step
+    # size and noise are in the start box's unit coordinates, so they suit data of any spread.
+    energy_steps: int = Field(40, ge=1, le=10_000, description=(
+        "energy: Langevin steps of the search that makes each training negative (D evaluations per negative)"))
+    energy_step_size: float = Field(0.01, gt=0.0, le=1e3, description=(
+        "energy: Langevin step along D's input gradient, in the start box's unit coordinates"))
+    energy_noise: float = Field(0.001, ge=0.0, le=1e3, description=(
+        "energy: std of the Gaussian noise of each Langevin step, in the start box's unit coordinates"))
+    energy_buffer: int = Field(8192, ge=1, le=10_000_000, description=(
+        "energy: replay buffer of past negatives (searches continue from them); at least schedule.batch_size"))
+    energy_reinit: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "energy: probability that a negative's search starts afresh from the box instead of from the buffer"))
+    energy_reg: float = Field(1.0, ge=0.0, le=1e4, description=(
+        "energy: weight of the score-magnitude regulariser, reg * (E[D(real)^2] + E[D(negative)^2])"))
+    energy_sample_steps: Optional[int] = Field(None, ge=1, le=1_000_000, description=(
+        "energy: Langevin steps of the search that makes a sample (evaluation, ganray sample); unset: "
+        "energy_steps / energy_reinit, the mean length of the chains behind the training negatives"))
     generator: str = Field("mlp", description="mlp | dcgan | an import path 'pkg.mod:Class'")
     discriminator: str = Field("mlp", description="mlp | dcgan | an import path 'pkg.mod:Class'")
     z_dim: int = Field(16, ge=1, le=4096)
@@ -181,13 +204,34 @@ class TrackingConfig(_Section):
                                      "when psutil is installed")
 
 
+# eval.num_samples when unset: the papers' 26,000 for stacked digits (PacGAN, VEEGAN), else 2,500.
+STACKED_DIGITS_EVAL_SAMPLES, EVAL_SAMPLES = 26_000, 2_500
+
+
 class EvalConfig(_Section):
     every_kimg: float = Field(50.0, gt=0.0)
-    num_samples: int = Field(2500, ge=16, le=1_000_000)
+    num_samples: Optional[int] = Field(None, ge=16, le=1_000_000, description=(
+        "samples per evaluation; unset: 26000 for data.name stacked-digits (the papers' count), else 2500, "
+        "resolved when the config is loaded (TrainConfig._resolve_eval_samples), so the logged params show it"))
     seed: int = Field(1234, ge=0)
     metrics: list[str] = Field(default_factory=lambda: ["auto"], description="auto | modes,hq,kl | fid,kid | "
                                "modes,kl,confidence (stacked-digits)")
     inception_weights: Optional[str] = Field(None, description="local path of Inception weights for FID on RGB sets")
+
+
+class AugmentConfig(_Section):
+    kind: Literal["none", "ada", "diffaugment"] = Field("none", description=(
+        "augment everything D sees, real and fake, in every D and G phase (images only): ada "
+        "(StyleGAN2-ADA: each augmentation with probability p, steered by r_t = E[sign(D(real))]) or "
+        "diffaugment (every augmentation always, p fixed); none leaves the numbers exactly as without"))
+    target: float = Field(0.6, gt=0.0, lt=1.0, description="ada: the r_t that p is steered towards")
+    interval: int = Field(4, ge=1, le=1_000_000, description="ada: p moves every this many D steps")
+    speed_kimg: float = Field(500.0, gt=0.0, le=1e7, description=(
+        "ada: thousands of real images over which p could go from 0 to 1 (StyleGAN2-ADA's 500; "
+        "smaller reacts faster, for small data and short runs)"))
+    flip: bool = Field(False, description="horizontal flips too (off: digits are not mirror-symmetric)")
+    p_init: Optional[float] = Field(None, ge=0.0, le=1.0, description=(
+        "p at the start; unset: 0 for ada, 1 for diffaugment"))
 
 
 class FaultConfig(_Section):
@@ -209,6 +253,9 @@ class RetrainConfig(_Section):
                              "not name (for unattended retrains; GANRAY_TRUST_CODE=1 does the same)")
 
 
+_DEFAULT_FLAT: Optional[dict[str, Any]] = None  # the default config, flattened (learner_keys.py)
+
+
 class TrainConfig(_Section):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -221,8 +268,32 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     _layout: Optional[Layout] = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _resolve_eval_samples(self) -> "TrainConfig":
+        if self.eval.num_samples is None:
+            stacked = self.data.name == "stacked-digits"
+            self.eval.num_samples = STACKED_DIGITS_EVAL_SAMPLES if stacked else EVAL_SAMPLES
+        return self
+
+    @model_validator(mode="after")
+    def _check_learner(self) -> "TrainConfig":
+        learner = self.model.learner
+        if learner != "gan" and self.topology.kind == "split":
+            raise ValueError(f"topology.kind 'split' trains a GAN (G and D on different workers); "
+                             f"model.learner '{learner}' runs in topology.kind local or replicated")
+        global _DEFAULT_FLAT
+        if _DEFAULT_FLAT is None:
+            _DEFAULT_FLAT = flatten(TrainConfig.model_construct().model_dump(mode="json"))
+        unread = unread_keys(learner, self.flat(), _DEFAULT_FLAT)
+        if unread:
+            raise ValueError(f"{unread[0]} is not read by model.learner '{learner}'"
+                             + (f" (nor {', '.join(unread[1:])})" if len(unread) > 1 else "")
+                             + "; remove it (docs/architecture.md lists the keys each learner reads)")
+        return self
 
     @model_validator(mode="after")
     def _resolve_layout(self) -> "TrainConfig":

@@ -31,7 +31,7 @@ from ganray.orchestrator.job.engine import ChunkResult, restore_rng_state, rng_s
 from ganray.orchestrator.job.fault import SnapshotLostError, WorkerLostError, is_worker_loss
 from ganray.orchestrator.job.node_metrics import NodeMetrics
 from ganray.orchestrator.job.placement import Placement, connect
-from ganray.orchestrator.job.layout import REPLICA
+from ganray.orchestrator.job.layout import DISCRIMINATOR, GENERATOR
 from ganray.orchestrator.job.ray_calls import get, kill, lost_workers
 from ganray.orchestrator.job.replicated_job import ReplicatedJob
 from ganray.orchestrator.job.split_job import SplitJob
@@ -66,6 +66,9 @@ class RayEngine:
             raise
         self.sample_shape: tuple[int, ...] = self._job.sample_shape
         self.data_fingerprint: str = self._job.fingerprint
+        specs = self.layout.workers
+        log.info("workers: %s", ", ".join(f"{specs[b].role} {specs[b].rank} on node {node[:12]}"
+                                           for b, node in zip(self._bundles(), node_of(self._job.actors))))
 
     @property
     def allreduce(self) -> str:
@@ -100,22 +103,31 @@ class RayEngine:
         """Workers of the job now (fewer than the layout's after an elastic shrink)."""
         return len(self._job.actors) if self._job is not None else 0
 
-    def _elastic(self) -> bool:
-        """Shrinking and growing need the job's own placement group (a Tune trial's is Tune's)."""
-        return (self.layout.elastic_role == REPLICA and self._job is not None
-                and self._placement is not None and self._placement.owned)
+    def _elastic(self) -> Optional[str]:
+        """The elastic role (replicas, or split's discriminators), when the job may shrink and
+        grow: that needs the job's own placement group (a Tune trial's is Tune's)."""
+        if self._job is None or self._placement is None or not self._placement.owned:
+            return None
+        return self.layout.elastic_role
 
     def shrink(self) -> Optional[Resize]:
-        """After a worker loss: go on with the survivors that leave their broken group cleanly,
-        in their own bundles, when at least `topology.min_workers` do; None otherwise (not
-        elastic, too few left, nobody lost), and the caller recreates every worker as before.
-        The caller restores the state."""
-        if not self._elastic():
+        """After a worker loss: go on with the survivors, in their own bundles, when at least the
+        elastic minimum of them is left (`topology.min_workers`, `min_discriminators`); None
+        otherwise (not elastic, too few left, nobody lost, a generator lost), and the caller
+        recreates every worker as before. The caller restores the state."""
+        role = self._elastic()
+        if role is None:
             return None
         t0 = time.perf_counter()
         old = self._job
         before = len(old.actors)
         lost = lost_workers(old.actors, min(10.0, self.config.resources.step_timeout_s))
+        if role == DISCRIMINATOR:
+            if not lost or any(pos < old.m for pos in lost) or len(old.discs) - len(lost) < self.layout.min_elastic:
+                return None
+            old.drop_discriminators(sorted(lost))
+            self._newcomers.discard()
+            return Resize("shrink", before, len(old.actors), time.perf_counter() - t0, node_of(old.actors))
         kill([a for i, a in enumerate(old.actors) if i in lost])
         survivors = leave_groups({b: a for i, (b, a) in enumerate(zip(old.bundles, old.actors)) if i not in lost})
         if not lost or len(survivors) < self.layout.min_elastic:
@@ -127,23 +139,37 @@ class RayEngine:
 
     def grow(self) -> Optional[Resize]:
         """At a round boundary, between chunks: start workers in bundles Ray has placed on live
-        nodes again (returns at once), and once they are set up, let them join: the job's current
-        state and hyperparameters go to every worker of the grown world. None when nothing joined."""
-        if not self._elastic() or len(self._job.actors) >= self.layout.count(REPLICA):
+        nodes again (returns at once), and once they are set up, let them join. None when
+        nothing joined."""
+        role = self._elastic()
+        if role is None or len(self._job.actors) >= len(self.layout.workers):
             return None
         if not self._newcomers.pending:
             if self._newcomers.poll_due():
                 have = set(self._job.bundles)
                 free = sorted(b for b in placed_bundles(self._placement.group) if b not in have)
                 if free:
-                    self._newcomers.start(free, self._new_replica)
+                    self._newcomers.start(free, self._new_worker)
             return None
         joining = self._newcomers.take_ready()
         if not joining:
             return None
         t0 = time.perf_counter()
+        before = len(self._job.actors)
+        if role == DISCRIMINATOR:
+            first = self.layout.count(GENERATOR)
+            self._guard("rejoining discriminators", self._job.add_discriminators,
+                        {b - first: actor for b, actor in joining.items()})
+        else:
+            self._grow_replicas(joining)
+        grown = Resize("grow", before, len(self._job.actors), time.perf_counter() - t0, node_of(self._job.actors))
+        log.warning("%s at round %d", grown.line(), self._job.progress.rounds if role == DISCRIMINATOR
+                    else get(self._job.actors[0].rounds_done.remote(), self._job.timeout_s, "the round"))
+        return grown
+
+    def _grow_replicas(self, joining: dict[int, Any]) -> None:
+        """The job's current state and hyperparameters go to every replica of the grown world."""
         old = self._job
-        before = len(old.actors)
         try:
             state, hyper = old.state(), get(old.actors[0].hyper.remote(), old.timeout_s, "the hyperparameters")
             survivors = leave_groups(dict(zip(old.bundles, old.actors)))
@@ -156,16 +182,24 @@ class RayEngine:
             self._job.set_hyper(hyper)
             self._job.load_state(state, keep_hyper=True)
         except Exception as err:
-            raise WorkerLostError(f"growing the job from {before} workers failed: {type(err).__name__}: "
+            raise WorkerLostError(f"growing the job from {len(old.actors)} workers failed: {type(err).__name__}: "
                                   f"{str(err).strip()[:200]}") from err
-        return Resize("grow", before, len(self._job.actors), time.perf_counter() - t0, node_of(self._job.actors))
 
-    def _new_replica(self, bundle: int) -> Any:
+    def _new_worker(self, bundle: int) -> Any:
+        """A worker for `bundle`, started outside the loop (its `setup` call follows)."""
+        assert self._placement is not None
+        options = self._placement.actor_options(bundle)
+        spec = self.layout.workers[bundle]
+        if spec.role == DISCRIMINATOR:
+            from ganray.workers.split import DiscriminatorWorker
+
+            assert self.layout.split is not None
+            return DiscriminatorWorker.options(**options).remote(self._cfg, spec.rank, self.layout.count(DISCRIMINATOR),
+                                                                 self.layout.split.swap_every_epochs)
         from ganray.workers.replica import ReplicaWorker
 
-        assert self._placement is not None
         # Rank 0 of 1 until it joins: `rebind` gives it its rank in the world it joins.
-        return ReplicaWorker.options(**self._placement.actor_options(bundle)).remote(self._cfg, 0, 1)
+        return ReplicaWorker.options(**options).remote(self._cfg, 0, 1)
 
     def _regroup(self, workers: dict[int, Any]) -> Any:
         """A job over exactly `workers` (bundle -> live worker), rebound to ranks by bundle order."""

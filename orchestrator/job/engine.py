@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
-from ganray.models.registry import build_generator
+from ganray.models.registry import build_sampling_module
 from ganray.workers.stepper import build_replica
 
 
@@ -126,7 +126,7 @@ class LocalEngine:
         restore_rng_state(state.get("rng", {}))
 
     def generator_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.stepper.gen.G_ema.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.stepper.sampling_module().state_dict().items()}
 
     def set_hyper(self, hyper: dict[str, Any]) -> None:
         self.stepper.set_hyper(hyper)
@@ -168,14 +168,17 @@ class LocalEngine:
 
 
 def build_eval_generator(config: Any, sample_shape: tuple[int, ...], state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A CPU generator rebuilt from the config and a (digest-checked) G_ema state dict."""
-    G = build_generator(config.model.model_dump(), tuple(sample_shape))
+    """A CPU generator (the learner's z -> x sampling module: G_ema for the GAN) rebuilt from the
+    config and a (digest-checked) state dict of it."""
+    G = build_sampling_module(config.model.model_dump(), tuple(sample_shape))
     try:
         G.load_state_dict(state)
     except RuntimeError as err:
         from ganray.models.errors import CheckpointError
 
-        raise CheckpointError(f"generator state does not fit model.generator '{config.model.generator}' "
+        what = (f"model.generator '{config.model.generator}'" if config.model.learner == "gan"
+                else f"the '{config.model.learner}' learner's sampling module")
+        raise CheckpointError(f"generator state does not fit {what} "
                               f"with this config ({str(err).splitlines()[0]}); use the config the run was trained with") from None
     return G.eval()
 

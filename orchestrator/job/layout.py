@@ -191,6 +191,10 @@ def resolve_layout(config: Any) -> Layout:
         split = SplitSettings(feedback=topo.feedback or "mean",
                               softmax_lambda=1.0 if topo.softmax_lambda is None else float(topo.softmax_lambda),
                               swap_every_epochs=topo.swap_every_epochs or 0, overlap=bool(topo.overlap))
+        if low < k and split.swap_every_epochs:
+            raise ValueError("topology.min_discriminators below topology.num_discriminators (an elastic split job) "
+                             "cannot swap shards among discriminators that come and go; set "
+                             "topology.swap_every_epochs: 0 or topology.min_discriminators to the full count")
         layout = Layout(workers=tuple(specs), batch_parts=k, split=split, min_elastic=low,
                         cpu_keys=tuple(dict.fromkeys(cpu_keys)), gpu_keys=tuple(dict.fromkeys(gpu_keys)), **common)
     else:

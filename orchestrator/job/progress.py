@@ -41,8 +41,12 @@ class Progress:
         if not self.enabled:
             return
         mean = {k: sum(v) / len(v) for k, v in metrics.items() if v}
-        info = (f"{rounds_per_s:6.1f} rounds/s  loss D {mean.get('loss/D', float('nan')):.3f}"
-                f"  G {mean.get('loss/G', float('nan')):.3f}{self._eval}")
+        if "loss/D" in mean or "loss/G" in mean:
+            losses = (f"loss D {mean.get('loss/D', float('nan')):.3f}"
+                      f"  G {mean.get('loss/G', float('nan')):.3f}")
+        else:  # another learner: its own losses, by the names its round reports
+            losses = "  ".join(f"{k} {v:.3f}" for k, v in mean.items() if k.startswith("loss/"))
+        info = f"{rounds_per_s:6.1f} rounds/s  {losses}{self._eval}"
         if self._bar is not None:
             self._bar.update(self._task, completed=kimg, info=info)
             return

@@ -34,6 +34,8 @@ from ganray.workers.stats import SKIPPED, combine, merge_models, merge_replicas
 INFLIGHT_ROUNDS = 3
 # The job-state parts each discriminator writes under its own name ("d{i}").
 D_PARTS = ("D", "opt_D", "sampler")
+# Parts only some jobs' discriminators hold: each D's own augmentation p (augment.kind set).
+OPTIONAL_D_PARTS = ("augment",)
 
 
 class SplitJob:
@@ -54,6 +56,12 @@ class SplitJob:
         self.overlap = split.overlap
         self.discs = [DiscriminatorWorker.options(**placement.actor_options(s.index))
                       .remote(cfg, s.rank, self.k, split.swap_every_epochs) for s in d_specs]
+        # Elastic split: the discriminators the job has now (by index i of K, named "d{i}"), and
+        # the job-state entries of those it lost, kept (from the last state loaded) so every
+        # state and checkpoint still holds all K and a newcomer starts from its predecessor's.
+        self.d_ids = [s.rank for s in d_specs]
+        self.g_bundles, self.d_first_bundle = [s.index for s in g_specs], d_specs[0].index
+        self.dormant: dict[str, dict[str, Any]] = {}
         self.gens = [GeneratorWorker.options(**placement.actor_options(s.index))
                      .remote(cfg, s.rank, self.m, split.feedback, split.softmax_lambda) for s in g_specs]
         try:
@@ -83,6 +91,41 @@ class SplitJob:
     def actors(self) -> list[Any]:
         return [*self.gens, *self.discs]
 
+    @property
+    def bundles(self) -> list[int]:
+        """The placement bundle of each actor, in `actors` order."""
+        return [*self.g_bundles, *(self.d_first_bundle + i for i in self.d_ids)]
+
+    def drop_discriminators(self, lost: list[int]) -> None:
+        """Go on without the discriminators at these `actors` positions (lost with their node):
+        the generators weigh the survivors' feedback. The next `load_state` keeps the lost ones'
+        entries (`dormant`), which a newcomer takes over in `add_discriminators`."""
+        gone = {pos - self.m for pos in lost}
+        kill([d for i, d in enumerate(self.discs) if i in gone])
+        self.discs = [d for i, d in enumerate(self.discs) if i not in gone]
+        self.d_ids = [d_id for i, d_id in enumerate(self.d_ids) if i not in gone]
+        self._pending = None
+        get([g.set_critics.remote(self.d_ids) for g in self.gens], self.timeout_s, "the critics")
+
+    def add_discriminators(self, joining: dict[int, Any]) -> None:
+        """Discriminators (by index, set up) rejoin at this round boundary: each takes its
+        predecessor's D, optimizer (and p) from the last state loaded, and the job's current
+        progress and data position."""
+        live = get(self.discs[0].state.remote(), self.timeout_s, "a discriminator's position")
+        position = next(iter(live["sampler"].values()))
+        progress = {**self.progress.state(), "d_steps": int(live["d_steps"])}
+        refs = []
+        for d_id, actor in joining.items():
+            entry = self.dormant.pop(f"d{d_id}")
+            own = {part: {f"d{d_id}": value} for part, value in entry.items()}
+            own["sampler"] = {f"d{d_id}": position}
+            refs.append(actor.load_state.remote(own, progress, True))
+        get(refs, self.timeout_s, "loading the rejoining discriminators")
+        order = sorted([*zip(self.d_ids, self.discs), *joining.items()], key=lambda pair: pair[0])
+        self.d_ids, self.discs = [d_id for d_id, _ in order], [d for _, d in order]
+        self._pending = None
+        get([g.set_critics.remote(self.d_ids) for g in self.gens], self.timeout_s, "the critics")
+
     def _table(self) -> RoundTable:
         return round_table(self.loss["kind"], int(self.loss["r1_interval"]), float(self.loss["gp_weight"]), self.hyper)
 
@@ -99,7 +142,7 @@ class SplitJob:
         else:
             fakes = [g.fakes.remote(r) for g in self.gens]
         d_refs = [d.d_phase.remote(r, self.parts[i][0], *[fakes[j] for j in self.parts[i]])
-                  for i, d in enumerate(self.discs)]
+                  for i, d in zip(self.d_ids, self.discs)]
         # The G phase and the G_ema phase: G's forward, every D's feedback, the generators' step.
         g_out = [g.forward.remote(r) for g in self.gens]
         feedback = [d.feedback.options(num_returns=self.m + 1).remote(*g_out) for d in self.discs]
@@ -125,10 +168,11 @@ class SplitJob:
         wall = time.perf_counter() - t0
         metrics: dict[str, list[float]] = {}
         g_busy = d_busy = comm = 0.0
-        step = self.k + self.m
+        k = len(self.discs)  # the discriminators the job has now (fewer than K after an elastic shrink)
+        step = k + self.m
         for q in range(todo):
-            d_out = values[q * step:q * step + self.k]
-            g_out = values[q * step + self.k:(q + 1) * step]
+            d_out = values[q * step:q * step + k]
+            g_out = values[q * step + k:(q + 1) * step]
             # The K discriminators are K models, the M generators one.
             record = combine(merge_models([d["stats"] for d in d_out]), merge_replicas([g["stats"] for g in g_out]))
             for name, value in record.items():
@@ -158,6 +202,14 @@ class SplitJob:
         for d_state in d_states:
             for part in D_PARTS:
                 merged[part].update(d_state[part])
+            for part in OPTIONAL_D_PARTS:
+                if part in d_state:
+                    merged.setdefault(part, {}).update(d_state[part])
+        position = next(iter(merged["sampler"].values()))
+        for name, entry in self.dormant.items():  # a lost discriminator's last state, at today's position
+            for part, value in entry.items():
+                merged.setdefault(part, {})[name] = value
+            merged["sampler"][name] = position
         merged["progress"] = {**self.progress.state(), "d_steps": int(d_states[0]["d_steps"])}
         return merged
 
@@ -170,10 +222,14 @@ class SplitJob:
         progress = {k: int(v) for k, v in state["progress"].items()}
         g_part = ray.put({"G": state["G"], "G_ema": state["G_ema"], "opt_G": state["opt_G"]})
         refs = [g.load_state.remote(g_part, progress, keep_hyper) for g in self.gens]
-        for name, d in zip(names, self.discs):
+        live = [f"d{i}" for i in self.d_ids]
+        self.dormant = {name: {part: state[part][name] for part in ("D", "opt_D", *OPTIONAL_D_PARTS)
+                               if part in state and name in state[part]}
+                        for name in names if name not in live}
+        for name, d in zip(live, self.discs):
             # Each discriminator is sent only its own entries, under its own name.
-            refs.append(d.load_state.remote({part: {name: state[part][name]} for part in D_PARTS}, progress,
-                                            keep_hyper))
+            own = {part: {name: state[part][name]} for part in (*D_PARTS, *OPTIONAL_D_PARTS) if part in state}
+            refs.append(d.load_state.remote(own, progress, keep_hyper))
         get(refs, self.timeout_s, "loading state")
         self.progress.load(progress)
         self._pending = None  # stale fakes of the replaced generator must not be used

@@ -13,8 +13,8 @@ whether they are due; each owns its interval and its "disabled" state; without t
 logger is a `NullRunLogger`. Chunks (one engine call each) end at sync and `fault.snapshot_rounds`
 boundaries and within a quarter of `fault.grace_s`; chunking never changes results. Faults
 (`fault.py`): skipped non-finite rounds roll back to the last snapshot with lower learning rates;
-a lost worker is recreated and restored from it; SIGTERM finishes the chunk, writes a checkpoint
-and exits within `fault.grace_s`.
+a lost worker is recreated (or, elastic, the job shrinks onto the survivors and grows back between
+chunks) and restored from it; SIGTERM finishes the chunk, checkpoints and exits within `fault.grace_s`.
 """
 
 from __future__ import annotations
@@ -303,10 +303,8 @@ class Trainer:
         """One chunk and whatever boundaries it reaches; False when the engine made no progress."""
         st, stop = self._st, self._stop_images
         grown = engine.grow()  # a round boundary: workers whose capacity came back join here
-        if grown is not None:
-            assert self.faults is not None
+        if grown is not None and self.faults is not None:
             self.faults.resizes += 1
-            log.warning("%s at %.1f kimg", grown.line(), st.images_seen / 1000)
             self._fault_event(grown.line(), st.images_seen)
         rounds_left = math.ceil((stop - st.images_seen) / self._ipr)
         n = plan_chunk(st.rounds, self._sync_rounds, self.keeper.every, rounds_left, self._clock.cap())

@@ -36,6 +36,7 @@ from ganray.models.errors import CheckpointError, ConfigError, GanrayError
 
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.job.config import TrainConfig, config_from_dict
+from ganray.orchestrator.job.learner_keys import require_gan
 from ganray.orchestrator.job.engine import Engine, build_eval_generator, make_engine
 from ganray.orchestrator.retrain.lock import RetrainLock, current_user
 
@@ -265,6 +266,7 @@ def retrain(config: TrainConfig, model_name: Optional[str] = None, schedule_key:
 
     from ganray.orchestrator.tracking import store as tracking
 
+    require_gan(config, "retrain")
     name = model_name or config.tracking.model_name
     if not name:
         raise ConfigError("retrain needs a model name: pass --model-name NAME (or set tracking.model_name)")

@@ -32,12 +32,14 @@ def retrain_command(config: Path = typer.Argument(..., help="job config (YAML) n
                     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar")) -> None:
     """Retrain the champion of NAME on new data; promote the challenger only if it beats the champion."""
     from ganray.orchestrator.job.config import load_config
+    from ganray.orchestrator.job.learner_keys import require_gan
     from ganray.orchestrator.retrain.champion import retrain
 
     overrides = list(set_ or [])
     if model_name:
         overrides.append(f"tracking.model_name={model_name}")
     cfg = load_config(config, overrides)
+    require_gan(cfg, "retrain")
     printed: list[str] = []
 
     def on_run_id(run_id: str) -> None:

@@ -17,13 +17,22 @@ import torch
 from ganray.orchestrator.job.evaluate import MIXTURES, sample_generator
 
 FIXED_LATENT_SEED = 20_240_601  # the same latent batch at every step, so grids are comparable
+# A grid narrower than this is scaled up by a whole factor, nearest neighbour: an 8x8 digits grid
+# is otherwise a thumbnail in the MLflow UI, and whole pixels keep the samples' own pixels sharp.
+MIN_GRID_WIDTH = 256
 
 
-def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> an HxWx3 uint8 grid (torchvision's make_grid)."""
+def image_grid(images: torch.Tensor, nrow: int = 8, min_width: int = MIN_GRID_WIDTH) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> an HxWx3 uint8 grid (torchvision's make_grid), at least
+    `min_width` pixels wide."""
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
     from torchvision.utils import make_grid
 
     grid = make_grid(images.clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+    factor = -(-min_width // grid.shape[-1])  # ceil
+    if factor > 1:
+        size = [grid.shape[-2] * factor, grid.shape[-1] * factor]
+        grid = resize(grid, size, interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 

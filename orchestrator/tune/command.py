@@ -24,10 +24,12 @@ def tune_command(config: Path = typer.Argument(..., help="job config (YAML), the
                  resume: bool = typer.Option(False, "--resume", help="continue the interrupted search from its Tune storage")) -> None:
     """Search hyperparameters of CONFIG with Ray Tune (PBT, ASHA or plain random/grid search)."""
     from ganray.orchestrator.job.config import load_config
+    from ganray.orchestrator.job.learner_keys import require_gan
     from ganray.orchestrator.tune import search as run_search
     from ganray.orchestrator.tune.spec import load_search
 
     cfg = load_config(config, set_ or [])
+    require_gan(cfg, "tune")  # before the search file is read: the config is what is wrong
     spec = load_search(search)
     result = run_search(cfg, spec, tracking_uri=tracking_uri, resume=resume,
                         on_parent_run_id=lambda rid: _emit("parent_run_id", rid))

@@ -20,6 +20,7 @@ from ganray.models.errors import CheckpointError, ConfigError, GanrayError
 
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.job.config import RESUME_ALLOWED, TrainConfig, load_config
+from ganray.orchestrator.job.learner_keys import require_gan
 from ganray.orchestrator.tune.spec import (SearchSpec, absolute_paths, check_search, check_storage, load_search,
                                            make_scheduler, param_space, parse_search, plain, resolve_storage,
                                            trial_config)
@@ -99,6 +100,7 @@ def search(config: Union[TrainConfig, str, Path], search_spec: Union[SearchSpec,
     from ganray.orchestrator.job.placement import connect
 
     cfg = absolute_paths(config if isinstance(config, TrainConfig) else load_config(config, overrides))
+    require_gan(cfg, "tune")
     spec = _as_spec(search_spec)
     check_search(spec, cfg)
     storage = resolve_storage(spec.storage_path)
