@@ -14,8 +14,9 @@ Every search step costs one evaluation of D and its input gradient, so a sample 
 evaluations where a generator costs one pass: the price of generating by argmax.
 
 `EnergySampler` is the z -> x module that the orchestrator samples, evaluates and releases like
-a generator: it holds D, the search settings and the box the starts are drawn from, and its
-forward runs the search from starts read off z. Plain torch: the learner that trains D lives in
+a generator: it holds a D (the learner gives it its moving average of D, as the GAN samples
+G_ema), the search settings and the box the starts are drawn from, and its forward runs the
+search from starts read off z. Plain torch: the learner that trains D lives in
 workers/learners/energy.py.
 """
 

@@ -2,7 +2,7 @@
 
 The comparison starts from one config (a GAN recipe: its data, network width, batch, schedule).
 Every learner trains on that config with `model.learner` set, minus the keys it does not read
-(`config.LEARNER_IGNORES`: the GAN's loss, D's packing, the latent law, ...), which go back to
+(`learner_keys.LEARNER_IGNORES`: the GAN's loss, D's packing, the latent law, ...), which go back to
 their defaults: the config refuses a key a learner ignores, and a comparison must not pretend a
 GAN-only setting shaped the autoencoder. Periodic evaluations are off: each learner is scored
 once, at the end, so every learner's training seconds are spent training (an energy model's
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ganray.models.errors import ConfigError
-from ganray.orchestrator.job.config import (LEARNER_IGNORES, TrainConfig, config_from_dict, parse_override,
-                                            read_yaml_file)
+from ganray.orchestrator.job.config import TrainConfig, config_from_dict, parse_override, read_yaml_file
+from ganray.orchestrator.job.learner_keys import LEARNER_IGNORES, ignored
 from ganray.orchestrator.job.preflight import check_job
 
 LEARNERS: tuple[str, ...] = ("ae", "vae", "energy", "gan")
@@ -40,8 +40,7 @@ def parse_learners(text: str) -> list[str]:
 
 
 def _reads(key: str, learner: str) -> bool:
-    # The convention of LEARNER_IGNORES: a dotted key, or a prefix ending in '.' or '_'.
-    return not any(key == p or (p[-1] in "._" and key.startswith(p)) for p in LEARNER_IGNORES[learner])
+    return not ignored(key, LEARNER_IGNORES[learner])
 
 
 def _drop_unread(tree: dict[str, Any], learner: str) -> dict[str, Any]:

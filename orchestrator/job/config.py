@@ -7,8 +7,6 @@ Every error is a `ConfigError` with one line naming the field and what it accept
 
 from __future__ import annotations
 
-import copy
-import difflib
 import hashlib
 import json
 import logging
@@ -19,14 +17,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ganray.models.errors import ConfigError
+from ganray.orchestrator.job.config_text import (apply_overrides, flatten, format_validation_error, parse_override,
+                                                 read_yaml_file)
 from ganray.orchestrator.job.layout import KEY_OWNER, Layout, resolve_layout
-from ganray.orchestrator.job.learner_keys import LEARNER_IGNORES, unread_keys  # noqa: F401 (LEARNER_IGNORES re-exported)
+from ganray.orchestrator.job.learner_keys import unread_keys
 
 log = logging.getLogger("ganray")
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors (with a "did you mean" hint added by `_format_validation_error`).
+    # Unknown keys are errors (with a "did you mean" hint added by `config_text.format_validation_error`).
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -323,95 +323,6 @@ class TrainConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key != "kwargs":
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading and overrides
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
-    if "=" not in text:
-        raise ConfigError(f"--set '{text}' is not of the form dotted.key=value, e.g. --set schedule.total_kimg=100")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set '{text}' has an empty key; write e.g. --set topology.num_workers=2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw  # not valid YAML: take the text as a string, pydantic will judge it
-    return key.split("."), value
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    tree = copy.deepcopy(tree)
-    for text in overrides or []:
-        path, value = parse_override(text)
-        node = tree
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: '{'.'.join(path[:i + 1])}' is a value, not a section")
-            node = child
-        node[path[-1]] = value
-    return tree
-
-
-def _closest_key(model: type[BaseModel], path: tuple[Any, ...], bad: str) -> Optional[str]:
-    """The valid key nearest to an unknown one, walking the model tree along `path`."""
-    cls: Any = model
-    for part in path:
-        field = getattr(cls, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        # Optional[Section] -> Section
-        for arg in getattr(ann, "__args__", ()) or ():
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                ann = arg
-        cls = ann
-    names = list(getattr(cls, "model_fields", {}).keys())
-    match = difflib.get_close_matches(bad, names, n=1, cutoff=0.5)
-    return match[0] if match else None
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = tuple(first.get("loc", ()))
-    dotted = ".".join(str(p) for p in loc) or "config"
-    kind = first.get("type", "")
-    if kind == "extra_forbidden":
-        hint = _closest_key(TrainConfig, loc[:-1], str(loc[-1]))
-        where = ".".join(str(p) for p in loc[:-1]) or "the top level"
-        msg = f"unknown key '{dotted}' in {where}"
-        return msg + (f"; did you mean '{'.'.join([*map(str, loc[:-1]), hint])}'?" if hint else "; remove it")
-    ctx = first.get("ctx") or {}
-    got = first.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-        bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
-        return f"{dotted} must be {bound} {next(iter(ctx.values()))}{got_text}"
-    if kind == "literal_error":
-        return f"{dotted} must be one of {ctx.get('expected')}{got_text}"
-    if kind == "value_error":
-        return str(ctx.get("error", first.get("msg")))
-    if kind == "missing":
-        return f"{dotted} is required"
-    return f"{dotted}: {first.get('msg', 'invalid value').lower()}{got_text}"
-
-
 def _drop_keys_of_other_kinds(tree: dict[str, Any], overrides: list[str]) -> None:
     """`--set topology.kind=K` switches the topology in one override: the file's topology keys
     that belong to another kind are dropped (with a note), so they are in neither the resolved
@@ -439,23 +350,7 @@ def config_from_dict(tree: Any, overrides: Optional[list[str]] = None) -> TrainC
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
-
-
-def read_yaml_file(path: str | Path, what: str, example: str) -> Any:
-    """The parsed YAML of the `what` file at `path` (e.g. "config", "search"); a missing file,
-    bad YAML or a binary file is a one-line ConfigError naming `example` as a file that works."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} file '{p}' does not exist; pass a YAML file such as {example}")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{what} file '{p}' is not valid YAML{where}; fix its syntax") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} file '{p}' is not a text file; pass a YAML {what}") from None
+        raise ConfigError(format_validation_error(err, TrainConfig)) from None
 
 
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> TrainConfig:

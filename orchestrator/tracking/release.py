@@ -134,22 +134,27 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
             raise TrackingError(f"cannot upload the released state of run {run_id} to {redact(uri)} "
                                 f"({_reason(exc)})") from None
 
-    z = draw_latent(latent_of(model), (_EXAMPLE_BATCH, z_dim), generator=torch.Generator().manual_seed(0)).numpy()
-    with torch.no_grad():
-        out = model(torch.from_numpy(z)).numpy()
-    signature = infer_signature(z, out)
-    try:
-        with _fluent_scope(uri, run.info.experiment_id):
-            info = mlflow.pytorch.log_model(
-                model, name=MODEL_NAME_IN_RUN, signature=signature, input_example=z,
-                pip_requirements=_pip_requirements(), run_id=run_id, registered_model_name=model_name,
-                serialization_format="pt2")
-    except MlflowException as exc:
-        raise TrackingError(f"cannot log or register model '{model_name}' in {redact(uri)} ({_reason(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - torch.export failures come in many types
-        raise TrackingError(f"the generator cannot be exported with torch.export for release ({_reason(exc)}); "
-                            "its forward must be traceable for a dynamic batch size") from None
-    version = str(info.registered_model_version)
+    if getattr(model, "evals_per_sample", None) is not None:
+        # The energy learner's sampler searches D's input gradient inside its forward, which
+        # torch.export cannot capture: its release is the state and config alone (no pt2).
+        version = _register_release_folder(client, model_name, run_id, uri)
+    else:
+        z = draw_latent(latent_of(model), (_EXAMPLE_BATCH, z_dim), generator=torch.Generator().manual_seed(0)).numpy()
+        with torch.no_grad():
+            out = model(torch.from_numpy(z)).numpy()
+        signature = infer_signature(z, out)
+        try:
+            with _fluent_scope(uri, run.info.experiment_id):
+                info = mlflow.pytorch.log_model(
+                    model, name=MODEL_NAME_IN_RUN, signature=signature, input_example=z,
+                    pip_requirements=_pip_requirements(), run_id=run_id, registered_model_name=model_name,
+                    serialization_format="pt2")
+        except MlflowException as exc:
+            raise TrackingError(f"cannot log or register model '{model_name}' in {redact(uri)} ({_reason(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - torch.export failures come in many types
+            raise TrackingError(f"the generator cannot be exported with torch.export for release ({_reason(exc)}); "
+                                "its forward must be traceable for a dynamic batch size") from None
+        version = str(info.registered_model_version)
     tags = {"ganray.run_id": run_id, "ganray.config_hash": meta["config_hash"],
             "ganray.images_seen": str(int(images_seen)), "ganray.state_sha256": digest,
             "ganray.config_sha256": meta["config_sha256"],
@@ -157,6 +162,19 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, scrub(str(value)))
     return client.get_model_version(model_name, version)
+
+
+def _register_release_folder(client: "MlflowClient", model_name: str, run_id: str, uri: str) -> str:
+    """A new version of `model_name` whose source is the run's release folder (state + config)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with contextlib.suppress(MlflowException):  # the name is registered already
+            client.create_registered_model(model_name)
+        mv = client.create_model_version(model_name, source=f"runs:/{run_id}/{RELEASE_DIR}", run_id=run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot register model '{model_name}' in {redact(uri)} ({_reason(exc)})") from None
+    return str(mv.version)
 
 
 def _checkpoint_images_seen(client: "MlflowClient", run_id: str) -> int:

@@ -82,13 +82,13 @@ class EnergyStepper(LearnerStepper):
     def build(self) -> None:
         cfg, shape = self.model_cfg, self.sample_shape
         B = self.settings.global_batch
-        size = int(cfg.get("energy_buffer", 8192))
+        size = int(cfg["energy_buffer"])
         if size < B:
             raise ConfigError(f"model.energy_buffer ({size}) must be at least schedule.batch_size ({B}): "
                               "each round's searches continue from distinct buffer entries")
         self.search = SearchSettings.from_model_config(cfg)
-        self.reinit = float(cfg.get("energy_reinit", 0.05))
-        self.reg = float(cfg.get("energy_reg", 1.0))
+        self.reinit = float(cfg["energy_reinit"])
+        self.reg = float(cfg["energy_reg"])
         self.D = build_discriminator(cfg, shape).to(self.device)
         # Samples search an average of D's recent weights (as the GAN samples G_ema): the live D
         # moves every round to chase its own negatives, and a long search on it ends wherever
