@@ -172,7 +172,12 @@ def run_scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             except RuntimeError as missed:  # the job ended first: a miss, reported as one
                 print(f"no grow: {str(missed).splitlines()[0]}", file=sys.stderr)
                 grown_at = None
-        printed = job.finish(3600)
+        try:
+            printed = job.finish(3600)
+        finally:
+            if args.out:  # the job's console, each line with its time since the kill
+                log = args.out.with_name(f"{args.out.stem}-{kind}.log")
+                log.write_text("".join(f"{t - killed_at:+8.1f} s  {line}\n" for t, line in job.lines))
         reported = next((t for t, n in changes if t >= killed_at and n == workers), None)
     finally:
         if watcher is not None:
