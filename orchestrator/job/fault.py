@@ -22,6 +22,7 @@ interval of work and must never corrupt what it stored. The pieces here are driv
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -42,6 +43,7 @@ _LOSS_NAMES = frozenset({
 # Chunk wall time as a fraction of `fault.grace_s`: the rest of the grace period is for the
 # final checkpoint and its upload.
 _GRACE_SHARE = 0.25
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class WorkerLostError(RuntimeError):
@@ -213,7 +215,8 @@ class FaultPolicy:
 
 def brief(err: BaseException) -> str:
     """The informative line of an exception (torch's load_state_dict puts it on the second line)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # Ray colours the task name in its error text: no terminal codes in a log line or a tag.
+    lines = [line.strip() for line in _ANSI.sub("", str(err)).splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
     line = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
