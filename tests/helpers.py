@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import socket
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -94,3 +95,33 @@ def processes_of(temp_dir: str, env_key: Optional[str] = None) -> list[Any]:
             found.update({c.pid: c for c in root.children(recursive=True)})
     found.pop(me, None)
     return list(found.values())
+
+
+class ThreadMean:
+    """The replicas' all-reduce hook for replicas running in threads of this process: every
+    rank's tensors replaced by their mean over the ranks (what `Collective` does across actors)."""
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list[list] = [[] for _ in range(world)]
+        self.means: list = []
+
+    def hook(self, rank: int):
+        def start(tensors: list) -> "ThreadMean":
+            self.slots[rank] = tensors
+            if self.barrier.wait() == 0:
+                import torch  # helpers stays importable without torch for the tests that need none
+
+                self.means = [None if t is None else torch.stack([s[i] for s in self.slots]).mean(dim=0)
+                              for i, t in enumerate(tensors)]
+            self.barrier.wait()
+            for t, mean in zip(tensors, self.means):
+                if t is not None:
+                    t.copy_(mean)
+            self.barrier.wait()
+            return self
+        return start
+
+    def wait(self) -> None:
+        return None

@@ -18,7 +18,7 @@ from ganray.orchestrator.job.config import config_from_dict
 from ganray.orchestrator.job.engine import LocalEngine
 from ganray.orchestrator.job.learner_keys import for_learner
 from ganray.workers.stepper import build_replica
-from helpers import run_cli, small_config, small_tree
+from helpers import run_cli, small_config, small_tree, ThreadMean
 
 
 def _config(**sections):
@@ -138,40 +138,13 @@ def test_one_replica_reproduces_local(ray_session) -> None:
     assert np.ptp(expected.metrics["loss/D"]) > 1e-4
 
 
-class _ThreadMean:
-    """The replicas' averaging hook for replicas in threads of this process (`Collective`'s
-    all-reduce mean across actors)."""
-
-    def __init__(self, world: int) -> None:
-        self.barrier = threading.Barrier(world, timeout=60)
-        self.slots: list[list] = [[] for _ in range(world)]
-        self.means: list = []
-
-    def hook(self, rank: int):
-        def start(tensors: list) -> "_ThreadMean":
-            self.slots[rank] = tensors
-            if self.barrier.wait() == 0:
-                self.means = [None if t is None else torch.stack([s[i] for s in self.slots]).mean(dim=0)
-                              for i, t in enumerate(tensors)]
-            self.barrier.wait()
-            for t, mean in zip(tensors, self.means):
-                if t is not None:
-                    t.copy_(mean)
-            self.barrier.wait()
-            return self
-        return start
-
-    def wait(self) -> None:
-        return None
-
-
 def test_two_replicas_search_their_halves_and_share_one_buffer() -> None:
     """Every draw is made for the global batch and sliced, and the negatives are gathered
     before they go back: two replicas hold the buffer one replica would."""
     cfg = _config().model_dump()
     single = build_replica(cfg)
     expected = single.run_rounds(15)
-    reduce = _ThreadMean(2)
+    reduce = ThreadMean(2)
     replicas = [build_replica(cfg, rank, 2, reduce.hook(rank)) for rank in range(2)]
     results: list = [None, None]
 

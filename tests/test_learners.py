@@ -16,7 +16,7 @@ from ganray.orchestrator.job.config import config_from_dict
 from ganray.orchestrator.job.learner_keys import for_learner
 from ganray.orchestrator.job.engine import LocalEngine
 from ganray.workers.stepper import build_replica
-from helpers import run_cli, small_config, small_tree
+from helpers import run_cli, small_config, small_tree, ThreadMean
 
 
 def _config(learner: str, **sections):
@@ -128,41 +128,13 @@ def test_ae_one_replica_reproduces_local(ray_session) -> None:
     assert np.ptp(expected.metrics["loss/reconstruction"]) > 1e-3
 
 
-class _ThreadMean:
-    """The replicas' all-reduce hook for replicas running in threads of this process: every
-    rank's tensors replaced by their mean over the ranks (what `Collective` does across actors)."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.barrier = threading.Barrier(world, timeout=60)
-        self.slots: list[list] = [[] for _ in range(world)]
-        self.means: list = []
-
-    def hook(self, rank: int):
-        def start(tensors: list) -> "_ThreadMean":
-            self.slots[rank] = tensors
-            if self.barrier.wait() == 0:
-                self.means = [None if t is None else torch.stack([s[i] for s in self.slots]).mean(dim=0)
-                              for i, t in enumerate(tensors)]
-            self.barrier.wait()
-            for t, mean in zip(tensors, self.means):
-                if t is not None:
-                    t.copy_(mean)
-            self.barrier.wait()
-            return self
-        return start
-
-    def wait(self) -> None:
-        return None
-
-
 @pytest.mark.parametrize("learner", ["ae", "vae"])
 def test_two_replicas_average_into_the_global_batch(learner: str) -> None:
     """Two replicas (threads here; actors in a job) read half a batch each and average their
     gradients, and the AE its batch code moments, through the hook: they step like one replica."""
     cfg = _config(learner).model_dump()
     expected = build_replica(cfg).run_rounds(30)
-    reduce = _ThreadMean(2)
+    reduce = ThreadMean(2)
     replicas = [build_replica(cfg, rank, 2, reduce.hook(rank)) for rank in range(2)]
     results: list = [None, None]
 
