@@ -96,7 +96,7 @@ class RayEngine:
 
     def _bundles(self) -> list[int]:
         """The placement bundle of each current worker, in `actors` order."""
-        return list(getattr(self._job, "bundles", range(len(self.layout.workers))))
+        return list(self._job.bundles)
 
     @property
     def worker_count(self) -> int:
@@ -122,15 +122,17 @@ class RayEngine:
         old = self._job
         before = len(old.actors)
         lost = lost_workers(old.actors, min(10.0, self.config.resources.step_timeout_s))
+        if not lost:
+            return None
         if role == DISCRIMINATOR:
-            if not lost or any(pos < old.m for pos in lost) or len(old.discs) - len(lost) < self.layout.min_elastic:
+            if any(pos < old.m for pos in lost) or len(old.discs) - len(lost) < self.layout.min_elastic:
                 return None
             old.drop_discriminators(sorted(lost))
             self._newcomers.discard()
             return Resize("shrink", before, len(old.actors), time.perf_counter() - t0, node_of(old.actors))
         kill([a for i, a in enumerate(old.actors) if i in lost])
         survivors = leave_groups({b: a for i, (b, a) in enumerate(zip(old.bundles, old.actors)) if i not in lost})
-        if not lost or len(survivors) < self.layout.min_elastic:
+        if len(survivors) < self.layout.min_elastic:
             return None
         self._newcomers.discard()
         self._job = None
@@ -163,8 +165,7 @@ class RayEngine:
         else:
             self._grow_replicas(joining)
         grown = Resize("grow", before, len(self._job.actors), time.perf_counter() - t0, node_of(self._job.actors))
-        log.warning("%s at round %d", grown.line(), self._job.progress.rounds if role == DISCRIMINATOR
-                    else get(self._job.actors[0].rounds_done.remote(), self._job.timeout_s, "the round"))
+        log.warning("%s", grown.line())  # the trainer's tag `ganray.fault.last_event` says at which kimg
         return grown
 
     def _grow_replicas(self, joining: dict[int, Any]) -> None:

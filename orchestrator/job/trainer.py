@@ -11,10 +11,9 @@ points an uninterrupted one would.
 At each point the loop asks its duties (`schedule.py`: evaluation, sample plots, checkpoints)
 whether they are due; each owns its interval and its "disabled" state; without tracking the
 logger is a `NullRunLogger`. Chunks (one engine call each) end at sync and `fault.snapshot_rounds`
-boundaries and within a quarter of `fault.grace_s`; chunking never changes results. Faults
-(`fault.py`): skipped non-finite rounds roll back to the last snapshot with lower learning rates;
-a lost worker is recreated (or, elastic, the job shrinks onto the survivors and grows back between
-chunks) and restored from it; SIGTERM finishes the chunk, checkpoints and exits within `fault.grace_s`.
+boundaries and within a quarter of `fault.grace_s`; chunking never changes results. Faults (`fault.py`):
+non-finite rounds roll back to the last snapshot with lower learning rates; a lost worker is recreated
+(elastic: the job shrinks onto the survivors, grows back) and restored from it; SIGTERM checkpoints.
 """
 
 from __future__ import annotations
@@ -304,8 +303,7 @@ class Trainer:
         st, stop = self._st, self._stop_images
         grown = engine.grow()  # a round boundary: workers whose capacity came back join here
         if grown is not None and self.faults is not None:
-            self.faults.resizes += 1
-            self._fault_event(grown.line(), st.images_seen)
+            self._fault_event(grown.line(), st.images_seen, resized=True)
         rounds_left = math.ceil((stop - st.images_seen) / self._ipr)
         n = plan_chunk(st.rounds, self._sync_rounds, self.keeper.every, rounds_left, self._clock.cap())
         t0 = time.perf_counter()
@@ -350,16 +348,16 @@ class Trainer:
         """The snapshot is gone: fall back to the run's latest complete checkpoint in MLflow."""
         found = self.checkpoints.latest()
         if found is None:
-            raise FaultError(f"{lost} and the run has no complete checkpoint to fall back to; "
-                             "start the job again") from None
+            raise FaultError(f"{lost} and the run has no complete checkpoint to fall back to; start the job again") from None
         engine.load_state(found[0], keep_hyper=True)
         res = engine.run(0)
         self.keeper.take(engine, res.round_index, res.images_seen)
         log.warning("%s: restored the checkpoint at %.1f kimg instead", lost, res.images_seen / 1000)
         return res.round_index, res.images_seen
 
-    def _fault_event(self, kind: str, step: int) -> None:
+    def _fault_event(self, kind: str, step: int, resized: bool = False) -> None:
         assert self.faults is not None
+        self.faults.resizes += int(resized)
         self.logger.log_metrics(self.faults.metrics(), step=step)
         self.logger.set_tags({"ganray.fault.last_event": f"{kind} at {step / 1000:.1f} kimg",
                               "ganray.fault.rollbacks": str(self.faults.rollbacks),
