@@ -248,7 +248,8 @@ class RayEngine:
         if self._placement is not None:
             self._placement.release()  # a Tune trial's own group is kept (release skips groups we do not own)
         self._placement = None
-        self._placement = Placement(self.layout, wait_s, fixed_capacity=self._ray.fixed)
+        self._placement = Placement(self.layout, wait_s, fixed_capacity=self._ray.fixed,
+                                    timeout_key="fault.capacity_wait_s")
         self._job = self._job_cls(self._cfg, self.layout, self._placement, res.step_timeout_s,
                                   max(res.step_timeout_s, res.placement_timeout_s, wait_s))
         self.restarts += 1

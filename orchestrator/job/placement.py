@@ -151,7 +151,8 @@ class Placement:
     once: waiting `timeout_s` cannot help there. On a cluster, capacity may arrive (an
     autoscaler, a replacement node), so it waits, then explains."""
 
-    def __init__(self, layout: Layout, timeout_s: float, fixed_capacity: bool = False) -> None:
+    def __init__(self, layout: Layout, timeout_s: float, fixed_capacity: bool = False,
+                 timeout_key: str = "resources.placement_timeout_s") -> None:
         self.layout = layout
         self.specs = layout.workers
         self.group: Optional[PlacementGroup] = None
@@ -168,7 +169,7 @@ class Placement:
         group = placement_group(bundles, strategy=layout.strategy, name="")
         if not group.wait(timeout_seconds=timeout_s):
             remove_placement_group(group)
-            raise PlacementError(self._failure(bundles, timeout_s))
+            raise PlacementError(self._failure(bundles, timeout_s, timeout_key))
         self.group, self.owned = group, True
 
     def _asked(self, bundles: list[dict[str, float]]) -> str:
@@ -201,8 +202,8 @@ class Placement:
                                  f"({_describe(have)}, {nodes} node{'s' if nodes != 1 else ''}): "
                                  f"{self._asked(bundles)}; {'; '.join(fixes)}")
 
-    def _failure(self, bundles: list[dict[str, float]], timeout_s: float) -> str:
-        return (f"cannot place the job's workers within resources.placement_timeout_s={timeout_s:g} s: "
+    def _failure(self, bundles: list[dict[str, float]], timeout_s: float, timeout_key: str) -> str:
+        return (f"cannot place the job's workers within {timeout_key}={timeout_s:g} s: "
                 f"{self._asked(bundles)}; the cluster has {_describe(ray.cluster_resources())} "
                 f"({_describe(ray.available_resources())} available); lower resources.cpus_per_worker/"
                 "gpus_per_worker or the worker count, or add nodes")

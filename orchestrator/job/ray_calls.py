@@ -32,6 +32,35 @@ def get(refs: Any, timeout_s: float, what: str, limit: str = "resources.step_tim
         raise
 
 
+# Calls of chunks cut short by a lost worker, kept until they end and read then: Ray prints an
+# "Unhandled error" with a traceback for every failed result dropped unread.
+_given_up: list[Any] = []
+
+
+def get_chunk(refs: list[Any], timeout_s: float, what: str) -> list[Any]:
+    """`get` for a chunk's calls; when one fails, the others are kept and read as they end (at a
+    later chunk), so the console shows ganray's one line about the loss, not Ray's tracebacks."""
+    _given_up[:] = _settle(_given_up)
+    try:
+        return get(refs, timeout_s, what)
+    except BaseException:
+        _given_up.extend(refs)
+        raise
+
+
+def _settle(refs: list[Any]) -> list[Any]:
+    """Read the calls of `refs` that have ended (their errors are known); return the others."""
+    if not refs:
+        return []
+    ready, running = ray.wait(refs, num_returns=len(refs), timeout=0)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the loss that failed them is handled already
+            pass
+    return running
+
+
 def lost_workers(actors: list[Any], timeout_s: float) -> dict[int, str]:
     """Which of `actors` are dead or do not answer a probe within `timeout_s`: {index: why}.
 

@@ -14,7 +14,7 @@ import ray
 from ganray.orchestrator.job.engine import ChunkResult
 from ganray.orchestrator.job.layout import REPLICA, Layout
 from ganray.orchestrator.job.placement import Placement
-from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, kill, mean
+from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, get_chunk, kill, mean
 from ganray.workers.stats import merge_chunks, merge_replicas
 
 
@@ -60,8 +60,8 @@ class ReplicatedJob:
 
     def run(self, n_rounds: int, stop_at_images: Optional[int]) -> ChunkResult:
         t0 = time.perf_counter()
-        outs = get([w.run_rounds.remote(n_rounds, stop_at_images) for w in self.workers], self.timeout_s,
-                   f"a chunk of {n_rounds} rounds")
+        outs = get_chunk([w.run_rounds.remote(n_rounds, stop_at_images) for w in self.workers], self.timeout_s,
+                         f"a chunk of {n_rounds} rounds")
         wall = time.perf_counter() - t0
         first = outs[0]
         # Per round, the mean over replicas: with averaged gradients, the global-batch value.

@@ -24,7 +24,7 @@ from ganray.models.errors import CheckpointError
 from ganray.orchestrator.job.engine import ChunkResult
 from ganray.orchestrator.job.layout import DISCRIMINATOR, GENERATOR, Layout
 from ganray.orchestrator.job.placement import Placement
-from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, kill, mean
+from ganray.orchestrator.job.ray_calls import START_LIMIT, check_same, form_group, get, get_chunk, kill, mean
 from ganray.workers.phases import Progress, RoundTable, round_table
 from ganray.workers.settings import Hyper
 from ganray.workers.stats import SKIPPED, combine, merge_models, merge_replicas
@@ -164,7 +164,7 @@ class SplitJob:
                 ray.wait(rounds[q - INFLIGHT_ROUNDS][1], num_returns=self.m, timeout=self.timeout_s)
             rounds.append(self._submit_round())
         flat = [ref for d_refs, g_refs in rounds for ref in (*d_refs, *g_refs)]
-        values = get(flat, self.timeout_s, f"a chunk of {todo} rounds")
+        values = get_chunk(flat, self.timeout_s, f"a chunk of {todo} rounds")
         wall = time.perf_counter() - t0
         metrics: dict[str, list[float]] = {}
         g_busy = d_busy = comm = 0.0
