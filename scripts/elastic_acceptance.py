@@ -143,7 +143,7 @@ def run_scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         job = Job(job_config(tmp, kind, args.total_kimg), env, tmp)
         if kind == "split":
             job.wait_for("workers:", 300)
-            time.sleep(5)  # some rounds with both discriminators first
+            wait_for_first_metric_point(tmp / "mlflow.db", job, 600)  # so topology/workers reads 3 first
             victim = node_of_discriminator_1(job, cluster, env)
         else:
             deadline = time.monotonic() + 300
@@ -204,6 +204,23 @@ def run_scenario(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def wait_for_first_metric_point(store: Path, job: Job, timeout_s: float) -> None:
+    """Until the job has logged `topology/workers` once (read from its sqlite store directly:
+    the run id is printed only at the end)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and job.proc.poll() is None:
+        try:
+            with sqlite3.connect(store) as db:
+                if db.execute("select count(*) from metrics where key = 'topology/workers'").fetchone()[0]:
+                    return
+        except sqlite3.Error:  # the store is still being created
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"no metric point from the job within {timeout_s:g} s")
 
 
 def node_of_discriminator_1(job: Job, cluster: RayCluster, env: dict[str, str]) -> int:
