@@ -370,3 +370,30 @@ def test_startup_reports_the_cold_and_the_warm_run_apart(tmp_path: Path, monkeyp
     assert report.data["replicated"]["met_cold"] is False and report.data["replicated"]["met_warm"] is True
     assert [row[-1] for row in report.rows] == ["yes", "no (cold)"]
     assert report.header[1:3] == ["cold first run (s)", "warm second run (s)"]
+
+
+def test_collective_micro_benchmark_writes_every_repetition(tmp_path: Path) -> None:
+    """`python -m ganray.bench.micro_collective` with tiny settings, on a host without the control
+    plane: both parts run in two processes, the shared-memory contender really went through
+    shared memory, and the JSON keeps each repetition of both ranks beside the machine and load."""
+    done = _without_control_plane(tmp_path, "-m", "ganray.bench.micro_collective", "--out", "micro.json",
+                                  "--exchange-reps", "3", "--all-reduce-reps", "2", "--compute-ms", "0.5",
+                                  "--exchange-sizes", "64", "--buffers", "4096,mlp:G", timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    body = json.loads((tmp_path / "micro.json").read_text())
+    assert {"cpu", "cores", "torch"} <= set(body["machine"])
+    assert len(body["loadavg_before"]) == len(body["loadavg_after"]) == 3
+    assert body["settings"]["buffer_numel"] == {"4096": 4096, "mlp:G": 35_458}  # the MLP generator's gradient
+    assert body["paths"]["shared"].startswith("shared memory") and body["paths"]["gloo"].startswith("gloo")
+    assert body["matmuls"] >= 1 and len(body["ranks"]) == 2
+    for rank in body["ranks"]:
+        assert all(len(rank["exchange"][c]["64"]) == 3 for c in ("back_to_back", "after_sleep", "after_compute",
+                                                                   "recv_posted_before_compute",
+                                                                   "gloo_all_reduce_back_to_back"))
+        for mode in ("gloo", "shared"):
+            for spec in ("4096", "mlp:G"):
+                ops = [rank["all_reduce"][mode][spec][c] for c in ("back_to_back", "after_compute")]
+                assert all(len(o) == 2 and all(end >= start for start, end in o) for o in ops)
+    headline = body["summary"]["all_reduce"]["shared mlp:G after_compute"]["after_last_arrival_ms"]
+    assert headline["n"] == 2 and 0 <= headline["min"] <= headline["median"] <= headline["max"]
+    assert "all_reduce mlp:G after_compute: gloo / shared" in body["summary"]["ratios"]
