@@ -1,6 +1,10 @@
 """The built-in networks: an MLP pair for 2D (or any flat) data and a DCGAN pair for images.
 
 G maps z (N, z_dim) to samples (N, *sample_shape); D maps samples to logits (N,).
+With `num_classes` > 0 both are class-conditional (a conditional GAN, Mirza & Osindero 2014):
+G(z, y) reads a learned class embedding concatenated with z (the usual conditional input of an
+MLP or DCGAN generator), and D(x, y) is a projection discriminator (Miyato & Koyama 2018): its
+logit gains the inner product of a class embedding with D's last features.
 Both discriminators are free of BatchNorm on purpose: R1 and the WGAN gradient penalty
 differentiate `D(x).sum()` with respect to the batch, which equals the per-sample gradients only
 when no sample's logit depends on another sample's input. BatchNorm in D would mix them (and
@@ -10,7 +14,7 @@ would also make replicated workers disagree with one local process).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +32,47 @@ def _spectralize(root: nn.Module) -> None:
     for module in list(root.modules()):
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             _spectral_norm(module)
+
+
+class ClassInput(nn.Module):
+    """The conditional generator's input: z concatenated with a learned embedding of class y.
+
+    Without classes (`y` None) row i takes class i mod num_classes, so code that samples a
+    generator with z alone (evaluation, retrain, Tune, sample grids) covers every class equally."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.embed = nn.Embedding(self.num_classes, dim)
+
+    def forward(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        if y is None:
+            y = torch.arange(z.shape[0], device=z.device) % self.num_classes
+        return torch.cat([z, self.embed(y.to(torch.long)).to(z.dtype)], dim=1)
+
+
+class Projection(nn.Module):
+    """The class term of a projection discriminator: <embed(y), features>, one value per row.
+
+    A packed D (PacGAN) judges `pack` rows from one feature vector: their embeddings are summed,
+    so the term still reads every member's class."""
+
+    def __init__(self, num_classes: int, dim: int, pack: int = 1) -> None:
+        super().__init__()
+        self.num_classes, self.pack = int(num_classes), int(pack)
+        self.embed = nn.Embedding(self.num_classes, dim)
+        nn.init.xavier_uniform_(self.embed.weight)  # SNGAN's projection initialisation
+
+    def forward(self, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        e = self.embed(y.to(torch.long)).to(features.dtype)
+        if self.pack > 1:
+            e = e.reshape(-1, self.pack, e.shape[-1]).sum(dim=1)
+        return (e * features).sum(dim=1)
+
+
+def _need_classes(module: nn.Module, y: Optional[torch.Tensor]) -> None:
+    if y is None:
+        raise ValueError(f"{type(module).__name__} is class-conditional: call it with the classes y")
 
 
 def _as_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
@@ -52,14 +97,17 @@ class MLPGenerator(nn.Module):
     """
 
     def __init__(self, z_dim: int, hidden: int, depth: int, sample_shape: Sequence[int] = (2,),
-                 batchnorm: bool = False, skip: bool = False) -> None:
+                 batchnorm: bool = False, skip: bool = False, num_classes: int = 0) -> None:
         super().__init__()
         if z_dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"z_dim, hidden and depth must be >= 1 (got {z_dim}, {hidden}, {depth})")
         self.z_dim = int(z_dim)
         self.sample_shape = _as_shape(sample_shape)
+        self.num_classes = int(num_classes)
         layers: list[nn.Module] = []
-        width_in = self.z_dim
+        # A conditional G reads [z, embed(y)]: the embedding as wide as z.
+        width_in = self.z_dim * (2 if self.num_classes else 1)
+        input_width = width_in
         for _ in range(depth):
             # A Linear followed by BatchNorm needs no bias: BN's shift replaces it.
             layers.append(nn.Linear(width_in, hidden, bias=not batchnorm))
@@ -69,12 +117,15 @@ class MLPGenerator(nn.Module):
             width_in = hidden
         layers.append(nn.Linear(width_in, math.prod(self.sample_shape)))
         self.net = nn.Sequential(*layers)
-        self.skip = nn.Linear(self.z_dim, math.prod(self.sample_shape)) if skip else None
+        self.skip = nn.Linear(input_width, math.prod(self.sample_shape)) if skip else None
+        # Built last, so an unconditional G draws its initial weights exactly as before.
+        self.classes = ClassInput(self.num_classes, self.z_dim) if self.num_classes else None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.net(z)
+    def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.classes(z, y) if self.classes is not None else z
+        out = self.net(h)
         if self.skip is not None:
-            out = out + self.skip(z)
+            out = out + self.skip(h)
         return out.view(z.shape[0], *self.sample_shape)
 
 
@@ -90,7 +141,7 @@ class MLPDiscriminator(nn.Module):
     """
 
     def __init__(self, hidden: int, depth: int, sample_shape: Sequence[int] = (2,),
-                 spectral_norm: bool = False, pack: int = 1) -> None:
+                 spectral_norm: bool = False, pack: int = 1, num_classes: int = 0) -> None:
         super().__init__()
         if hidden < 1 or depth < 1:
             raise ValueError(f"hidden and depth must be >= 1 (got {hidden}, {depth})")
@@ -107,15 +158,26 @@ class MLPDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         if spectral_norm:
             _spectralize(self.net)
+        self.num_classes = int(num_classes)
+        self.projection = Projection(self.num_classes, width_in, self.pack) if self.num_classes else None
+        if self.projection is not None and spectral_norm:
+            _spectral_norm(self.projection.embed)  # SNGAN normalises the projection's embedding too
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pack == 1:
+    def _logits(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.projection is None:
             return self.net(x).view(-1)
+        _need_classes(self, y)
+        features = self.net[:-1](x)
+        return self.net[-1](features).view(-1) + self.projection(features, y)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pack == 1:
+            return self._logits(x, y)
         n = x.shape[0]
         if n % self.pack:
             raise ValueError(f"a packed discriminator (pack={self.pack}) needs a batch that is a "
                              f"multiple of {self.pack}, got {n} samples")
-        logits = self.net(x.reshape(n // self.pack, -1)).view(-1)
+        logits = self._logits(x.reshape(n // self.pack, -1), y)
         return logits.repeat_interleave(self.pack)
 
 
@@ -149,13 +211,15 @@ class DCGANGenerator(nn.Module):
     """
 
     def __init__(self, z_dim: int, resolution: int, channels: int, base_width: int,
-                 batchnorm: bool = True, spectral_norm: bool = False) -> None:
+                 batchnorm: bool = True, spectral_norm: bool = False, num_classes: int = 0) -> None:
         super().__init__()
         if z_dim < 1:
             raise ValueError(f"z_dim must be >= 1, got {z_dim}")
         stages = _check_image_args(resolution, channels, base_width)
         self.z_dim = int(z_dim)
         self.sample_shape = (int(channels), int(resolution), int(resolution))
+        self.num_classes = int(num_classes)
+        input_width = self.z_dim * (2 if self.num_classes else 1)  # [z, embed(y)] when conditional
 
         def block(conv: nn.Module, width: int) -> list[nn.Module]:
             # A conv followed by BatchNorm needs no bias: BN's shift replaces it.
@@ -163,7 +227,7 @@ class DCGANGenerator(nn.Module):
             return [conv, *norm, nn.ReLU(inplace=True)]
 
         width = base_width * 2 ** (stages - 1)
-        layers = block(nn.ConvTranspose2d(self.z_dim, width, 4, 1, 0, bias=not batchnorm), width)
+        layers = block(nn.ConvTranspose2d(input_width, width, 4, 1, 0, bias=not batchnorm), width)
         for _ in range(stages - 1):
             layers += block(nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=not batchnorm), width // 2)
             width //= 2
@@ -172,9 +236,12 @@ class DCGANGenerator(nn.Module):
         self.apply(_dcgan_init)
         if spectral_norm:
             _spectralize(self)
+        # Built last (its N(0, 1) embedding like z), so an unconditional G's init is unchanged.
+        self.classes = ClassInput(self.num_classes, self.z_dim) if self.num_classes else None
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.net(z.reshape(z.shape[0], self.z_dim, 1, 1))
+    def forward(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self.classes(z, y) if self.classes is not None else z
+        h = self.net(h.reshape(z.shape[0], h.shape[1], 1, 1))
         return torch.tanh(self.to_image(h))
 
 
@@ -184,7 +251,8 @@ class DCGANDiscriminator(nn.Module):
     No BatchNorm (see the module docstring): R1 and the gradient penalty need per-sample gradients.
     """
 
-    def __init__(self, resolution: int, channels: int, base_width: int, spectral_norm: bool = False) -> None:
+    def __init__(self, resolution: int, channels: int, base_width: int, spectral_norm: bool = False,
+                 num_classes: int = 0) -> None:
         super().__init__()
         stages = _check_image_args(resolution, channels, base_width)
         self.sample_shape = (int(channels), int(resolution), int(resolution))
@@ -198,6 +266,17 @@ class DCGANDiscriminator(nn.Module):
         self.apply(_dcgan_init)
         if spectral_norm:
             _spectralize(self.net)
+        # The projection reads the features the last layer reads: the whole 4x4 map, flattened
+        # (the final 4x4 conv is a linear map of it, SNGAN's psi). A shallow D's pooled map loses
+        # where the strokes are, which is what tells a 3 from a 5 or an 8 at 8x8.
+        self.num_classes = int(num_classes)
+        self.projection = Projection(self.num_classes, width_in * 16) if self.num_classes else None
+        if self.projection is not None and spectral_norm:
+            _spectral_norm(self.projection.embed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).view(-1)
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.projection is None:
+            return self.net(x).view(-1)
+        _need_classes(self, y)
+        features = self.net[:-1](x)
+        return self.net[-1](features).view(-1) + self.projection(features.flatten(1), y)

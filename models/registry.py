@@ -28,7 +28,7 @@ Builder = Callable[[Mapping[str, Any], tuple[int, ...]], nn.Module]
 _DEFAULTS: dict[str, Any] = {
     "generator": "mlp", "discriminator": "mlp", "z_dim": 16, "hidden": 256, "depth": 3,
     "base_width": 64, "spectral_norm": False, "batchnorm": True, "mlp_batchnorm": False, "mlp_skip": False, "pack": 1,
-    "kwargs": {}, "learner": "gan", "ae_noise": 0.0,
+    "kwargs": {}, "learner": "gan", "ae_noise": 0.0, "conditional": False, "num_classes": None,
 }
 
 _GENERATORS: dict[str, Builder] = {}
@@ -65,25 +65,45 @@ def _image_shape(key: str, sample_shape: tuple[int, ...]) -> tuple[int, int]:
     return sample_shape[0], sample_shape[1]
 
 
+def num_classes_of(model_cfg: Mapping[str, Any]) -> int:
+    """The classes of a conditional model (`model.conditional`), 0 for an unconditional one."""
+    cfg = {**_DEFAULTS, **model_cfg}
+    if not cfg["conditional"]:
+        return 0
+    if not cfg["num_classes"]:
+        raise ConfigError("model.conditional: true needs model.num_classes "
+                          "(the number of classes in the data's labels)")
+    return int(cfg["num_classes"])
+
+
 def _mlp_generator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
     return MLPGenerator(cfg["z_dim"], cfg["hidden"], cfg["depth"], sample_shape,
-                        batchnorm=bool(cfg["mlp_batchnorm"]), skip=bool(cfg["mlp_skip"]))
+                        batchnorm=bool(cfg["mlp_batchnorm"]), skip=bool(cfg["mlp_skip"]),
+                        num_classes=num_classes_of(cfg))
 
 
 def _mlp_discriminator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
     return MLPDiscriminator(cfg["hidden"], cfg["depth"], sample_shape, spectral_norm=cfg["spectral_norm"],
-                            pack=int(cfg["pack"]))
+                            pack=int(cfg["pack"]), num_classes=num_classes_of(cfg))
 
 
 def _dcgan_generator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
     channels, resolution = _image_shape("model.generator", sample_shape)
     return DCGANGenerator(cfg["z_dim"], resolution, channels, cfg["base_width"],
-                          batchnorm=cfg["batchnorm"], spectral_norm=cfg["spectral_norm"])
+                          batchnorm=cfg["batchnorm"], spectral_norm=cfg["spectral_norm"],
+                          num_classes=num_classes_of(cfg))
 
 
 def _dcgan_discriminator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
     channels, resolution = _image_shape("model.discriminator", sample_shape)
-    return DCGANDiscriminator(resolution, channels, cfg["base_width"], spectral_norm=cfg["spectral_norm"])
+    return DCGANDiscriminator(resolution, channels, cfg["base_width"], spectral_norm=cfg["spectral_norm"],
+                              num_classes=num_classes_of(cfg))
+
+
+def _refuse_conditional_import(key: str, name: str, cfg: Mapping[str, Any]) -> None:
+    if cfg["conditional"]:
+        raise ConfigError(f"model.conditional: true needs the built-in networks (mlp, dcgan) for {key}; "
+                          f"'{name}' is an import path: use mlp or dcgan, or set model.conditional: false")
 
 
 register_generator("mlp", _mlp_generator)
@@ -165,6 +185,7 @@ def build_generator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, ...])
     if name in _GENERATORS:
         G = _GENERATORS[name](cfg, shape)
     elif ":" in name:
+        _refuse_conditional_import(key, name, cfg)
         G = _construct(key, name, {"sample_shape": shape, "z_dim": z_dim}, cfg["kwargs"])
     else:
         raise ConfigError(f"unknown {key} '{name}': use one of {', '.join(sorted(_GENERATORS))} "
@@ -176,6 +197,7 @@ def build_generator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, ...])
         raise ConfigError(f"{key} '{name}' has sample_shape {tuple(G.sample_shape)} but the data's is {shape}")
     G.z_dim, G.sample_shape = z_dim, shape
     G.latent = str(cfg.get("latent") or "normal")  # every z drawn for G comes from this (models/latent.py)
+    G.num_classes = num_classes_of(cfg)  # 0: G(z); otherwise G(z, y) with y in 0..num_classes-1
     if name not in _GENERATORS:
         _probe(key, name, G, torch.zeros(2, z_dim), (2, *shape))
     return G
@@ -190,6 +212,7 @@ def build_discriminator(model_cfg: Mapping[str, Any], sample_shape: tuple[int, .
     if name in _DISCRIMINATORS:
         return _DISCRIMINATORS[name](cfg, shape)
     if ":" in name:
+        _refuse_conditional_import(key, name, cfg)
         D = _construct(key, name, {"sample_shape": shape}, cfg["kwargs"])
         _probe(key, name, D, torch.zeros(2, *shape), (2,))
         return D

@@ -95,17 +95,21 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
            n: int = typer.Option(64, "-n", min=1, help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy for raw samples, .png for a grid or scatter"),
            seed: int = typer.Option(0, "--seed"),
+           class_: Optional[str] = typer.Option(None, "--class", help=(
+               "conditional models: a class K (N samples of it) or 'all' (a grid with one row per class)")),
            tracking_uri: Optional[str] = UriOpt,
            trust_code: bool = TrustOpt) -> None:
     """Draw N samples from a run's (or a registered model's) EMA generator."""
     import numpy as np
 
     from ganray.orchestrator.job.evaluate import sample_generator
+    from ganray.orchestrator.tracking.samples import class_request
 
     if out.suffix not in (".npy", ".png"):
         raise GanrayError(f"--out {out}: use a .npy (raw samples) or .png (grid) path")
     G, cfg = _generator_from(run, model, tracking_uri, trust_code)
-    samples = sample_generator(G, n, seed)
+    classes, per_row = class_request(G, class_, n)
+    samples = sample_generator(G, n if classes is None else len(classes), seed, classes=classes)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part" + out.suffix)
     if out.suffix == ".npy":
@@ -117,7 +121,7 @@ def sample(run: Optional[str] = typer.Option(None, "--run", help="MLflow run id"
     else:
         from torchvision.utils import save_image
 
-        save_image(samples.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8)
+        save_image(samples.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=per_row)
     os.replace(tmp, out)  # never leave a half-written file under the asked name
     _emit("out", out)
     _emit("shape", "x".join(map(str, samples.shape)))

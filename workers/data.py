@@ -378,7 +378,7 @@ def load_dataset(data_cfg: dict, seed: int, split: str = "train") -> SampleSourc
         from ganray.workers.parquet_source import ParquetSource  # imports pyarrow only when used
 
         source = ParquetSource(_require_path(cfg, name), cfg.get("column"), cfg.get("resolution"),
-                               cfg.get("channels"), split, test_fraction)
+                               cfg.get("channels"), split, test_fraction, label_column=cfg.get("label_column"))
     elif name.startswith("torchvision:"):
         from ganray.workers.torchvision_source import TorchvisionSource  # imports torchvision only when used
 

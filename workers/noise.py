@@ -16,7 +16,8 @@ from ganray.models.latent import draw_latent
 # comes from REAL_NOISE_SLOT + k (real batch) and FAKE_NOISE_SLOT + k (fake batch), and for the
 # G step's fakes from G_NOISE_SLOT. The augmentation of D step k's reals draws its parameters
 # from AUGMENT_REAL_SLOT + k, of its fakes from AUGMENT_FAKE_SLOT + k, and of the G step's fakes
-# from AUGMENT_G_SLOT (workers/augment.py).
+# from AUGMENT_G_SLOT (workers/augment.py). A conditional GAN draws the classes of D step k's
+# fakes from LABEL_SLOT + k and of the G step's fakes from G_LABEL_SLOT, uniformly over classes.
 ALPHA_SLOT = 1_000
 G_SLOT = 2_000
 REAL_NOISE_SLOT = 3_000
@@ -25,6 +26,8 @@ G_NOISE_SLOT = 5_000
 AUGMENT_REAL_SLOT = 6_000
 AUGMENT_FAKE_SLOT = 7_000
 AUGMENT_G_SLOT = 8_000
+LABEL_SLOT = 9_000
+G_LABEL_SLOT = 10_000
 
 
 class NoiseStreams:
@@ -54,6 +57,11 @@ class NoiseStreams:
     def uniform(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> torch.Tensor:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
         return _slice(torch.rand((n,), generator=self._gen, device=self.device), part, parts)
+
+    def labels(self, round_idx: int, slot: int, n: int, num_classes: int, part: int, parts: int) -> torch.Tensor:
+        """Classes of the global batch of n fakes, uniform over 0..num_classes-1, sliced by rank."""
+        self._gen.manual_seed(self._seed_for(round_idx, slot))
+        return _slice(torch.randint(num_classes, (n,), generator=self._gen, device=self.device), part, parts)
 
     def uniform_rows(self, round_idx: int, slot: int, n: int, columns: int, part: int, parts: int) -> torch.Tensor:
         """(n, columns) uniforms in [0, 1) for the global batch of n rows, sliced by rank."""

@@ -7,6 +7,9 @@ when `data.resolution` is absent). A global index maps to (row group, row) throu
 metadata; decoded row groups sit in a small LRU cache. `row_groups` lists (start, length) per row
 group in this split's index space, so a coordinator can shard by row group.
 
+`data.label_column` (optional) names an integer column of class labels, read once for the split
+(one int64 per row) for conditional training; the images themselves stay on disk until `get`.
+
 The test split holds out every k-th row of each row group (k = round(1 / data.test_fraction),
 at least 2): deterministic, spread evenly over the files, and computable in closed form.
 
@@ -133,7 +136,8 @@ class ParquetSource(SampleSource):
     """Rows of one column of a Parquet dataset, read and decoded by row group on demand."""
 
     def __init__(self, path: str, column: str | None, resolution: int | None, channels: int | None,
-                 split: str, test_fraction: float, cache_groups: int = DEFAULT_CACHE_GROUPS) -> None:
+                 split: str, test_fraction: float, cache_groups: int = DEFAULT_CACHE_GROUPS,
+                 label_column: str | None = None) -> None:
         self.name = "parquet"
         self._path = path
         fs, root = _open(path)
@@ -186,7 +190,10 @@ class ParquetSource(SampleSource):
         self.files: list[str] = sorted({f.path for f, _, _ in self._groups})
         stats = [(i.path, i.size, i.mtime_ns) for i in fs.get_file_info(self.files)]
         self.fingerprint = content_digest("parquet", split, self._k, self._column, self.sample_shape,
-                                          getattr(self, "_mode", None), stats)
+                                          getattr(self, "_mode", None), stats,
+                                          *([label_column] if label_column else []))
+        if label_column:
+            self.labels = self._read_labels(dataset.schema, label_column)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._cache_groups = max(1, int(cache_groups))
 
@@ -211,6 +218,28 @@ class ParquetSource(SampleSource):
             raise DataError(f"data.column '{self._column}' has null rows in '{fragment.path}' row group {rg_id}; "
                             "drop them from the dataset")
         return array
+
+    def _read_labels(self, schema: pa.Schema, column: str) -> np.ndarray:
+        """This split's int64 labels from `column`, in index order (every row group, its split's rows)."""
+        if column not in schema.names:
+            raise DataError(f"data.label_column '{column}' is not in '{self._path}' (found {', '.join(schema.names)}); "
+                            "set it to the column of integer class labels")
+        if not pa.types.is_integer(schema.field(column).type):
+            raise DataError(f"data.label_column '{column}' in '{self._path}' has type {schema.field(column).type}; "
+                            "it must hold integer class labels 0..model.num_classes-1")
+        parts = []
+        for (fragment, rg_id, _), (_, count) in zip(self._groups, self.row_groups):
+            try:
+                table = fragment.subset(row_group_ids=[rg_id]).to_table(columns=[column])
+                array = table.column(column).combine_chunks()
+            except (ValueError, OSError, KeyError, pa.ArrowException) as exc:
+                raise DataError(f"cannot read data.label_column '{column}' from '{fragment.path}' row group {rg_id} "
+                                f"({_first_line(exc)}); every file must have the same schema") from None
+            if array.null_count:
+                raise DataError(f"data.label_column '{column}' has null rows in '{fragment.path}' row group {rg_id}; "
+                                "drop them or give them a class")
+            parts.append(array.take(pa.array(self._rows(count))).to_numpy(zero_copy_only=False).astype(np.int64))
+        return np.concatenate(parts)
 
     def _rows(self, count: int) -> np.ndarray:
         """Rows within a row group of split-local positions 0..count-1 (every k-th row is test)."""

@@ -135,11 +135,16 @@ class RealBatches:
     On a GPU an in-memory dataset (up to DEVICE_DATA_MAX_BYTES) is copied to the device once, and
     so is each epoch's permutation: a step then slices on the device. Copying pageable host rows
     or indices every step would stall the launch queue of a launch-bound GPU round.
+
+    With `labels` (a conditional GAN: int64, one per row of the source), `next_labelled` returns
+    each row's class beside it: the same indices, so labels travel with their rows.
     """
 
-    def __init__(self, source: Any, device: torch.device) -> None:
+    def __init__(self, source: Any, device: torch.device, labels: Optional[np.ndarray] = None) -> None:
         self.source = source
         self.device = device
+        self.labels: Optional[torch.Tensor] = (
+            None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device))
         data = getattr(source, "data", None)
         fits = isinstance(data, torch.Tensor) and data.numel() * data.element_size() <= DEVICE_DATA_MAX_BYTES
         self.device_data: Optional[torch.Tensor] = (
@@ -148,11 +153,21 @@ class RealBatches:
 
     def next(self, sampler: ShardSampler) -> torch.Tensor:
         """The rows `sampler.next_indices()` names, on the device (the sampler moves on)."""
+        return self.next_labelled(sampler)[0]
+
+    def next_labelled(self, sampler: ShardSampler) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(rows, their labels or None without `labels`) for the sampler's next indices."""
         if self.device_data is None:
-            return self.source.get(sampler.next_indices()).to(self.device, non_blocking=True)
+            idx = sampler.next_indices()
+            rows = self.source.get(idx).to(self.device, non_blocking=True)
+            if self.labels is None:
+                return rows, None
+            return rows, self.labels.index_select(0, torch.from_numpy(idx).to(self.device))
         perm, start, stop = sampler.next_span()
         host_perm, device_perm = self._perm
         if host_perm is not perm:  # a new epoch (or a new shard's sampler)
             device_perm = torch.from_numpy(perm).to(self.device)
             self._perm = (perm, device_perm)
-        return self.device_data.index_select(0, device_perm[start:stop])
+        idx_t = device_perm[start:stop]
+        rows = self.device_data.index_select(0, idx_t)
+        return rows, None if self.labels is None else self.labels.index_select(0, idx_t)

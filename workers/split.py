@@ -17,7 +17,9 @@ Data and noise follow the `local` conventions exactly (sampler rank i of K, nois
 for the global batch and sliced), so 1 G + 1 D with mean feedback reproduces `local`. With the
 relativistic loss, D worker i pairs the G phase's B fakes with the B/K reals of its own last D
 phase (fake j with real j mod B/K): for K = 1 that is `local`'s pairing, for K > 1 a variant in
-which every critic judges the fakes against its own data.
+which every critic judges the fakes against its own data. A conditional GAN's fake classes are
+drawn from the noise streams on both sides (G for its rows, each D for the rows it scores), so
+only images travel; the real classes come with each D's real rows.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import torch
 from torch import nn
 
 from ganray.workers.collective import Collective
+from ganray.workers.conditional import class_labels
 from ganray.workers.data import load_dataset
 from ganray.workers.augment import DRAWS
-from ganray.workers.noise import (ALPHA_SLOT, AUGMENT_FAKE_SLOT, AUGMENT_G_SLOT, AUGMENT_REAL_SLOT, G_NOISE_SLOT,
-                                  G_SLOT, NoiseStreams)
+from ganray.workers.noise import (ALPHA_SLOT, AUGMENT_FAKE_SLOT, AUGMENT_G_SLOT, AUGMENT_REAL_SLOT, G_LABEL_SLOT,
+                                  G_NOISE_SLOT, G_SLOT, LABEL_SLOT, NoiseStreams)
 from ganray.workers.phases import Progress, table_of
 from ganray.workers.settings import StepSettings
 from ganray.workers.sharding import RealBatches, ShardSampler
@@ -145,12 +148,20 @@ class GeneratorWorker(WorkerBase):
         self.gen.apply_hyper(self.progress.kimg)
 
     # -- the round ---------------------------------------------------------------------------
+    def _labels(self, round_idx: int, slot: int) -> Optional[torch.Tensor]:
+        """Part j of the fake classes from stream `slot` (None for an unconditional GAN)."""
+        if not self.gen.num_classes:
+            return None
+        return self.noise.labels(round_idx, slot, self.settings.global_batch, self.gen.num_classes,
+                                 self.rank, self.world)
+
     def fakes(self, round_idx: int) -> torch.Tensor:
         """Part j of the fake batches of round `round_idx`'s D phases: (D phases, B/M, *shape)."""
         t0 = time.perf_counter()
         zshape = (self.settings.global_batch, self.gen.z_dim)
         out = torch.stack([self.gen.generate(self.noise.latent(self.gen.latent, round_idx, phase.step, zshape,
-                                                               self.rank, self.world))
+                                                               self.rank, self.world),
+                                             self._labels(round_idx, LABEL_SLOT + phase.step))
                            for phase in table_of(self.settings).d_steps])
         out = out.cpu() if out.device.type != "cpu" else out
         self.timer.compute += time.perf_counter() - t0
@@ -162,7 +173,7 @@ class GeneratorWorker(WorkerBase):
         self.gen.apply_hyper(self.progress.kimg)
         B = self.settings.global_batch
         z = self.noise.latent(self.gen.latent, round_idx, G_SLOT, (B, self.gen.z_dim), self.rank, self.world)
-        self._fake = self.gen.forward_with_graph(z)
+        self._fake = self.gen.forward_with_graph(z, self._labels(round_idx, G_LABEL_SLOT))
         out = self._fake.detach().cpu()
         self.timer.compute += time.perf_counter() - t0
         return out
@@ -244,7 +255,8 @@ class DiscriminatorWorker(WorkerBase):
         # seed_offset = index: D_0 starts exactly like local's D; the others are independent critics.
         self.disc = DiscriminatorRole(config, self.shape, self.settings, seed_offset=self.index, d_index=self.index)
         self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
-        self.batches = RealBatches(self.source, self.settings.device)
+        self.batches = RealBatches(self.source, self.settings.device, class_labels(config, self.source))
+        self.num_classes = self.disc.num_classes
         self.noise = NoiseStreams(seed, self.settings.device)
         self.progress = Progress()
         # Round index, instance-noise std and (noisy) reals of the last D phase: the feedback call
@@ -252,6 +264,7 @@ class DiscriminatorWorker(WorkerBase):
         # submission order).
         self._noise_round, self._noise_std = 0, 0.0
         self._last_real: Optional[torch.Tensor] = None
+        self._last_labels: Optional[torch.Tensor] = None  # their classes (conditional)
         self.timer = _Timed()
         return self.info()
 
@@ -271,14 +284,20 @@ class DiscriminatorWorker(WorkerBase):
             return self.index
         return (self.index + self.sampler.epoch // self.swap_every_epochs) % self.count
 
-    def _next_real(self) -> torch.Tensor:
+    def _next_real(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         shard = self._shard()
         if shard != self.sampler.rank:
             # The position is rank-independent, so a sampler for the new shard continues in place.
             moved = ShardSampler(len(self.source), self.settings.global_batch, self.settings.seed, shard, self.count)
             moved.load_state_dict(self.sampler.state_dict())
             self.sampler = moved
-        return self.batches.next(self.sampler)
+        return self.batches.next_labelled(self.sampler)
+
+    def _fake_labels(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> Optional[torch.Tensor]:
+        """The classes G drew for the fake rows this D scores (the same streams, sliced alike)."""
+        if not self.num_classes:
+            return None
+        return self.noise.labels(round_idx, slot, n, self.num_classes, part, parts)
 
     def _my_rows(self, first_part: int, parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
         """Slice i of K of the global batch from the overlapping generator parts (concatenated)."""
@@ -304,13 +323,17 @@ class DiscriminatorWorker(WorkerBase):
         stats = RoundStats()
         for phase in table.d_steps:
             k = phase.step
-            real, fake = self.noise.noisy_d_inputs(self._next_real(), fakes[k], std, round_idx, k, B, i, K)
+            real, labels = self._next_real()
+            real, fake = self.noise.noisy_d_inputs(real, fakes[k], std, round_idx, k, B, i, K)
+            fake_labels = self._fake_labels(round_idx, LABEL_SLOT + k, B, i, K)
             alpha = self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K) if s.loss_kind == "wgan-gp" else None
             # Augmentation parameters: this D's slice of the rows `local` draws (None when off).
             draws = [self.noise.uniform_rows(round_idx, slot + k, B, DRAWS, i, K) if phase.augment else None
                      for slot in (AUGMENT_REAL_SLOT, AUGMENT_FAKE_SLOT)]
             # The reals as D saw them (augmented): the G phase pairs with them.
-            self._last_real = self.disc.d_step(phase, real, fake, alpha, self.progress.d_steps, stats, *draws)
+            self._last_real = self.disc.d_step(phase, real, fake, alpha, self.progress.d_steps, stats, *draws,
+                                               labels, fake_labels)
+            self._last_labels = labels
             self.progress.d_steps += 1
         self.progress.end_round(table, B)
         record = _round_record(stats)
@@ -332,7 +355,8 @@ class DiscriminatorWorker(WorkerBase):
         whole = self.noise.add_noise(whole, self._noise_std, self._noise_round, G_NOISE_SLOT, whole.shape[0], 0, 1)
         draws = (self.noise.uniform_rows(self._noise_round, AUGMENT_G_SLOT, whole.shape[0], DRAWS, 0, 1)
                  if table_of(self.settings).g_step.augment else None)
-        loss, grad = self.disc.feedback(whole, self._last_real, draws)
+        fake_labels = self._fake_labels(self._noise_round, G_LABEL_SLOT, whole.shape[0], 0, 1)
+        loss, grad = self.disc.feedback(whole, self._last_real, draws, fake_labels, self._last_labels)
         grad = grad.cpu()
         sizes = [p.shape[0] for p in fake_parts]
         out = (loss.cpu(), *torch.split(grad, sizes, dim=0))
@@ -363,7 +387,7 @@ class DiscriminatorWorker(WorkerBase):
         self.sampler.load_state_dict(state["sampler"][self.name])
         self.disc.load_augment_state(state.get("augment", {}).get(self.name))
         self.progress.load(progress)
-        self._last_real = None
+        self._last_real = self._last_labels = None
         self.disc.opt.zero_grad(set_to_none=True)  # a round cut short by a lost peer leaves its gradients
         if keep_hyper:
             self.apply_hyper()

@@ -4,7 +4,8 @@
 `local` runs it in the driver process (world size 1), `replicated` inside each `ReplicaWorker`
 actor with a gradient all-reduce per phase, and the benchmark's in-process contender calls
 `build_replica` too. All randomness comes from per-round streams drawn for the global batch and
-sliced by rank (`noise.py`), so results do not depend on how many replicas drew them.
+sliced by rank (`noise.py`), so results do not depend on how many replicas drew them; a
+conditional GAN's fake classes too, while the real rows' classes come with the rows.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 from torch import nn
 
+from ganray.workers.conditional import class_labels
 from ganray.workers.data import load_dataset
 from ganray.workers.augment import DRAWS
 from ganray.workers.noise import (ALPHA_SLOT, AUGMENT_FAKE_SLOT, AUGMENT_G_SLOT, AUGMENT_REAL_SLOT, FAKE_NOISE_SLOT,
-                                  G_NOISE_SLOT, G_SLOT, REAL_NOISE_SLOT, NoiseStreams)
+                                  G_LABEL_SLOT, G_NOISE_SLOT, G_SLOT, LABEL_SLOT, REAL_NOISE_SLOT, NoiseStreams)
 from ganray.workers.phase_loss import RealHalf
 from ganray.workers.phases import Phase, Progress, table_of
 from ganray.workers.settings import StepSettings
@@ -92,7 +94,7 @@ class ReplicaStepper:
         self.gen = GeneratorRole(config, shape, self.settings)
         self.disc = DiscriminatorRole(config, shape, self.settings)
         self.noise = NoiseStreams(self.settings.seed, self.settings.device)
-        self.batches = RealBatches(source, self.settings.device)
+        self.batches = RealBatches(source, self.settings.device, class_labels(config, source))
         self.progress = Progress()
         self.nonfinite_run = 0   # consecutive rounds with a skipped step
         self.time_comm = 0.0
@@ -155,11 +157,11 @@ class ReplicaStepper:
 
     def _real_half(self, phase: Phase, std: float) -> RealHalf:
         s = self.settings
-        real = self.batches.next(self.sampler)
+        real, labels = self.batches.next_labelled(self.sampler)
         real = self.noise.add_noise(real, std, self.progress.rounds, REAL_NOISE_SLOT + phase.step, s.global_batch,
                                     self.rank, self.world)
         draws = self._draws(phase, AUGMENT_REAL_SLOT + phase.step)
-        return self.disc.real_half(phase, real, self.progress.d_steps, draws)
+        return self.disc.real_half(phase, real, self.progress.d_steps, draws, labels)
 
     def _draws(self, phase: Phase, slot: int) -> Optional[torch.Tensor]:
         """This rank's rows of the augmentation parameters of `phase` from stream `slot`; None
@@ -169,17 +171,26 @@ class ReplicaStepper:
         return self.noise.uniform_rows(self.progress.rounds, slot, self.settings.global_batch, DRAWS,
                                        self.rank, self.world)
 
-    def _fake_for_d(self, phase: Phase, std: float) -> torch.Tensor:
+    def _fake_labels(self, slot: int) -> Optional[torch.Tensor]:
+        """This rank's fake classes from stream `slot` (None for an unconditional GAN)."""
+        if not self.gen.num_classes:
+            return None
+        return self.noise.labels(self.progress.rounds, slot, self.settings.global_batch, self.gen.num_classes,
+                                 self.rank, self.world)
+
+    def _fake_for_d(self, phase: Phase, std: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         s, r = self.settings, self.progress.rounds
         z = self.noise.latent(self.gen.latent, r, phase.step, (s.global_batch, self.gen.z_dim), self.rank, self.world)
-        return self.noise.add_noise(self.gen.generate(z), std, r, FAKE_NOISE_SLOT + phase.step, s.global_batch,
-                                    self.rank, self.world)
+        y = self._fake_labels(LABEL_SLOT + phase.step)
+        return self.noise.add_noise(self.gen.generate(z, y), std, r, FAKE_NOISE_SLOT + phase.step, s.global_batch,
+                                    self.rank, self.world), y
 
-    def _fake_for_g(self, std: float) -> torch.Tensor:
+    def _fake_for_g(self, std: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         s, r = self.settings, self.progress.rounds
         z = self.noise.latent(self.gen.latent, r, G_SLOT, (s.global_batch, self.gen.z_dim), self.rank, self.world)
-        return self.noise.add_noise(self.gen.forward_with_graph(z), std, r, G_NOISE_SLOT, s.global_batch,
-                                    self.rank, self.world)
+        y = self._fake_labels(G_LABEL_SLOT)
+        return self.noise.add_noise(self.gen.forward_with_graph(z, y), std, r, G_NOISE_SLOT, s.global_batch,
+                                    self.rank, self.world), y
 
     def _round(self, previous: Optional[_PendingGStep]) -> _PendingGStep:
         """One pass of the round table; the previous round's G step completes inside it, and this
@@ -195,19 +206,19 @@ class ReplicaStepper:
         half = self._real_half(d_phases[0], std)    # overlaps the previous round's G reduce
         self._finish_g_step(previous)                # G steps at the previous round's learning rate...
         self.gen.apply_hyper(kimg)                   # ...and only then takes this round's
-        fake = self._fake_for_d(d_phases[0], std)
+        fake, fake_y = self._fake_for_d(d_phases[0], std)
         for k, phase in enumerate(d_phases):
             alpha = self.noise.uniform(self.progress.rounds, ALPHA_SLOT + phase.step, B, r, w) \
                 if s.loss_kind == "wgan-gp" else None
             self.disc.backward(phase, half, fake, alpha, self.progress.d_steps, stats,
-                               self._draws(phase, AUGMENT_FAKE_SLOT + phase.step))
+                               self._draws(phase, AUGMENT_FAKE_SLOT + phase.step), fake_y)
             d_sync = self._start_sync(self.disc.params, self.disc.reduced_with_grads())
             # G's forward pass does not read D, so it runs while D's gradients travel.
             last = k + 1 == len(d_phases)
             if last:
-                fake_g = self._fake_for_g(std)
+                fake_g, g_y = self._fake_for_g(std)
             else:
-                fake = self._fake_for_d(d_phases[k + 1], std)
+                fake, fake_y = self._fake_for_d(d_phases[k + 1], std)
             self._wait(d_sync)
             self.disc.apply(stats)
             self.progress.d_steps += 1
@@ -215,7 +226,7 @@ class ReplicaStepper:
             if not last:
                 half = self._real_half(d_phases[k + 1], std)
         # The G phase: the fakes pair with the last D phase's reals, re-scored by the updated D.
-        loss_g = self.disc.g_loss(fake_g, half.real, self._draws(table.g_step, AUGMENT_G_SLOT))
+        loss_g = self.disc.g_loss(fake_g, half.real, self._draws(table.g_step, AUGMENT_G_SLOT), g_y, half.labels)
         loss_g.backward()
         stats.report(LOSS_G, loss_g)
         g_sync = self._start_sync(self.gen.params)

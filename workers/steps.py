@@ -1,7 +1,9 @@
 """The two networks' sides of a round: `GeneratorRole` (G, G_ema, opt_G) and `DiscriminatorRole`
 (D, opt_D). Plain torch, no Ray: a replica holds both (`stepper.py`), a split job one per actor
 (`split.py`). They run the phases of the round table (`phases.py`) with the loss terms of
-`phase_loss.py`; each optimizer step is skipped when its gradients are non-finite.
+`phase_loss.py`; each optimizer step is skipped when its gradients are non-finite. A conditional
+GAN's classes (`num_classes` > 0) go with every call of G and D: `y` for G's fakes, `labels` for
+the real rows and `fake_labels` for the fakes D scores.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from ganray.models.ema import ema_beta, update_ema
 from ganray.models.errors import CheckpointError
 from ganray.models.latent import latent_of
-from ganray.models.registry import build_discriminator, build_generator
+from ganray.models.registry import build_discriminator, build_generator, num_classes_of
 from ganray.workers import phase_loss
 from ganray.workers.augment import Augmenter, p_metric, refuse_unless_images
 from ganray.workers.phase_loss import RealHalf
@@ -75,18 +77,22 @@ class GeneratorRole:
         self.params = list(self.G.parameters())
         self.z_dim = int(self.G.z_dim)
         self.latent = latent_of(self.G)
+        self.num_classes = num_classes_of(config["model"])  # 0: unconditional
 
     def apply_hyper(self, kimg: float) -> None:
         h = self.settings.hyper
         set_lr(self.opt, h.g_lr * self.settings.lr_factor(kimg), h.betas)
 
-    def generate(self, z: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), phase_loss.autocast(self.settings.autocast_bf16):
-            return self.G(z).float()
+    def _run(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.G(z) if y is None else self.G(z, y)
 
-    def forward_with_graph(self, z: torch.Tensor) -> torch.Tensor:
+    def generate(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with torch.no_grad(), phase_loss.autocast(self.settings.autocast_bf16):
+            return self._run(z, y).float()
+
+    def forward_with_graph(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         with phase_loss.autocast(self.settings.autocast_bf16):
-            return self.G(z).float()
+            return self._run(z, y).float()
 
     def apply(self, stats: RoundStats) -> None:
         """Step on G's (already synchronised) gradients unless they are non-finite, and report
@@ -117,6 +123,7 @@ class DiscriminatorRole:
         # What D's inputs pass through when `augment.kind` is set, with its p (this D's state);
         # a split discriminator (`d_index`) reports its own p.
         self.augmenter = Augmenter(settings.augment, settings.device) if settings.augment.enabled else None
+        self.num_classes = num_classes_of(config["model"])  # 0: unconditional
         self.p_metric = p_metric(d_index)
 
     def apply_hyper(self, kimg: float) -> None:
@@ -131,22 +138,25 @@ class DiscriminatorRole:
         return self.augmenter(x, draws)
 
     def real_half(self, phase: Phase, real: torch.Tensor, d_step: int,
-                  draws: Optional[torch.Tensor] = None) -> RealHalf:
-        """D on the real rows (augmented with `draws`), and R1 when due. Only D and the data
-        enter here, so a replica runs it while G's gradients are still being all-reduced (see
-        `ReplicaStepper`). ADA's r_t reads the logits here."""
-        half = phase_loss.real_half(self.D, phase, self._augmented(real, draws), d_step, self.settings.autocast_bf16)
+                  draws: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> RealHalf:
+        """D on the real rows (augmented with `draws`; classes `labels`), and R1 when due. Only D
+        and the data enter here, so a replica runs it while G's gradients are still being
+        all-reduced (see `ReplicaStepper`). ADA's r_t reads the logits here."""
+        half = phase_loss.real_half(self.D, phase, self._augmented(real, draws), d_step, self.settings.autocast_bf16,
+                                    labels)
         if self.augmenter is not None:
             self.augmenter.observe_reals(half.logits)
         return half
 
     def backward(self, phase: Phase, half: RealHalf, fake: torch.Tensor, alpha: Optional[torch.Tensor],
-                 d_step: int, stats: RoundStats, draws: Optional[torch.Tensor] = None) -> None:
-        """D's loss on `half` and the fake rows (augmented with `draws`), backpropagated into
-        D's gradients (not applied)."""
+                 d_step: int, stats: RoundStats, draws: Optional[torch.Tensor] = None,
+                 fake_labels: Optional[torch.Tensor] = None) -> None:
+        """D's loss on `half` and the fake rows (augmented with `draws`; classes `fake_labels`),
+        backpropagated into D's gradients (not applied)."""
         s = self.settings
         fake = self._augmented(fake, draws)
-        phase_loss.d_loss(self.D, phase, s.loss_kind, half, fake, alpha, d_step, s.autocast_bf16, stats).backward()
+        phase_loss.d_loss(self.D, phase, s.loss_kind, half, fake, alpha, d_step, s.autocast_bf16, stats,
+                          fake_labels).backward()
 
     def reduced_with_grads(self) -> list[torch.Tensor]:
         """Tensors that ride along with this D step's gradient all-reduce (ADA's sign of the
@@ -170,29 +180,34 @@ class DiscriminatorRole:
 
     def d_step(self, phase: Phase, real: torch.Tensor, fake: torch.Tensor, alpha: Optional[torch.Tensor],
                d_step: int, stats: RoundStats, real_draws: Optional[torch.Tensor] = None,
-               fake_draws: Optional[torch.Tensor] = None) -> torch.Tensor:
+               fake_draws: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+               fake_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One whole D phase without peers: both halves, backward, step, ADA's p. Returns the
         real rows as D saw them (augmented), which a relativistic G phase pairs with."""
-        half = self.real_half(phase, real, d_step, real_draws)
-        self.backward(phase, half, fake, alpha, d_step, stats, fake_draws)
+        half = self.real_half(phase, real, d_step, real_draws, labels)
+        self.backward(phase, half, fake, alpha, d_step, stats, fake_draws, fake_labels)
         self.apply(stats)
         self.end_d_step(phase, d_step + 1, stats)
         return half.real
 
     def g_loss(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor],
-               draws: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """G's loss on `fake` (augmented with `draws`, inside the graph) through this D, with
-        D's parameters frozen (no D gradients). `paired_real` is already as D saw it."""
+               draws: Optional[torch.Tensor] = None, fake_labels: Optional[torch.Tensor] = None,
+               real_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """G's loss on `fake` (augmented with `draws`, inside the graph; classes `fake_labels`)
+        through this D, with D's parameters frozen (no D gradients). `paired_real` (classes
+        `real_labels`) is already as D saw it."""
         s = self.settings
         fake = self._augmented(fake, draws)
-        return phase_loss.g_loss(self.D, self.params, s.loss_kind, fake, paired_real, s.autocast_bf16)
+        return phase_loss.g_loss(self.D, self.params, s.loss_kind, fake, paired_real, s.autocast_bf16,
+                                 fake_labels, real_labels)
 
     def feedback(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor],
-                 draws: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 draws: Optional[torch.Tensor] = None, fake_labels: Optional[torch.Tensor] = None,
+                 real_labels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(G loss, dL_G/dx) for a detached fake batch: what a split D worker sends back to G.
         The gradient reaches x through the augmentation."""
         x = fake.detach().requires_grad_(True)
-        loss = self.g_loss(x, paired_real, draws)
+        loss = self.g_loss(x, paired_real, draws, fake_labels, real_labels)
         (grad,) = torch.autograd.grad(loss, x)
         return loss.detach(), grad
 

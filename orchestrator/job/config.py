@@ -40,6 +40,8 @@ class DataConfig(_Section):
     resolution: Optional[int] = Field(None, description="image side for imagefolder/parquet/torchvision (8, 16, 32, 64)")
     channels: Optional[int] = Field(None, ge=1, le=4, description="image channels (1 or 3)")
     column: Optional[str] = Field(None, description="parquet column holding encoded images or arrays")
+    label_column: Optional[str] = Field(None, description=(
+        "parquet column of integer class labels 0..model.num_classes-1 (conditional training)"))
     skip_corrupt: bool = Field(False, description="skip and count corrupt files instead of failing")
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out fraction for evaluation")
 
@@ -88,6 +90,21 @@ class ModelConfig(_Section):
     pack: int = Field(1, ge=1, le=64, description="MLP discriminator judges this many samples at once "
                       "(PacGAN); the batch per worker must be a multiple of it")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for import-path models")
+    conditional: bool = Field(False, description=(
+        "class-conditional GAN: G takes a class beside z, D is a projection discriminator; the "
+        "classes come from the data's labels (docs/architecture.md)"))
+    num_classes: Optional[int] = Field(None, ge=2, le=100_000, description=(
+        "classes of a conditional model (labels 0..num_classes-1); required with conditional: true"))
+
+    @model_validator(mode="after")
+    def _check_conditional(self) -> "ModelConfig":
+        if self.conditional and self.learner != "gan":
+            raise ValueError(f"model.conditional: true trains a class-conditional GAN; model.learner "
+                             f"'{self.learner}' has no classes: set model.learner: gan or model.conditional: false")
+        if self.conditional and self.num_classes is None:
+            raise ValueError("model.conditional: true needs model.num_classes (the number of classes in the "
+                             "data's labels, e.g. 10 for digits)")
+        return self
 
 
 class LossConfig(_Section):

@@ -35,16 +35,26 @@ def cache_dir() -> Path:
 
 
 @torch.no_grad()
-def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024) -> torch.Tensor:
-    """n samples from G with a fixed latent stream (seeded), on G's device, returned on CPU."""
+def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024,
+                     classes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """n samples from G with a fixed latent stream (seeded), on G's device, returned on CPU.
+
+    A conditional G (`num_classes` > 0) draws row i of class `classes[i]`, by default i mod
+    num_classes: every class equally often, so evaluation, retrain and Tune judge all of them."""
     gen = torch.Generator().manual_seed(seed)
     device = next(G.parameters()).device
+    num_classes = int(getattr(G, "num_classes", 0) or 0)
+    if num_classes and classes is None:
+        classes = torch.arange(n) % num_classes
     was_training = G.training
     G.eval()
     out = []
     for start in range(0, n, batch):
         z = draw_latent(latent_of(G), (min(batch, n - start), int(G.z_dim)), generator=gen).to(device)
-        out.append(G(z).float().cpu())
+        if classes is None:
+            out.append(G(z).float().cpu())
+        else:
+            out.append(G(z, classes[start:start + z.shape[0]].to(device)).float().cpu())
     G.train(was_training)
     return torch.cat(out)
 
@@ -73,6 +83,7 @@ class Evaluator:
         self.floor: dict[str, float] = {}
         self.classifier_accuracy: Optional[float] = None
         self._real: Optional[torch.Tensor] = None
+        self._conditional: Optional[Any] = None  # ConditionalScores, made for a conditional G
 
     # -- images ------------------------------------------------------------------------------
     def _digits_classifier(self) -> nn.Module:
@@ -151,4 +162,10 @@ class Evaluator:
                 out[f"{k}_floor"] = float(v)
         if self.classifier_accuracy is not None:
             out["classifier_acc"] = self.classifier_accuracy
+        if getattr(G, "num_classes", 0):
+            from ganray.orchestrator.job.conditional_eval import ConditionalScores
+
+            self._conditional = self._conditional or ConditionalScores(self.config)
+            out.update(self._conditional.scores(G, real, self.source.labels, fake, self._feature_net,
+                                                tuple(self.source.sample_shape), self.num_samples, self.seed))
         return out

@@ -3,7 +3,8 @@
 A release logs the EMA generator twice, for two readers:
 - `mlflow.pytorch.log_model` in the `pt2` format (torch.export; loading it unpickles no code,
   and MLflow exports the batch dimension as dynamic), registered under the model name, for
-  MLflow's own serving and `mlflow.pyfunc.load_model`;
+  MLflow's own serving and `mlflow.pyfunc.load_model`; a conditional generator takes two inputs,
+  (z, class), the class an int64 per row;
 - `release/state/` (a ganray checkpoint holding only `G_ema`) and `release/config.yaml` in the
   run, from which `ganray sample --model` / `evaluate --model` rebuild the generator with
   ganray's own code (`released_model.py`). The model version's tags `ganray.state_sha256` and
@@ -99,7 +100,6 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
     import mlflow.pytorch
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-    from mlflow.models import infer_signature
 
     if isinstance(client_or_logger, RunLogger):
         client_or_logger.flush()  # what the run logged so far lands before the model that sums it up
@@ -120,7 +120,9 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
     sample_shape = [int(s) for s in getattr(model, "sample_shape", ())]
     meta: dict[str, Any] = {"config_hash": config.config_hash(), "images_seen": int(images_seen),
                             "kimg": images_seen / 1000.0, "run_id": run_id, "model_name": model_name,
-                            "z_dim": z_dim, "latent": latent_of(model), "sample_shape": sample_shape, "ganray_version": ganray_version()}
+                            "z_dim": z_dim, "latent": latent_of(model), "sample_shape": sample_shape, "ganray_version": ganray_version(),
+                            # 0: G(z); otherwise the pt2 model takes (z, class)
+                            "num_classes": int(getattr(model, "num_classes", 0) or 0)}
     config_text = scrub(config.to_yaml()).encode()
     meta["config_sha256"] = hashlib.sha256(config_text).hexdigest()
     with tempfile.TemporaryDirectory(prefix="ganray-release-") as tmp:
@@ -140,13 +142,11 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
         version = _register_release_folder(client, model_name, run_id, uri)
     else:
         z = draw_latent(latent_of(model), (_EXAMPLE_BATCH, z_dim), generator=torch.Generator().manual_seed(0)).numpy()
-        with torch.no_grad():
-            out = model(torch.from_numpy(z)).numpy()
-        signature = infer_signature(z, out)
+        example, signature = _example_and_signature(model, z, meta["num_classes"])
         try:
             with _fluent_scope(uri, run.info.experiment_id):
                 info = mlflow.pytorch.log_model(
-                    model, name=MODEL_NAME_IN_RUN, signature=signature, input_example=z,
+                    model, name=MODEL_NAME_IN_RUN, signature=signature, input_example=example,
                     pip_requirements=_pip_requirements(), run_id=run_id, registered_model_name=model_name,
                     serialization_format="pt2")
         except MlflowException as exc:
@@ -162,6 +162,25 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, scrub(str(value)))
     return client.get_model_version(model_name, version)
+
+
+def _example_and_signature(model: nn.Module, z: np.ndarray, num_classes: int) -> tuple[Any, Any]:
+    """The input example and signature of the pt2 export: z alone, or (z, class) for a
+    conditional generator (named tensor inputs, the batch dimension dynamic in both)."""
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    if not num_classes:
+        with torch.no_grad():
+            out = model(torch.from_numpy(z)).numpy()
+        return z, infer_signature(z, out)
+    y = (np.arange(len(z)) % num_classes).astype(np.int64)
+    with torch.no_grad():
+        out = model(torch.from_numpy(z), torch.from_numpy(y)).numpy()
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, z.shape[1]), "z"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "class")])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))])
+    return (z, y), ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def _register_release_folder(client: "MlflowClient", model_name: str, run_id: str, uri: str) -> str:

@@ -4,22 +4,57 @@ of samples over the mixture's modes.
 During training both are drawn with numpy/torchvision into an RGB array and logged as MLflow
 step images. matplotlib is kept for `ganray sample --out x.png`: importing and rendering it
 in the training process costs interpreter time per plot that competes for the GIL with the
-training loop (measured by `ganray bench tracking`).
+training loop (measured by `ganray bench tracking`). A conditional generator's image grid has
+one row per class (`class_request`: also `ganray sample --class`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from ganray.models.errors import GanrayError
 from ganray.orchestrator.job.evaluate import MIXTURES, sample_generator
 
 FIXED_LATENT_SEED = 20_240_601  # the same latent batch at every step, so grids are comparable
 # A grid narrower than this is scaled up by a whole factor, nearest neighbour: an 8x8 digits grid
 # is otherwise a thumbnail in the MLflow UI, and whole pixels keep the samples' own pixels sharp.
 MIN_GRID_WIDTH = 256
+# A training grid of a conditional model: this many samples of each class, one row per class,
+# for at most GRID_MAX_CLASSES classes (the first ones: a 1000-class grid would be unreadable).
+GRID_PER_CLASS = 8
+GRID_MAX_CLASSES = 32
+
+
+def num_classes_of_generator(G: torch.nn.Module) -> int:
+    """The classes of a conditional generator; 0 for an unconditional one."""
+    return int(getattr(G, "num_classes", 0) or 0)
+
+
+def class_request(G: torch.nn.Module, spec: Optional[str], n: int) -> tuple[Optional[torch.Tensor], int]:
+    """(each sample's class, samples per grid row) for `ganray sample --class K|all` and `-n n`.
+
+    No `spec`: None (a conditional G takes the classes in turn) and rows of 8. `K`: n samples of
+    class K. `all`: ceil(n / classes) samples of every class, one grid row per class. A class
+    out of range, or `--class` on an unconditional model, is a one-line GanrayError."""
+    classes = num_classes_of_generator(G)
+    if spec is None:
+        return None, 8
+    if not classes:
+        raise GanrayError(f"--class {spec}: this model is unconditional (trained without model.conditional); "
+                          "drop --class")
+    if spec.strip().lower() == "all":
+        per_class = max(1, -(-n // classes))
+        return torch.arange(classes).repeat_interleave(per_class), per_class
+    try:
+        k = int(spec)
+    except ValueError:
+        raise GanrayError(f"--class {spec!r}: give a class number 0..{classes - 1} or 'all'") from None
+    if not 0 <= k < classes:
+        raise GanrayError(f"--class {k} is out of range: this model has {classes} classes, 0..{classes - 1}")
+    return torch.full((n,), k, dtype=torch.long), 8
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, min_width: int = MIN_GRID_WIDTH) -> np.ndarray:
@@ -109,6 +144,11 @@ def log_samples(logger: Any, config: Any, G: torch.nn.Module, images_seen: int) 
     if len(getattr(G, "sample_shape", (2,))) == 1:
         samples = sample_generator(G, 2500, FIXED_LATENT_SEED).numpy()
         logger.log_image(scatter_image(samples, config.data.name), key="samples", step=images_seen)
+    elif num_classes_of_generator(G):
+        rows = min(num_classes_of_generator(G), GRID_MAX_CLASSES)
+        classes = torch.arange(rows).repeat_interleave(GRID_PER_CLASS)
+        images = sample_generator(G, len(classes), FIXED_LATENT_SEED, classes=classes)
+        logger.log_image(image_grid(images, nrow=GRID_PER_CLASS), key="samples", step=images_seen)
     else:
         images = sample_generator(G, 64, FIXED_LATENT_SEED)
         logger.log_image(image_grid(images), key="samples", step=images_seen)

@@ -37,7 +37,7 @@ from ganray.orchestrator.job.evaluate import MIXTURES, STACKED, default_metrics
 MUTABLE_KEYS = {"schedule.g_lr": "g_lr", "schedule.d_lr": "d_lr", "schedule.betas": "betas",
                 "schedule.n_critic": "n_critic", "loss.r1_gamma": "r1_gamma", "loss.r2_gamma": "r2_gamma"}
 # Lower is better for these eval metrics, higher for the rest (used when `mode` is omitted).
-_LOWER_IS_BETTER = ("kl", "fid", "kid", "kid_std")
+_LOWER_IS_BETTER = ("kl", "fid", "kid", "kid_std", "kid_class_mean")
 
 
 class _Strict(BaseModel):
@@ -276,6 +276,10 @@ def reported_eval_metrics(config: TrainConfig) -> list[str]:
     extra = ["kid_std", *(f"{m}_floor" for m in names if config.data.name == "digits")]
     if config.data.name == "digits":
         extra.append("classifier_acc")
+    if config.model.conditional:  # orchestrator/job/conditional_eval.py
+        extra.append("kid_class_mean")
+        if config.data.name == "digits":
+            extra += ["class_acc", "class_acc_min", "class_acc_real"]
     return [f"eval/{m}" for m in [*names, *extra]]
 
 
