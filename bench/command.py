@@ -20,6 +20,20 @@ def _csv(value: Optional[str], allowed: tuple[str, ...], option: str) -> Optiona
     return items
 
 
+QUALITY_SETS = ("ring8", "grid25", "digits", "stacked-digits", "digits-conditional")
+
+
+def _overrides(sets: list[str]) -> list[str]:
+    """`--set KEY=VALUE` items, checked against the config schema before anything trains."""
+    from ganray.orchestrator.job.config import load_config
+
+    for item in sets:
+        if "=" not in item:
+            raise GanrayError(f"--set '{item}': give KEY=VALUE, e.g. --set topology.num_workers=2")
+    load_config(None, sets)  # a wrong key or value: the config's own one-line error
+    return sets
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(suites: Optional[list[str]] = typer.Argument(
@@ -32,15 +46,19 @@ def register(app: typer.Typer) -> None:
               first_seed: Optional[int] = typer.Option(None, "--first-seed", min=0,
                                                        help="quality: the first seed (default 1000: held out; the recipes were chosen below 100)"),
               models: Optional[str] = typer.Option(None, "--models", help="only these cases: mlp,dcgan32,dcgan64"),
-              datasets: Optional[str] = typer.Option(None, "--datasets", help="quality: only these sets: ring8,grid25,digits"),
+              datasets: Optional[str] = typer.Option(None, "--datasets", help="quality: only these sets: "
+                                                     "ring8,grid25,digits,stacked-digits,digits-conditional"),
               kimg: Optional[float] = typer.Option(None, "--kimg", min=0.001, help="quality: total_kimg of each training run"),
-              workers: Optional[str] = typer.Option(None, "--workers", help="peer: only these worker counts: 1,2")) -> None:
+              workers: Optional[str] = typer.Option(None, "--workers", help="peer: only these worker counts: 1,2"),
+              sets: Optional[list[str]] = typer.Option(None, "--set", help="quality: KEY=VALUE for every training run "
+                                                       "(e.g. topology.num_workers=2); repeatable")) -> None:
         """Measure ganray against a plain PyTorch loop and Ray Train; print Markdown tables, write JSON."""
         from ganray.bench.harness import DEFAULT_SUITES, BenchOptions, run_suites
 
         options = BenchOptions(out=out, quick=quick, reps=reps, seeds=seeds, first_seed=first_seed,
                                models=_csv(models, ("mlp", "dcgan32", "dcgan64"), "--models"),
-                               datasets=_csv(datasets, ("ring8", "grid25", "digits"), "--datasets"), kimg=kimg,
+                               datasets=_csv(datasets, QUALITY_SETS, "--datasets"), kimg=kimg,
+                               overrides=_overrides(sets or []),
                                workers=[int(n) for n in _csv(workers, ("1", "2"), "--workers") or []] or None)
         results = run_suites(list(suites or DEFAULT_SUITES), options)
         for name in results:

@@ -101,6 +101,7 @@ class BenchOptions:
     datasets: Optional[list[str]] = None
     kimg: Optional[float] = None      # quality: total_kimg of each training run
     workers: Optional[list[int]] = None  # peer: only these worker counts (None: the suite's own)
+    overrides: list[str] = field(default_factory=list)  # quality: `--set key=value` for every training run
 
 
 @dataclass

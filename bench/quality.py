@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -111,10 +111,13 @@ def stats(values: list[Optional[float]]) -> dict[str, Any]:
             "min": min(present), "max": max(present), "n": len(present), "of": len(values)}
 
 
-def _trainer_config(name: str, seed: int, kimg: Optional[float], probe_kimg: float) -> Any:
+def trainer_config(name: str, seed: int, kimg: Optional[float], probe_kimg: float,
+                   overrides: Sequence[str] = ()) -> Any:
+    """configs/<name>.yaml for one quality run: the seed, untracked, evaluated every `probe_kimg`,
+    with the bench's `--set` overrides."""
     from ganray.orchestrator.job.config import load_config
 
-    sets = [f"seed={seed}", "tracking.enabled=false", f"eval.every_kimg={probe_kimg}"]
+    sets = [*overrides, f"seed={seed}", "tracking.enabled=false", f"eval.every_kimg={probe_kimg}"]
     if kimg is not None:
         sets.append(f"schedule.total_kimg={kimg}")
     cfg = load_config(REPO / "configs" / f"{name}.yaml", sets)
@@ -160,7 +163,7 @@ def _quality_2d(ctx: BenchContext, name: str, seeds: list[int]) -> dict[str, Any
     vae_steps = 200 if ctx.quick else 5000
     per_seed: list[dict[str, Any]] = []
     for seed in seeds:
-        cfg = _trainer_config(name, seed, kimg, probe)
+        cfg = trainer_config(name, seed, kimg, probe, ctx.options.overrides)
         if cfg.topology.kind != "local":
             ctx.ensure_ray()  # once for all seeds, not a Ray start inside every timed run
         trainer = ProbedTrainer(cfg, progress=False)
@@ -234,7 +237,9 @@ def _figure(value: Optional[float], pct: bool = False, digits: int = 2) -> str:
 
 def quality(ctx: BenchContext) -> Report:
     seeds = _seeds(ctx, 2 if ctx.quick else 10)
-    wanted = ctx.options.datasets or [*SETS_2D, "digits"]
+    from ganray.bench.quality_images import IMAGE_SETS, image_set_note, quality_image_set
+
+    wanted = ctx.options.datasets or [*SETS_2D, "digits", *IMAGE_SETS]
     data: dict[str, Any] = {"seeds": seeds, "held_out": seeds[0] >= 100}
     rows: list[list[Any]] = []
     for name in [n for n in wanted if n in SETS_2D]:
@@ -261,7 +266,7 @@ def quality(ctx: BenchContext) -> Report:
              "'final' is the run's last evaluation and 'misses' counts seeds whose final evaluation misses the "
              "target; 'best evaluation' is each seed's best probe, its misses the seeds that never met the target. "
              "Times are training wall seconds at the first evaluation that met the condition (evaluation time "
-             "excluded)."]
+             "excluded)."] if rows else []
     if "digits" in wanted:
         digit_seeds = _seeds(ctx, 1 if ctx.quick else 3)
         res = _quality_digits(ctx, digit_seeds)
@@ -274,5 +279,9 @@ def quality(ctx: BenchContext) -> Report:
         notes.append(f"digits ({_seed_label(digit_seeds)}, final evaluation): FID {fig('fid')} (floor "
                      f"{fig('fid_floor')}), KID {fig('kid')} (floor {fig('kid_floor')}), feature classifier "
                      f"accuracy {fig('classifier_acc')}.")
+    for name in [n for n in wanted if n in IMAGE_SETS]:
+        image_seeds = _seeds(ctx, 1 if ctx.quick else 10 if name == "stacked-digits" else 3)
+        data[name] = quality_image_set(ctx, name, image_seeds, ctx.options.overrides)
+        notes.append(image_set_note(name, data[name], _seed_label(image_seeds), _cell))
     return Report(data, ["set", "method", "modes", "high quality", "reverse KL", "s to all modes", "s to target",
                          "misses"], rows, notes)

@@ -397,3 +397,36 @@ def test_collective_micro_benchmark_writes_every_repetition(tmp_path: Path) -> N
     headline = body["summary"]["all_reduce"]["shared mlp:G after_compute"]["after_last_arrival_ms"]
     assert headline["n"] == 2 and 0 <= headline["min"] <= headline["median"] <= headline["max"]
     assert "all_reduce mlp:G after_compute: gloo / shared" in body["summary"]["ratios"]
+
+
+def test_image_quality_targets_and_best_evaluations() -> None:
+    from ganray.bench.quality_images import IMAGE_SETS, _best, _first_met
+
+    stacked, conditional = IMAGE_SETS["stacked-digits"], IMAGE_SETS["digits-conditional"]
+    timeline = [{"wall_s": 100.0, "kimg": 50, "modes": 990, "kl": 0.05, "confidence": 0.9},
+                {"wall_s": 200.0, "kimg": 100, "modes": 1000, "kl": 0.2, "confidence": 0.9},
+                {"wall_s": 300.0, "kimg": 150, "modes": 1000, "kl": 0.08, "confidence": 0.9}]
+    assert _first_met(timeline, stacked) == 300.0  # every mode AND KL <= 0.1
+    assert not stacked.target({"modes": 1000, "kl": float("nan")})
+    assert _best(timeline, stacked)["kimg"] == 100  # the most modes first: reported beside the final one
+    assert conditional.target({"class_acc_min": 0.95}) and not conditional.target({"class_acc": 0.99})
+
+
+def test_quality_runs_the_conditional_digits_row_with_its_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from ganray.orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["bench", "quality", "--quick", "--datasets", "digits-conditional", "--kimg", "0.256",
+                 "--set", "topology.kind=local", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    body = json.loads((tmp_path / "quality.json").read_text())["digits-conditional"]
+    assert body["overrides"] == ["topology.kind=local"] and body["topology"]["kind"] == "local"
+    (seed,) = body["seeds"]
+    assert seed["seed"] == 1000 and seed["kimg"] >= 0.256  # held out from the recipe's choice
+    assert 0.0 <= seed["class_acc_min"] <= seed["class_acc"] <= 1.0
+    assert body["misses_final"] == int(not seed["final_meets_target"])
+    assert "digits-conditional (topology.kind=local), seed 1000" in printed
+    assert main(["bench", "quality", "--set", "topology.num_workrs=2", "--out", str(tmp_path)]) == 2
+    assert "did you mean 'topology.num_workers'" in capsys.readouterr().err
