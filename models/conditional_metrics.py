@@ -35,6 +35,10 @@ class IndependentDigitsClassifier:
     def predict(self, images: Tensor) -> np.ndarray:
         return self.model.predict(_flat(images)).astype(np.int64)
 
+    def probabilities(self, images: Tensor) -> np.ndarray:
+        """(N, classes) class probabilities."""
+        return self.model.predict_proba(_flat(images))
+
 
 def _flat(images: Tensor) -> np.ndarray:
     return images.detach().to("cpu", torch.float64).reshape(images.shape[0], -1).numpy()

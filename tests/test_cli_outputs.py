@@ -154,7 +154,8 @@ def test_evaluate_prints_the_image_figures_the_run_logged(store) -> None:
     code, stdout, err = run_cli(["evaluate", *_source(store, "--run", "digits")])
     assert code == 0, err
     printed = {key: float(text) for key, text in _keys(stdout).items()}
-    assert set(printed) == {"fid", "kid", "kid_std", "fid_floor", "kid_floor", "classifier_acc"}, stdout
+    assert set(printed) == {"fid", "kid", "kid_std", "fid_floor", "kid_floor", "classifier_acc", "confidence",
+                            "class_share_min", "near_copies", "confidence_real"}, stdout
     for key, score in printed.items():
         assert score == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
     assert printed["fid"] > printed["fid_floor"]  # a 1-kimg generator is far from the real split

@@ -253,7 +253,7 @@ def test_the_run_logged_conditional_scores(trained) -> None:
 
     metrics = MlflowClient(trained["uri"]).get_run(trained["cond"]).data.metrics
     for key in ("eval/class_acc", "eval/class_acc_min", "eval/class_acc/9", "eval/kid_class/0",
-                "eval/kid_class_mean", "eval/class_acc_real", "eval/fid"):
+                "eval/kid_class_mean", "eval/class_acc_real", "eval/fid", "eval/confidence", "eval/near_copies"):
         assert key in metrics, key
     assert 0.0 <= metrics["eval/class_acc_min"] <= metrics["eval/class_acc"] <= 1.0
     assert metrics["eval/class_acc_real"] > 0.9  # the independent classifier reads real digits

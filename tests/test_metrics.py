@@ -296,3 +296,22 @@ def test_inception_features_from_a_local_torchvision_state_dict(tmp_path, monkey
     assert feats.shape == (2, 2048) and feats.dtype == torch.float64
     assert torch.isfinite(feats).all() and feats.abs().sum() > 0
     assert not torch.allclose(feats[0], feats[1])
+
+
+def test_digit_fidelity_counts_confidence_class_shares_and_near_copies() -> None:
+    from ganray.models.digits_fidelity import COPY_RADIUS, fidelity_scores
+
+    train = torch.rand(50, 1, 8, 8) * 2 - 1
+    copies = train[:4] + 0.01                      # within the radius of a training image
+    new = train[4:8] + 2 * COPY_RADIUS             # every pixel moved by 1.0: 8 away over 64 pixels
+    samples = torch.cat([copies, new])
+    predicted = [0, 0, 1, 1, 2, 2, 3, 3]           # classes 4-9 get no sample
+    probabilities = np.full((8, 10), 0.4 / 9)
+    probabilities[np.arange(8), predicted] = 0.6
+    scores = fidelity_scores(probabilities, samples, train)
+    assert scores["near_copies"] == 0.5
+    assert scores["confidence"] == pytest.approx(0.6)
+    assert scores["class_share_min"] == 0.0
+    uniform = np.full((10, 10), 0.01) + np.eye(10) * 0.9   # one sample per class, 91% sure
+    assert fidelity_scores(uniform, torch.cat([samples, new[:2]]), train) == pytest.approx(
+        {"confidence": 0.91, "class_share_min": 0.1, "near_copies": 0.4})

@@ -83,7 +83,7 @@ class Evaluator:
         self.floor: dict[str, float] = {}
         self.classifier_accuracy: Optional[float] = None
         self._real: Optional[torch.Tensor] = None
-        self._conditional: Optional[Any] = None  # ConditionalScores, made for a conditional G
+        self._by_class: Optional[Any] = None  # ClassScores, made for digits and conditional generators
 
     # -- images ------------------------------------------------------------------------------
     def _digits_classifier(self) -> nn.Module:
@@ -162,10 +162,13 @@ class Evaluator:
                 out[f"{k}_floor"] = float(v)
         if self.classifier_accuracy is not None:
             out["classifier_acc"] = self.classifier_accuracy
-        if getattr(G, "num_classes", 0):
-            from ganray.orchestrator.job.conditional_eval import ConditionalScores
+        if getattr(G, "num_classes", 0) or self.config.data.name == "digits":
+            from ganray.orchestrator.job.class_scores import ClassScores
 
-            self._conditional = self._conditional or ConditionalScores(self.config)
-            out.update(self._conditional.scores(G, real, self.source.labels, fake, self._feature_net,
-                                                tuple(self.source.sample_shape), self.num_samples, self.seed))
+            self._by_class = self._by_class or ClassScores(self.config)
+        if self.config.data.name == "digits":
+            out.update(self._by_class.digit_fidelity(G, self.num_samples, self.seed))
+        if getattr(G, "num_classes", 0):
+            out.update(self._by_class.scores(G, real, self.source.labels, fake, self._feature_net,
+                                             tuple(self.source.sample_shape), self.num_samples, self.seed))
         return out

@@ -276,7 +276,7 @@ def reported_eval_metrics(config: TrainConfig) -> list[str]:
     extra = ["kid_std", *(f"{m}_floor" for m in names if config.data.name == "digits")]
     if config.data.name == "digits":
         extra.append("classifier_acc")
-    if config.model.conditional:  # orchestrator/job/conditional_eval.py
+    if config.model.conditional:  # orchestrator/job/class_scores.py
         extra.append("kid_class_mean")
         if config.data.name == "digits":
             extra += ["class_acc", "class_acc_min", "class_acc_real"]

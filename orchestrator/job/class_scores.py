@@ -1,7 +1,12 @@
-"""Evaluation of a class-conditional generator (`model.conditional`), beside FID/KID: the
-accuracy of the class asked for under an independent classifier (digits) and per-class KID
-(`ganray.models.conditional_metrics`). The classes are asked for in turn (sample i of class
-i mod num_classes, as `sample_generator` draws them), so every class is judged on as many samples.
+"""Scores that judge samples by class, beside FID/KID, with an independent classifier (a
+logistic regression on the digits' train split; no part of training or FID):
+
+- any generator on `digits`: the classifier's confidence, the smallest class share and the share
+  of near-copies of training images (`ganray.models.digits_fidelity`);
+- a class-conditional generator (`model.conditional`): the accuracy of the class asked for (on
+  digits) and per-class KID (`ganray.models.conditional_metrics`). The classes are asked for in
+  turn (sample i of class i mod num_classes, as `sample_generator` draws them), so every class is
+  judged on as many samples.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ def generator_classes(G: nn.Module) -> int:
     return int(getattr(G, "num_classes", 0) or 0)
 
 
-class ConditionalScores:
-    """Per-job state of the conditional scores: the independent classifier, fitted once."""
+class ClassScores:
+    """Per-job state: the independent classifier and the digits' train split, loaded once."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self._classifier: Optional[IndependentDigitsClassifier] = None
         self.real_accuracy: Optional[float] = None
+        self.real_confidence: Optional[float] = None
+        self._train_images: Optional[torch.Tensor] = None
 
     def classifier(self) -> IndependentDigitsClassifier:
         """Fitted on the digits' train split; its accuracy on the test split is the real-data ceiling."""
@@ -37,10 +44,24 @@ class ConditionalScores:
             digits = {"name": "digits", "test_fraction": self.config.data.test_fraction}
             train = load_dataset(digits, self.config.seed, "train")
             test = load_dataset(digits, self.config.seed, "test")
-            self._classifier = IndependentDigitsClassifier(train.get(np.arange(len(train))), train.labels)
-            predicted = self._classifier.predict(test.get(np.arange(len(test))))
-            self.real_accuracy = float((predicted == test.labels).mean())
+            self._train_images = train.get(np.arange(len(train)))
+            self._classifier = IndependentDigitsClassifier(self._train_images, train.labels)
+            probabilities = self._classifier.probabilities(test.get(np.arange(len(test))))
+            self.real_accuracy = float((probabilities.argmax(axis=1) == test.labels).mean())
+            self.real_confidence = float(probabilities.max(axis=1).mean())
         return self._classifier
+
+    def digit_fidelity(self, G: nn.Module, num_samples: int, seed: int) -> dict[str, float]:
+        """`confidence`, `class_share_min` and `near_copies` of `num_samples` new samples (at least
+        MIN_PER_CLASS per digit, so a share is not read off a handful), and `confidence_real`."""
+        from ganray.models.digits_fidelity import fidelity_scores
+        from ganray.orchestrator.job.evaluate import sample_generator
+
+        clf = self.classifier()
+        samples = sample_generator(G, max(num_samples, MIN_PER_CLASS * 10), seed + 2)
+        assert self._train_images is not None and self.real_confidence is not None
+        return {**fidelity_scores(clf.probabilities(samples), samples, self._train_images),
+                "confidence_real": self.real_confidence}
 
     def scores(self, G: nn.Module, real: torch.Tensor, real_labels: Optional[np.ndarray], fake: torch.Tensor,
                feature_net: nn.Module, sample_shape: tuple[int, ...], num_samples: int, seed: int) -> dict[str, float]:
