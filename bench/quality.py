@@ -198,7 +198,7 @@ def _quality_digits(ctx: BenchContext, seeds: list[int]) -> dict[str, Any]:
     kimg = ctx.options.kimg if ctx.options.kimg is not None else (2.0 if ctx.quick else None)
     per_seed = []
     for seed in seeds:
-        sets = [f"seed={seed}", "tracking.enabled=false"]
+        sets = [*ctx.options.overrides, f"seed={seed}", "tracking.enabled=false"]
         if kimg is not None:
             sets += [f"schedule.total_kimg={kimg}", f"schedule.sync_kimg={min(kimg, 5.0)}",
                      f"eval.every_kimg={kimg}"]
@@ -278,7 +278,10 @@ def quality(ctx: BenchContext) -> Report:
 
         notes.append(f"digits ({_seed_label(digit_seeds)}, final evaluation): FID {fig('fid')} (floor "
                      f"{fig('fid_floor')}), KID {fig('kid')} (floor {fig('kid_floor')}), feature classifier "
-                     f"accuracy {fig('classifier_acc')}.")
+                     f"accuracy {fig('classifier_acc')}; independent classifier's confidence {fig('confidence')} "
+                     f"(real digits {fig('confidence_real')}), smallest class share {fig('class_share_min')}, "
+                     f"near-copies {fig('near_copies')}" + (f" ({' '.join(ctx.options.overrides)})."
+                                                            if ctx.options.overrides else "."))
     for name in [n for n in wanted if n in IMAGE_SETS]:
         image_seeds = _seeds(ctx, 1 if ctx.quick else 10 if name == "stacked-digits" else 3)
         data[name] = quality_image_set(ctx, name, image_seeds, ctx.options.overrides)
