@@ -46,8 +46,9 @@ IMAGE_SETS: dict[str, ImageSet] = {
         published={"DCGAN (PacGAN T3)": {"modes": 99, "kl": 3.40}, "VEEGAN (PacGAN T3)": {"modes": 150, "kl": 2.95},
                    "PacDCGAN2 (PacGAN T3)": {"modes": 1000, "kl": 0.06}}),
     "digits-conditional": ImageSet(
-        config="digits-conditional", metrics=("class_acc_min", "class_acc", "fid", "kid_class_mean"),
-        higher_is_better=(True, True, False, False),
+        config="digits-conditional", metrics=("class_acc_min", "class_acc", "fid", "kid_class_mean", "confidence",
+                                              "class_share_min", "near_copies"),
+        higher_is_better=(True, True, False, False, True, True, False),
         target=lambda p: (p.get("class_acc_min") or 0.0) >= 0.95,
         target_text=">= 95% of samples classified as the class asked for, every class", budget_s=600.0,
         published={}),
