@@ -252,12 +252,16 @@ class DCGANDiscriminator(nn.Module):
     """
 
     def __init__(self, resolution: int, channels: int, base_width: int, spectral_norm: bool = False,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, pack: int = 1) -> None:
         super().__init__()
         stages = _check_image_args(resolution, channels, base_width)
+        if pack < 1:
+            raise ValueError(f"pack must be >= 1 (got {pack})")
         self.sample_shape = (int(channels), int(resolution), int(resolution))
+        self.pack = int(pack)
         layers: list[nn.Module] = []
-        width_in, width = channels, base_width
+        # PacGAN for images: a pack of samples is one input of pack x channels (stacked channels).
+        width_in, width = channels * self.pack, base_width
         for _ in range(stages):
             layers += [nn.Conv2d(width_in, width, 4, 2, 1), nn.LeakyReLU(0.2)]
             width_in, width = width, width * 2
@@ -270,13 +274,24 @@ class DCGANDiscriminator(nn.Module):
         # (the final 4x4 conv is a linear map of it, SNGAN's psi). A shallow D's pooled map loses
         # where the strokes are, which is what tells a 3 from a 5 or an 8 at 8x8.
         self.num_classes = int(num_classes)
-        self.projection = Projection(self.num_classes, width_in * 16) if self.num_classes else None
+        self.projection = Projection(self.num_classes, width_in * 16, self.pack) if self.num_classes else None
         if self.projection is not None and spectral_norm:
             _spectral_norm(self.projection.embed)
 
-    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         if self.projection is None:
             return self.net(x).view(-1)
         _need_classes(self, y)
         features = self.net[:-1](x)
         return self.net[-1](features).view(-1) + self.projection(features.flatten(1), y)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.pack == 1:
+            return self._logits(x, y)
+        n = x.shape[0]
+        if n % self.pack:
+            raise ValueError(f"a packed discriminator (pack={self.pack}) needs a batch that is a "
+                             f"multiple of {self.pack}, got {n} samples")
+        # Consecutive samples form a pack (as in the MLP discriminator); each member gets its pack's logit.
+        packed = x.reshape(n // self.pack, self.pack * x.shape[1], *x.shape[2:])
+        return self._logits(packed, y).repeat_interleave(self.pack)

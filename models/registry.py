@@ -97,7 +97,7 @@ def _dcgan_generator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> n
 def _dcgan_discriminator(cfg: Mapping[str, Any], sample_shape: tuple[int, ...]) -> nn.Module:
     channels, resolution = _image_shape("model.discriminator", sample_shape)
     return DCGANDiscriminator(resolution, channels, cfg["base_width"], spectral_norm=cfg["spectral_norm"],
-                              num_classes=num_classes_of(cfg))
+                              num_classes=num_classes_of(cfg), pack=int(cfg["pack"]))
 
 
 def _refuse_conditional_import(key: str, name: str, cfg: Mapping[str, Any]) -> None:

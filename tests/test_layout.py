@@ -74,6 +74,8 @@ def test_packs_must_fit_each_workers_share() -> None:
     with pytest.raises(ConfigError, match=r"model.pack=3 needs a batch per replica that is a multiple of 3 \(got 32\)"):
         small_config(topology={"kind": "replicated", "num_workers": 2}, model={"pack": 3})
     small_config(topology={"kind": "replicated", "num_workers": 2}, model={"pack": 4})
+    with pytest.raises(ConfigError, match="model.pack=2 applies to the built-in discriminators"):
+        small_config(model={"pack": 2, "discriminator": "pkg.mod:MyD"})
 
 
 def test_cuda_workers_must_reserve_a_gpu() -> None:

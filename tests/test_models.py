@@ -139,6 +139,25 @@ def test_mlp_discriminator_pack_option() -> None:
         MLPDiscriminator(16, 2, pack=0)
 
 
+def test_dcgan_discriminator_packs_samples_as_stacked_channels() -> None:
+    """PacGAN for images: `pack` m consecutive samples are one input of m x channels; each member
+    gets its pack's logit, which depends on every member and on no other sample."""
+    torch.manual_seed(0)
+    D = build_discriminator(_cfg(discriminator="dcgan", base_width=8, pack=2), (3, 8, 8))
+    assert isinstance(D, DCGANDiscriminator) and D.pack == 2 and D.net[0].in_channels == 6
+    x = torch.randn(4, 3, 8, 8)
+    logits = D(x)
+    assert logits.shape == (4,) and torch.equal(logits[:2], logits[:1].expand(2)) and logits[0] != logits[2]
+    y = x.clone()
+    y[1] += 1.0
+    moved = D(y)
+    assert moved[0] != logits[0] and torch.equal(moved[2:], logits[2:])
+    (logits.mean() + r1_penalty(D, x)).backward()
+    assert _has_grads(D)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        D(torch.randn(3, 3, 8, 8))
+
+
 def test_discriminator_is_per_sample() -> None:
     """No cross-sample coupling in D: a sample's logit does not depend on the rest of the batch."""
     torch.manual_seed(0)

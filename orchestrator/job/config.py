@@ -87,8 +87,8 @@ class ModelConfig(_Section):
     batchnorm: bool = Field(True, description="BatchNorm in the DCGAN generator")
     mlp_batchnorm: bool = Field(False, description="BatchNorm in the MLP generator (PacGAN's G)")
     mlp_skip: bool = Field(False, description="MLP generator: add a linear path from z to the output")
-    pack: int = Field(1, ge=1, le=64, description="MLP discriminator judges this many samples at once "
-                      "(PacGAN); the batch per worker must be a multiple of it")
+    pack: int = Field(1, ge=1, le=64, description="the discriminator (mlp or dcgan) judges this many samples "
+                      "at once (PacGAN); the batch per worker must be a multiple of it")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for import-path models")
     conditional: bool = Field(False, description=(
         "class-conditional GAN: G takes a class beside z, D is a projection discriminator; the "

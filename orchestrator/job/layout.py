@@ -204,12 +204,19 @@ def resolve_layout(config: Any) -> Layout:
     return layout
 
 
+PACKING_DISCRIMINATORS = ("mlp", "dcgan")
+
+
 def _check_pack(config: Any, layout: Layout) -> None:
-    """A packed MLP discriminator judges `model.pack` samples at once: each worker's share of the
-    batch must hold whole packs."""
+    """A packed discriminator judges `model.pack` samples at once: each worker's share of the
+    batch must hold whole packs. Only the built-in discriminators pack."""
     pack = config.model.pack
-    if config.model.discriminator != "mlp" or pack == 1:
+    if pack == 1:
         return
+    if config.model.discriminator not in PACKING_DISCRIMINATORS:
+        raise ValueError(f"model.pack={pack} applies to the built-in discriminators "
+                         f"({', '.join(PACKING_DISCRIMINATORS)}), not '{config.model.discriminator}'; "
+                         "set model.pack: 1 or pack inside your own discriminator")
     for count in reversed(layout.elastic_sizes()):
         share = layout.batch_size // count
         if share % pack:
