@@ -9,6 +9,7 @@ stopped there; bad input is one line and exit 2 before anything trains.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from helpers import REPO, run_cli, small_config
 from ganray.orchestrator.compare.budget import BudgetEngine
 from ganray.orchestrator.job.engine import LocalEngine
+from ganray.orchestrator.job.progress import Progress
 
 from mlflow_server import sqlite_store  # noqa: F401
 
@@ -133,6 +135,72 @@ def test_compare_stops_learners_at_the_budget_over_seeds(sqlite_store: Path) -> 
                 assert entry["metrics_std"][key] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
         assert len(entry["same_images"]["per_seed"]) == 2
     assert "parent_run_id" not in stdout and "[ganray]" not in stderr  # --no-progress: no training bar
+
+
+@pytest.mark.parametrize("signum, exit_code, during", [(signal.SIGINT, 130, "training"),
+                                                      (signal.SIGTERM, 143, "training"),
+                                                      (signal.SIGINT, 130, "scoring")])
+def test_a_stop_signal_checkpoints_the_learner_in_training_and_ends_the_comparison(
+        sqlite_store: Path, monkeypatch: pytest.MonkeyPatch, signum: int, exit_code: int, during: str) -> None:
+    # Ctrl-C (SIGINT) behaves as SIGTERM: the learner in training (here the second, ae) finishes its
+    # chunk, writes a checkpoint and stops; between learners the comparison stops at once. Either
+    # way the comparison ends, its parent run KILLED, one line and no traceback.
+    import ganray.orchestrator.compare.runner as runner
+
+    chunks_after: list[int] = []
+    real_run, real_scores = BudgetEngine.run, runner.scores
+
+    def run_then_signal(self: BudgetEngine, n_rounds: int, stop_at_images=None):  # noqa: ANN001, ANN202
+        res = real_run(self, n_rounds, stop_at_images)
+        if n_rounds > 0 and self.budget_s is not None:  # the GAN trains first, with no time limit
+            chunks_after.append(res.images_seen)
+            if len(chunks_after) == 2 and during == "training":
+                signal.raise_signal(signum)  # delivered to this process mid-training, as kill or Ctrl-C does
+        return res
+
+    def signal_then_score(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        signal.raise_signal(signum)
+        return real_scores(*args, **kwargs)
+
+    monkeypatch.setattr(BudgetEngine, "run", run_then_signal)
+    if during == "scoring":
+        monkeypatch.setattr(runner, "scores", signal_then_score)
+    out = sqlite_store / "cmp"
+    code, stdout, stderr = run_cli(["compare", str(REPO / "configs" / "ring8.yaml"), "--learners", "gan,ae",
+                                    "--out", str(out), "--no-progress", "--set", "topology.kind=local",
+                                    "--set", "schedule.total_kimg=3", "--set", "schedule.lr_decay_kimg=3",
+                                    "--set", "schedule.sync_kimg=0.5", "--set", "schedule.checkpoint_kimg=1",
+                                    "--set", "schedule.sample_kimg=3", "--set", "eval.num_samples=500"])
+    assert code == exit_code, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    name = signal.Signals(signum).name
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    if during == "training":
+        assert f"stopped ({name}) while training ae, seed 1000" in errors[0] and "holds a checkpoint" in errors[0]
+        assert len(chunks_after) == 2  # no chunk trained after the signal
+    else:
+        assert f"stopped ({name}) before the comparison finished" in errors[0] and "scoring gan" in stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert not (out / "compare.json").exists()
+
+    from mlflow import MlflowClient
+
+    lines = dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
+    parent = MlflowClient().get_run(lines["parent_run_id"])
+    assert parent.info.status == "KILLED"
+    children = {run.data.tags["ganray.compare.learner"]: run for run in _runs_under(parent.info.run_id)}
+    assert set(children) == {"gan", "ae"}
+    assert any(a.path == "checkpoints" for a in MlflowClient().list_artifacts(children["ae"].info.run_id))
+
+
+def test_the_progress_line_shows_each_learners_own_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    bar = Progress(total_kimg=10.0, enabled=True, min_interval_s=0.0)
+    bar.interactive = False  # the plain line, as in a log
+    bar.update(1.0, 5.0, {"loss/D": [0.5, 0.7], "loss/G": [1.0]})
+    bar.update(2.0, 5.0, {"loss/D": [0.2], "D/real_score": [1.5], "D/fake_score": [-0.5], "energy/start_score": [0.1]})
+    gan, energy = capsys.readouterr().err.splitlines()
+    assert "loss D 0.600  G 1.000" in gan
+    assert "loss D 0.200  D real_score 1.500  D fake_score -0.500" in energy and "nan" not in energy
 
 
 def test_each_learner_gets_the_recipe_minus_the_keys_it_does_not_read() -> None:

@@ -26,13 +26,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ganray.models.errors import ConfigError, GanrayError
+from ganray.models.errors import ConfigError
 from ganray.orchestrator.compare.budget import BudgetEngine, budget_engine_factory
 from ganray.orchestrator.compare.child_run import CompareChildHooks
 from ganray.orchestrator.compare.figure import compare_figure, panel_title
 from ganray.orchestrator.compare.learners import Recipe, learner_config
 from ganray.orchestrator.compare.table import markdown_tables
 from ganray.orchestrator.compare.measure import SAMPLES_FOR_COST, evals_per_sample, scores, summarise, timed_samples
+from ganray.orchestrator.compare.stop_signals import CompareStopped, StopSignals
 from ganray.orchestrator.job.config import TrainConfig
 from ganray.orchestrator.job.engine import build_eval_generator
 from ganray.orchestrator.job.evaluate import Evaluator
@@ -40,10 +41,6 @@ from ganray.orchestrator.job.evaluate import Evaluator
 Say = Callable[[str], None]
 
 
-class CompareStopped(GanrayError):
-    """The comparison was asked to stop (SIGTERM) while a learner trained."""
-
-    exit_code = 143
 LADDER_STEPS_PER_DOUBLING = 4   # image counts 2^(1/4) apart: the common point is within 19% of the slowest
 LADDER_MIN_ROUNDS = 1  # every learner trains one round at least: the ladder always has a common point
 
@@ -98,7 +95,8 @@ def open_parent_run(base: TrainConfig, tracking_uri: Optional[str], learners: li
 
 
 def train_learner(config: TrainConfig, learner: str, seed: int, budget_s: Optional[float],
-                  capture_at: list[int], parent: Any, tracking_uri: Optional[str], progress: bool = True) -> LearnerRun:
+                  capture_at: list[int], parent: Any, tracking_uri: Optional[str], progress: bool = True,
+                  stops: Optional[StopSignals] = None) -> LearnerRun:
     from ganray.orchestrator.job.trainer import Trainer
 
     kept: list[BudgetEngine] = []
@@ -108,9 +106,10 @@ def train_learner(config: TrainConfig, learner: str, seed: int, budget_s: Option
     result = trainer.run()
     engine = kept[-1]
     if hooks.final_generator is None or hooks.sample_shape is None:
-        # Only SIGTERM ends a Trainer without its final evaluation (after a checkpoint).
-        raise CompareStopped(f"stopped (SIGTERM) while training {learner}, seed {seed}"
-                             + (f"; its run {result.run_id} holds a checkpoint" if result.run_id else ""))
+        # Only a stop signal ends a Trainer without its final evaluation (after a checkpoint).
+        stops = stops or StopSignals()
+        raise stops.stopped(f"while training {learner}, seed {seed}"
+                            + (f"; its run {result.run_id} holds a checkpoint" if result.run_id else ""))
     return LearnerRun(learner, seed, config, result.run_id, engine.train_s, result.images_seen, dict(result.eval),
                       hooks.final_generator, hooks.sample_shape, engine.captures)
 
@@ -133,13 +132,21 @@ def run_compare(recipe: Recipe, learners: list[str], seeds: list[int], budget_s:
     if parent is not None and on_parent_run_id is not None:
         on_parent_run_id(parent.run_id)
     ray_owned = False
+    stops = StopSignals()
     try:
         if base.topology.kind != "local":
             # One Ray instance for every learner (each Trainer would otherwise start and stop its own).
             from ganray.orchestrator.job.placement import connect
 
             ray_owned = connect(base.resources).owned
-        summary = _compare(base, order, seeds, budget_s, configs, parent, tracking_uri, out, say, progress)
+        with stops:  # after Ray's start-up, which installs its own SIGTERM handler
+            try:
+                summary = _compare(base, order, seeds, budget_s, configs, parent, tracking_uri, out, say, progress,
+                                   stops)
+            except KeyboardInterrupt:
+                if stops.received is None:
+                    raise
+                raise stops.stopped("before the comparison finished") from None
     except BaseException as exc:
         if parent is not None:
             parent.close("KILLED" if isinstance(exc, (CompareStopped, KeyboardInterrupt)) else "FAILED", timeout=60.0)
@@ -175,7 +182,7 @@ def _json_safe(value: Any) -> Any:
 
 def _compare(base: TrainConfig, order: list[str], seeds: list[int], budget_s: Optional[float],
              configs: dict[tuple[str, int], TrainConfig], parent: Any, tracking_uri: Optional[str], out: Path,
-             say: Say, progress: bool) -> dict[str, Any]:
+             say: Say, progress: bool, stops: Optional[StopSignals] = None) -> dict[str, Any]:
     ipr = base.schedule.batch_size * base.schedule.n_critic
     ladder = image_ladder(int(round(base.schedule.total_kimg * 1000)), ipr)
     time_rows: dict[str, list[dict[str, Any]]] = {n: [] for n in order}
@@ -192,7 +199,7 @@ def _compare(base: TrainConfig, order: list[str], seeds: list[int], budget_s: Op
             limit = "no time limit (schedule.total_kimg)" if budget is None else f"{budget:.1f} s"
             say(f"seed {seed}: training {learner} ({limit}, at most {base.schedule.total_kimg:g} kimg)")
             run = train_learner(configs[(learner, seed)], learner, seed, budget, capture_at, parent, tracking_uri,
-                                progress)
+                                progress, stops)
             runs[learner] = run
             say(f"seed {seed}: {learner} trained {run.train_s:.1f} s, {run.images_seen / 1000:.1f} kimg; "
                 + ", ".join(f"{k} {v:.4g}" for k, v in run.eval.items()))

@@ -41,11 +41,12 @@ class Progress:
         if not self.enabled:
             return
         mean = {k: sum(v) / len(v) for k, v in metrics.items() if v}
-        if "loss/D" in mean or "loss/G" in mean:
+        if "loss/G" in mean:  # the GAN
             losses = (f"loss D {mean.get('loss/D', float('nan')):.3f}"
-                      f"  G {mean.get('loss/G', float('nan')):.3f}")
-        else:  # another learner: its own losses, by the names its round reports
-            losses = "  ".join(f"{k} {v:.3f}" for k, v in mean.items() if k.startswith("loss/"))
+                      f"  G {mean['loss/G']:.3f}")
+        else:  # another learner (the energy model has a D but no G): its own losses and D's scores
+            losses = "  ".join(f"{k.replace('/', ' ')} {v:.3f}" for k, v in mean.items()
+                               if k.startswith(("loss/", "D/")))
         info = f"{rounds_per_s:6.1f} rounds/s  {losses}{self._eval}"
         if self._bar is not None:
             self._bar.update(self._task, completed=kimg, info=info)
