@@ -14,7 +14,7 @@ would also make replicated workers disagree with one local process).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +73,19 @@ class Projection(nn.Module):
 def _need_classes(module: nn.Module, y: Optional[torch.Tensor]) -> None:
     if y is None:
         raise ValueError(f"{type(module).__name__} is class-conditional: call it with the classes y")
+
+
+def _judge_packs(logits_of: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], pack: int,
+                 x: torch.Tensor, y: Optional[torch.Tensor], packed_shape: tuple[int, ...]) -> torch.Tensor:
+    """PacGAN: consecutive groups of `pack` samples are judged as one input of `packed_shape`;
+    each member gets its pack's logit (N,)."""
+    if pack == 1:
+        return logits_of(x, y)
+    n = x.shape[0]
+    if n % pack:
+        raise ValueError(f"a packed discriminator (pack={pack}) needs a batch that is a multiple of {pack}, "
+                         f"got {n} samples")
+    return logits_of(x.reshape(n // pack, *packed_shape), y).repeat_interleave(pack)
 
 
 def _as_shape(sample_shape: Sequence[int]) -> tuple[int, ...]:
@@ -171,14 +184,7 @@ class MLPDiscriminator(nn.Module):
         return self.net[-1](features).view(-1) + self.projection(features, y)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.pack == 1:
-            return self._logits(x, y)
-        n = x.shape[0]
-        if n % self.pack:
-            raise ValueError(f"a packed discriminator (pack={self.pack}) needs a batch that is a "
-                             f"multiple of {self.pack}, got {n} samples")
-        logits = self._logits(x.reshape(n // self.pack, -1), y)
-        return logits.repeat_interleave(self.pack)
+        return _judge_packs(self._logits, self.pack, x, y, (-1,))  # a pack: its samples concatenated
 
 
 def _check_image_args(resolution: int, channels: int, base_width: int) -> int:
@@ -286,12 +292,5 @@ class DCGANDiscriminator(nn.Module):
         return self.net[-1](features).view(-1) + self.projection(features.flatten(1), y)
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.pack == 1:
-            return self._logits(x, y)
-        n = x.shape[0]
-        if n % self.pack:
-            raise ValueError(f"a packed discriminator (pack={self.pack}) needs a batch that is a "
-                             f"multiple of {self.pack}, got {n} samples")
-        # Consecutive samples form a pack (as in the MLP discriminator); each member gets its pack's logit.
-        packed = x.reshape(n // self.pack, self.pack * x.shape[1], *x.shape[2:])
-        return self._logits(packed, y).repeat_interleave(self.pack)
+        # A pack: its samples' channels stacked.
+        return _judge_packs(self._logits, self.pack, x, y, (self.pack * x.shape[1], *x.shape[2:]))
