@@ -10,13 +10,13 @@ from ganray.orchestrator.job.config import (RESUME_ALLOWED, TrainConfig, config_
                                         load_config, parse_override)
 from helpers import REPO
 
-SHIPPED = ["grid25.yaml", "ring8.yaml", "digits.yaml"]
+SHIPPED = ["grid25.yaml", "ring8.yaml", "digits.yaml", "stacked-digits.yaml", "digits-conditional.yaml"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name):
     cfg = load_config(REPO / "configs" / name)
-    assert cfg.data.name == name.split(".")[0]
+    assert cfg.data.name == name.split(".")[0].removesuffix("-conditional")
     # Every key the file sets is what the validated config holds (no default overrode it).
     import yaml
 
