@@ -178,7 +178,10 @@ def test_a_stopped_run_resumes_exactly_from_its_checkpoint_and_samples(mlflow_st
     from ganray.orchestrator.job.trainer import Trainer
 
     cfg = _config(schedule={"total_kimg": 1, "sync_kimg": 0.25, "checkpoint_kimg": 0.5})
-    full = Trainer(cfg, progress=False).run()
+    released = _config(schedule={"total_kimg": 1, "sync_kimg": 0.25, "checkpoint_kimg": 0.5},
+                       tracking={"model_name": "energy-ring8"})
+    full = Trainer(released, progress=False).run()
+    assert full.model_version == "1"  # D's state and the sampler settings, released without a pt2
     first = Trainer(cfg, progress=False, stop_at_kimg=0.5).run()
     rest = Trainer(cfg, progress=False, resume=first.run_id).run()
     done = len(first.history["loss/D"])
@@ -190,3 +193,10 @@ def test_a_stopped_run_resumes_exactly_from_its_checkpoint_and_samples(mlflow_st
     assert code == 0, err
     samples = np.load(mlflow_store / "s.npy")
     assert samples.shape == (20, 2) and np.isfinite(samples).all() and np.abs(samples).max() <= 1.3
+    # The registered release: `sample` and `evaluate` rebuild the search from D and its settings.
+    code, out, err = run_cli(["sample", "--model", "models:/energy-ring8/1", "-n", "20", "--out",
+                              str(mlflow_store / "r.npy")])
+    assert code == 0 and "shape=20x2" in out, err
+    assert np.array_equal(np.load(mlflow_store / "r.npy"), samples)  # the same D_ema, the same search
+    code, out, err = run_cli(["evaluate", "--model", "models:/energy-ring8/1"])
+    assert code == 0 and {line.split("=")[0] for line in out.split()} == {"modes", "hq", "kl"}, err
