@@ -147,6 +147,7 @@ def test_a_stop_signal_checkpoints_the_learner_in_training_and_ends_the_comparis
     # way the comparison ends, its parent run KILLED, one line and no traceback.
     import ganray.orchestrator.compare.runner as runner
 
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     chunks_after: list[int] = []
     real_run, real_scores = BudgetEngine.run, runner.scores
 
@@ -180,7 +181,7 @@ def test_a_stop_signal_checkpoints_the_learner_in_training_and_ends_the_comparis
         assert len(chunks_after) == 2  # no chunk trained after the signal
     else:
         assert f"stopped ({name}) before the comparison finished" in errors[0] and "scoring gan" in stderr
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before  # the handlers are put back
     assert not (out / "compare.json").exists()
 
     from mlflow import MlflowClient
