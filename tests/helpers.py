@@ -46,6 +46,17 @@ def small_config(**sections: Any) -> Any:
     return config_from_dict(small_tree(**sections))
 
 
+def ray_rounds(config: Any, rounds: int) -> Any:
+    """`rounds` rounds of a fresh `RayEngine` on `config` (its ChunkResult); the engine is closed after."""
+    from ganray.orchestrator.job.coordinator import RayEngine
+
+    engine = RayEngine(config)
+    try:
+        return engine.run(rounds)
+    finally:
+        engine.close()
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct TCP ports free on 127.0.0.1 (all held open together so none repeats)."""
     with contextlib.ExitStack() as stack:

@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from helpers import run_cli, small_config
+from helpers import ray_rounds, run_cli, small_config
 from ganray.models.errors import ConfigError
 from ganray.orchestrator.job.checkpoint import read_checkpoint, write_checkpoint
 from ganray.orchestrator.job.coordinator import RayEngine
@@ -162,11 +162,7 @@ def local_ada():
 
 
 def test_one_replica_with_ada_reproduces_local(ray_session, local_ada) -> None:
-    engine = RayEngine(_digits(topology={"kind": "replicated", "num_workers": 1}))
-    try:
-        result = engine.run(12)
-    finally:
-        engine.close()
+    result = ray_rounds(_digits(topology={"kind": "replicated", "num_workers": 1}), 12)
     np.testing.assert_allclose(_losses(result), _losses(local_ada), rtol=0, atol=1e-5)
     for key in ("D/real_score", "D/fake_score", p_metric()):
         np.testing.assert_allclose(result.metrics[key], local_ada.metrics[key], rtol=0, atol=1e-5, err_msg=key)

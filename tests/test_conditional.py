@@ -18,9 +18,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import run_cli, small_config, small_tree
+from helpers import ray_rounds, run_cli, small_config, small_tree
 from ganray.models.errors import ConfigError, DataError
-from ganray.orchestrator.job.coordinator import RayEngine
 from ganray.orchestrator.job.engine import LocalEngine
 from ganray.workers.augment import p_metric
 
@@ -180,23 +179,15 @@ def test_two_replicas_take_their_own_rows_and_classes(local_run) -> None:
 # --- Ray ----------------------------------------------------------------------------------------
 
 def test_one_replica_reproduces_local(ray_session, local_run) -> None:
-    engine = RayEngine(_digits(topology={"kind": "replicated", "num_workers": 1}))
-    try:
-        result = engine.run(8)
-    finally:
-        engine.close()
+    result = ray_rounds(_digits(topology={"kind": "replicated", "num_workers": 1}), 8)
     np.testing.assert_allclose(_losses(result), _losses(local_run), rtol=0, atol=1e-5)
     for key in ("D/real_score", "D/fake_score", p_metric()):
         np.testing.assert_allclose(result.metrics[key], local_run.metrics[key], rtol=0, atol=1e-5, err_msg=key)
 
 
 def test_one_generator_one_discriminator_matches_local(ray_session, local_run) -> None:
-    engine = RayEngine(_digits(topology={"kind": "split", "num_generators": 1, "num_discriminators": 1},
-                               resources={"cpus_per_worker": 0.5}))
-    try:
-        result = engine.run(8)
-    finally:
-        engine.close()
+    result = ray_rounds(_digits(topology={"kind": "split", "num_generators": 1, "num_discriminators": 1},
+                                resources={"cpus_per_worker": 0.5}), 8)
     np.testing.assert_allclose(_losses(result), _losses(local_run), rtol=0, atol=1e-4)
     np.testing.assert_allclose(result.metrics["D/fake_score"], local_run.metrics["D/fake_score"], rtol=0, atol=1e-4)
 

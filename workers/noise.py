@@ -7,6 +7,8 @@ step's z and instance noise each have a slot of their own within the round.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ganray.models.latent import draw_latent
@@ -58,8 +60,12 @@ class NoiseStreams:
         self._gen.manual_seed(self._seed_for(round_idx, slot))
         return _slice(torch.rand((n,), generator=self._gen, device=self.device), part, parts)
 
-    def labels(self, round_idx: int, slot: int, n: int, num_classes: int, part: int, parts: int) -> torch.Tensor:
-        """Classes of the global batch of n fakes, uniform over 0..num_classes-1, sliced by rank."""
+    def labels(self, round_idx: int, slot: int, n: int, num_classes: int, part: int,
+               parts: int) -> Optional[torch.Tensor]:
+        """Classes of the global batch of n fakes, uniform over 0..num_classes-1, sliced by rank;
+        None for an unconditional GAN (`num_classes` 0), whose G and D take no classes."""
+        if not num_classes:
+            return None
         self._gen.manual_seed(self._seed_for(round_idx, slot))
         return _slice(torch.randint(num_classes, (n,), generator=self._gen, device=self.device), part, parts)
 

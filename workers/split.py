@@ -150,8 +150,6 @@ class GeneratorWorker(WorkerBase):
     # -- the round ---------------------------------------------------------------------------
     def _labels(self, round_idx: int, slot: int) -> Optional[torch.Tensor]:
         """Part j of the fake classes from stream `slot` (None for an unconditional GAN)."""
-        if not self.gen.num_classes:
-            return None
         return self.noise.labels(round_idx, slot, self.settings.global_batch, self.gen.num_classes,
                                  self.rank, self.world)
 
@@ -293,12 +291,6 @@ class DiscriminatorWorker(WorkerBase):
             self.sampler = moved
         return self.batches.next_labelled(self.sampler)
 
-    def _fake_labels(self, round_idx: int, slot: int, n: int, part: int, parts: int) -> Optional[torch.Tensor]:
-        """The classes G drew for the fake rows this D scores (the same streams, sliced alike)."""
-        if not self.num_classes:
-            return None
-        return self.noise.labels(round_idx, slot, n, self.num_classes, part, parts)
-
     def _my_rows(self, first_part: int, parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
         """Slice i of K of the global batch from the overlapping generator parts (concatenated)."""
         whole = parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -325,7 +317,8 @@ class DiscriminatorWorker(WorkerBase):
             k = phase.step
             real, labels = self._next_real()
             real, fake = self.noise.noisy_d_inputs(real, fakes[k], std, round_idx, k, B, i, K)
-            fake_labels = self._fake_labels(round_idx, LABEL_SLOT + k, B, i, K)
+            # The classes G drew for the fake rows this D scores: the same streams, sliced alike.
+            fake_labels = self.noise.labels(round_idx, LABEL_SLOT + k, B, self.num_classes, i, K)
             alpha = self.noise.uniform(round_idx, ALPHA_SLOT + k, B, i, K) if s.loss_kind == "wgan-gp" else None
             # Augmentation parameters: this D's slice of the rows `local` draws (None when off).
             draws = [self.noise.uniform_rows(round_idx, slot + k, B, DRAWS, i, K) if phase.augment else None
@@ -355,7 +348,7 @@ class DiscriminatorWorker(WorkerBase):
         whole = self.noise.add_noise(whole, self._noise_std, self._noise_round, G_NOISE_SLOT, whole.shape[0], 0, 1)
         draws = (self.noise.uniform_rows(self._noise_round, AUGMENT_G_SLOT, whole.shape[0], DRAWS, 0, 1)
                  if table_of(self.settings).g_step.augment else None)
-        fake_labels = self._fake_labels(self._noise_round, G_LABEL_SLOT, whole.shape[0], 0, 1)
+        fake_labels = self.noise.labels(self._noise_round, G_LABEL_SLOT, whole.shape[0], self.num_classes, 0, 1)
         loss, grad = self.disc.feedback(whole, self._last_real, draws, fake_labels, self._last_labels)
         grad = grad.cpu()
         sizes = [p.shape[0] for p in fake_parts]

@@ -173,8 +173,6 @@ class ReplicaStepper:
 
     def _fake_labels(self, slot: int) -> Optional[torch.Tensor]:
         """This rank's fake classes from stream `slot` (None for an unconditional GAN)."""
-        if not self.gen.num_classes:
-            return None
         return self.noise.labels(self.progress.rounds, slot, self.settings.global_batch, self.gen.num_classes,
                                  self.rank, self.world)
 

@@ -23,11 +23,6 @@ from ganray.workers.data import load_dataset
 MIN_PER_CLASS = 200  # samples of each class the independent classifier labels
 
 
-def generator_classes(G: nn.Module) -> int:
-    """The classes of a conditional generator; 0 for an unconditional one."""
-    return int(getattr(G, "num_classes", 0) or 0)
-
-
 class ClassScores:
     """Per-job state: the independent classifier and the digits' train split, loaded once."""
 
@@ -69,7 +64,7 @@ class ClassScores:
         digits the independent classifier's accuracy over at least `num_samples` new samples (and
         MIN_PER_CLASS of each class)."""
         from ganray.models import fid
-        from ganray.orchestrator.job.evaluate import sample_generator
+        from ganray.orchestrator.job.evaluate import generator_classes, sample_generator
 
         classes = generator_classes(G)
         out: dict[str, float] = {}

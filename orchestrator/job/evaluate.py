@@ -34,6 +34,12 @@ def cache_dir() -> Path:
     return root
 
 
+def generator_classes(G: nn.Module) -> int:
+    """The classes of a conditional generator (`model.conditional`); 0 for an unconditional one
+    (and for sampling modules without classes: decoders, the energy search)."""
+    return int(getattr(G, "num_classes", 0) or 0)
+
+
 @torch.no_grad()
 def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024,
                      classes: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -43,7 +49,7 @@ def sample_generator(G: nn.Module, n: int, seed: int, batch: int = 1024,
     num_classes: every class equally often, so evaluation, retrain and Tune judge all of them."""
     gen = torch.Generator().manual_seed(seed)
     device = next(G.parameters()).device
-    num_classes = int(getattr(G, "num_classes", 0) or 0)
+    num_classes = generator_classes(G)
     if num_classes and classes is None:
         classes = torch.arange(n) % num_classes
     was_training = G.training
@@ -162,13 +168,14 @@ class Evaluator:
                 out[f"{k}_floor"] = float(v)
         if self.classifier_accuracy is not None:
             out["classifier_acc"] = self.classifier_accuracy
-        if getattr(G, "num_classes", 0) or self.config.data.name == "digits":
+        conditional = generator_classes(G) > 0
+        if conditional or self.config.data.name == "digits":
             from ganray.orchestrator.job.class_scores import ClassScores
 
             self._by_class = self._by_class or ClassScores(self.config)
         if self.config.data.name == "digits":
             out.update(self._by_class.digit_fidelity(G, self.num_samples, self.seed))
-        if getattr(G, "num_classes", 0):
+        if conditional:
             out.update(self._by_class.scores(G, real, self.source.labels, fake, self._feature_net,
                                              tuple(self.source.sample_shape), self.num_samples, self.seed))
         return out

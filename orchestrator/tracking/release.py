@@ -34,6 +34,7 @@ from ganray.models.latent import draw_latent, latent_of
 from ganray.orchestrator.errors import TrackingError
 from ganray.orchestrator.job.checkpoint import MANIFEST, list_checkpoints, snapshot_state, write_checkpoint
 from ganray.orchestrator.job.config import TrainConfig
+from ganray.orchestrator.job.evaluate import generator_classes
 from ganray.orchestrator.tracking.run_logger import RunLogger
 from ganray.orchestrator.tracking.store import ganray_version, redact, scrub
 
@@ -122,7 +123,7 @@ def log_released_generator(client_or_logger: "MlflowClient | RunLogger", run_id:
                             "kimg": images_seen / 1000.0, "run_id": run_id, "model_name": model_name,
                             "z_dim": z_dim, "latent": latent_of(model), "sample_shape": sample_shape, "ganray_version": ganray_version(),
                             # 0: G(z); otherwise the pt2 model takes (z, class)
-                            "num_classes": int(getattr(model, "num_classes", 0) or 0)}
+                            "num_classes": generator_classes(model)}
     config_text = scrub(config.to_yaml()).encode()
     meta["config_sha256"] = hashlib.sha256(config_text).hexdigest()
     with tempfile.TemporaryDirectory(prefix="ganray-release-") as tmp:

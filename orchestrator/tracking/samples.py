@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ganray.models.errors import GanrayError
-from ganray.orchestrator.job.evaluate import MIXTURES, sample_generator
+from ganray.orchestrator.job.evaluate import MIXTURES, generator_classes, sample_generator
 
 FIXED_LATENT_SEED = 20_240_601  # the same latent batch at every step, so grids are comparable
 # A grid narrower than this is scaled up by a whole factor, nearest neighbour: an 8x8 digits grid
@@ -28,18 +28,13 @@ GRID_PER_CLASS = 8
 GRID_MAX_CLASSES = 32
 
 
-def num_classes_of_generator(G: torch.nn.Module) -> int:
-    """The classes of a conditional generator; 0 for an unconditional one."""
-    return int(getattr(G, "num_classes", 0) or 0)
-
-
 def class_request(G: torch.nn.Module, spec: Optional[str], n: int) -> tuple[Optional[torch.Tensor], int]:
     """(each sample's class, samples per grid row) for `ganray sample --class K|all` and `-n n`.
 
     No `spec`: None (a conditional G takes the classes in turn) and rows of 8. `K`: n samples of
     class K. `all`: ceil(n / classes) samples of every class, one grid row per class. A class
     out of range, or `--class` on an unconditional model, is a one-line GanrayError."""
-    classes = num_classes_of_generator(G)
+    classes = generator_classes(G)
     if spec is None:
         return None, 8
     if not classes:
@@ -144,8 +139,8 @@ def log_samples(logger: Any, config: Any, G: torch.nn.Module, images_seen: int) 
     if len(getattr(G, "sample_shape", (2,))) == 1:
         samples = sample_generator(G, 2500, FIXED_LATENT_SEED).numpy()
         logger.log_image(scatter_image(samples, config.data.name), key="samples", step=images_seen)
-    elif num_classes_of_generator(G):
-        rows = min(num_classes_of_generator(G), GRID_MAX_CLASSES)
+    elif generator_classes(G):
+        rows = min(generator_classes(G), GRID_MAX_CLASSES)
         classes = torch.arange(rows).repeat_interleave(GRID_PER_CLASS)
         images = sample_generator(G, len(classes), FIXED_LATENT_SEED, classes=classes)
         logger.log_image(image_grid(images, nrow=GRID_PER_CLASS), key="samples", step=images_seen)
