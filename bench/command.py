@@ -37,7 +37,7 @@ def _overrides(sets: list[str]) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command()
     def bench(suites: Optional[list[str]] = typer.Argument(
-                  None, help="suites to run: overhead scaling split peer tracking startup quality "
+                  None, help="suites to run: overhead scaling split peer tracking startup compile quality "
                              "(default: all but quality)"),
               out: Path = typer.Option(Path("bench-results"), "--out", help="folder for <suite>.json and <suite>.md"),
               quick: bool = typer.Option(False, "--quick", help="a short pass that proves the harness (tiny sizes, 2 seeds)"),

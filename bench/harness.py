@@ -40,6 +40,7 @@ SUITES: dict[str, str] = {
     "peer": "ganray.bench.peer:peer",
     "tracking": "ganray.bench.tracking_suite:tracking",
     "startup": "ganray.bench.startup:startup",
+    "compile": "ganray.bench.compile_suite:compile_suite",
     "quality": "ganray.bench.quality:quality",
 }
 DEFAULT_SUITES = [s for s in SUITES if s != "quality"]

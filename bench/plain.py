@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ganray.bench.timing import Contender, add_ratio, compare
-from ganray.models.ema import update_ema
+from ganray.models.ema import EmaPair
 from ganray.models.registry import build_discriminator, build_generator
 from ganray.workers.data import load_dataset
 from ganray.workers.stepper import build_replica
@@ -118,6 +118,7 @@ class PlainGAN:
             self.G = self.G.to(memory_format=torch.channels_last)
             self.D = self.D.to(memory_format=torch.channels_last)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.ema = EmaPair(self.G_ema, self.G)
         self.tuned = bool(tuned)
         fused = {"fused": True} if self.tuned else {}
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=float(sched["g_lr"]), betas=betas, **fused)
@@ -171,7 +172,7 @@ class PlainGAN:
         self.D.requires_grad_(True)
         with torch.no_grad():
             if self.tuned:  # ganray's own fused EMA update (one foreach lerp, buffers copied)
-                update_ema(self.G_ema, self.G, self.ema_beta)
+                self.ema.update(self.ema_beta)
                 return
             for p_ema, p in zip(self.G_ema.parameters(), self.G.parameters()):
                 p_ema.lerp_(p, 1.0 - self.ema_beta)

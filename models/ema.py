@@ -25,26 +25,40 @@ def ema_beta(batch_size: int, half_life_kimg: float) -> float:
     return 0.5 ** (batch_size / (half_life_kimg * 1000.0))
 
 
-@torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, beta: float) -> None:
-    """ema_param <- beta * ema_param + (1 - beta) * param for every parameter; buffers copied.
+class EmaPair:
+    """An average model and the model it follows, their tensors listed once: walking a module
+    tree (`parameters()`, `buffers()`) on every update costs more than the update itself on a
+    small network.
 
-    Buffers (BatchNorm running statistics, spectral-norm power-iteration vectors) are state, not
-    weights: averaging them would describe no network, so G_ema takes G's current ones.
-    Both models must have the same architecture (parameters and buffers in the same order).
+    Both models must have the same architecture (parameters and buffers in the same order), and
+    their tensors must stay the same objects (`load_state_dict` copies into them, so it may run).
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    ema_params = list(ema_model.parameters())
-    params = list(model.parameters())
-    ema_buffers = list(ema_model.buffers())
-    buffers = list(model.buffers())
-    if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):
-        raise ValueError("ema_model and model have different architectures "
-                         f"({len(ema_params)} vs {len(params)} parameters, "
-                         f"{len(ema_buffers)} vs {len(buffers)} buffers)")
-    if params:
-        # One fused call over all tensors instead of a Python loop of small kernels.
-        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
-    if buffers:
-        torch._foreach_copy_(ema_buffers, buffers)
+
+    def __init__(self, ema_model: nn.Module, model: nn.Module) -> None:
+        self.ema_params, self.params = list(ema_model.parameters()), list(model.parameters())
+        self.ema_buffers, self.buffers = list(ema_model.buffers()), list(model.buffers())
+        if len(self.ema_params) != len(self.params) or len(self.ema_buffers) != len(self.buffers):
+            raise ValueError("ema_model and model have different architectures "
+                             f"({len(self.ema_params)} vs {len(self.params)} parameters, "
+                             f"{len(self.ema_buffers)} vs {len(self.buffers)} buffers)")
+
+    @torch.no_grad()
+    def update(self, beta: float) -> None:
+        """ema_param <- beta * ema_param + (1 - beta) * param for every parameter; buffers copied.
+
+        Buffers (BatchNorm running statistics, spectral-norm power-iteration vectors) are state,
+        not weights: averaging them would describe no network, so the average takes the model's
+        current ones."""
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        if self.params:
+            # One fused call over all tensors instead of a Python loop of small kernels.
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
+        if self.buffers:
+            torch._foreach_copy_(self.ema_buffers, self.buffers)
+
+
+def update_ema(ema_model: nn.Module, model: nn.Module, beta: float) -> None:
+    """One `EmaPair.update` of `ema_model` towards `model` (a caller that updates every step
+    keeps its `EmaPair`)."""
+    EmaPair(ema_model, model).update(beta)

@@ -301,12 +301,13 @@ def test_bench_quick_writes_reports(ray_session: Any, tmp_path: Path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "bench"
-    code = main(["bench", "overhead", "tracking", "quality", "--quick", "--models", "mlp", "--datasets", "ring8",
-                 "--kimg", "4", "--seeds", "2", "--out", str(out)])
+    code = main(["bench", "overhead", "tracking", "compile", "quality", "--quick", "--models", "mlp", "--datasets",
+                 "ring8", "--kimg", "4", "--seeds", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "## overhead" in printed and "| mlp |" in printed and "## quality" in printed
-    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in ("overhead", "tracking", "quality")}
+    assert "## overhead" in printed and "| mlp |" in printed and "## quality" in printed and "## compile" in printed
+    suites = ("overhead", "tracking", "compile", "quality")
+    reports = {name: json.loads((out / f"{name}.json").read_text()) for name in suites}
     for name, body in reports.items():
         assert body["suite"] == name and body["quick"] is True and body["date"][:2] == "20"
         assert {"cpu", "cores", "torch", "ray", "mlflow", "gpu"} <= set(body["machine"])
@@ -324,9 +325,16 @@ def test_bench_quick_writes_reports(ray_session: Any, tmp_path: Path, monkeypatc
     assert reports["tracking"]["settings"]["on"]["tracking.enabled"] is True
     assert "dcgan32" not in overhead  # --models mlp
     assert reports["tracking"]["ring8"]["ratio"] > 0
-    ratios = ratio_items(overhead) + ratio_items(reports["tracking"])
-    assert {"mlp.ratio", "mlp.local_ratio", "mlp.minimal_ratio", "ring8.ratio", "ring8.wall_ratio"} <= {
-        k for k, _ in ratios}
+    # compile: the compiled worker against the tuned eager loop and eager ganray, after a check
+    # that the compiled rounds give the eager weights (--quick traces with aot_eager).
+    compiled = reports["compile"]["mlp"]
+    assert reports["compile"]["backend"] == "aot_eager" and compiled["reference"] == "tuned"
+    assert set(compiled["samples_per_s"]) == {"tuned", "eager", "compiled"}
+    assert compiled["equality"]["equal"] is True and compiled["equality"]["rounds"] == 3
+    assert set(compiled["first_chunk_s"]) == {"eager", "compiled"} and compiled["aim"] == 1.1
+    ratios = ratio_items(overhead) + ratio_items(reports["tracking"]) + ratio_items(reports["compile"])
+    assert {"mlp.ratio", "mlp.local_ratio", "mlp.minimal_ratio", "ring8.ratio", "ring8.wall_ratio",
+            "mlp.compiled_vs_eager_ratio"} <= {k for k, _ in ratios}
     for key, value in ratios:
         assert isinstance(value, float) and value > 0 and math.isfinite(value), (key, value)
     quality = reports["quality"]["ring8"]

@@ -32,6 +32,13 @@ from ganray.workers.phases import ADVERSARIAL, GP, R1, R2, Phase
 from ganray.workers.stats import FAKE_SCORE, LOSS_D, REAL_SCORE, RoundStats, term_name
 
 
+def eager(D: nn.Module) -> nn.Module:
+    """The module under a torch.compile wrapper (`resources.compile`), or D itself: R1, R2 and the
+    WGAN gradient penalty differentiate D's input gradient again (create_graph=True), which a
+    compiled graph's backward does not support, so those terms call the eager module."""
+    return getattr(D, "_orig_mod", D)
+
+
 def autocast(bf16: bool) -> Any:
     """bf16 autocast on CUDA when `resources.precision` asks for it, else nothing."""
     if bf16:
@@ -59,7 +66,7 @@ def real_half(D: nn.Module, phase: Phase, real: torch.Tensor, d_step: int, bf16:
     half = RealHalf(real, logits, labels=labels)
     r1 = phase.term(R1)
     if r1 is not None and r1.due(d_step):
-        half.terms.append((R1, r1.weight * losses.r1_penalty(Dy, real)))
+        half.terms.append((R1, r1.weight * losses.r1_penalty(conditioned(eager(D), labels), real)))
     return half
 
 
@@ -76,14 +83,15 @@ def d_loss(D: nn.Module, phase: Phase, kind: str, half: RealHalf, fake: torch.Te
     weighted: dict[str, torch.Tensor] = {}
     gp = phase.term(GP)
     if gp is not None and alpha is not None:
-        weighted[GP] = gp.weight * losses.gradient_penalty(conditioned(D, half.labels), half.real, fake, alpha)
+        weighted[GP] = gp.weight * losses.gradient_penalty(conditioned(eager(D), half.labels), half.real, fake,
+                                                           alpha)
         total = total + weighted[GP]
     for name, value in half.terms:
         weighted[name] = value
         total = total + value
     r2 = phase.term(R2)
     if r2 is not None and r2.due(d_step):
-        weighted[R2] = r2.weight * losses.r2_penalty(D_fake, fake)
+        weighted[R2] = r2.weight * losses.r2_penalty(conditioned(eager(D), fake_labels), fake)
         total = total + weighted[R2]
     stats.report(LOSS_D, loss)
     stats.report(REAL_SCORE, half.logits.detach().mean(), "last")

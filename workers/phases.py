@@ -25,6 +25,7 @@ Every topology runs this table; how it runs it (all-reduces behind the next phas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -109,9 +110,19 @@ def round_table(loss_kind: str, r1_interval: int, gp_weight: float, hyper: Hyper
 
 
 def table_of(settings: Any) -> RoundTable:
-    """`round_table` for a `StepSettings`."""
-    return round_table(settings.loss_kind, settings.r1_interval, settings.gp_weight, settings.hyper,
-                       settings.augment, settings.global_batch)
+    """`round_table` for a `StepSettings`, built once per distinct value of what it reads (every
+    round asks, and a mutated `n_critic` or `r1_gamma` must take effect at once)."""
+    h = settings.hyper
+    return _cached_table(settings.loss_kind, settings.r1_interval, settings.gp_weight, h.n_critic, h.r1_gamma,
+                         h.r2_gamma, settings.augment, settings.global_batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_table(loss_kind: str, r1_interval: int, gp_weight: float, n_critic: int, r1_gamma: float,
+                  r2_gamma: float, augment: Optional[AugmentSettings], global_batch: int) -> RoundTable:
+    # round_table reads only these fields of Hyper; the learning rates and betas do not shape it.
+    hyper = Hyper(g_lr=0.0, d_lr=0.0, betas=(0.0, 0.0), n_critic=n_critic, r1_gamma=r1_gamma, r2_gamma=r2_gamma)
+    return round_table(loss_kind, r1_interval, gp_weight, hyper, augment, global_batch)
 
 
 @dataclass

@@ -73,6 +73,7 @@ class StepSettings:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast_bf16: bool = False
     channels_last: bool = False
+    compile_backend: Optional[str] = None  # resources.compile's backend; None: eager
     augment: AugmentSettings = field(default_factory=AugmentSettings)
 
     @classmethod
@@ -90,6 +91,7 @@ class StepSettings:
             device=device,
             autocast_bf16=(res.get("precision") == "bf16" and device.type == "cuda"),
             channels_last=channels_last_for(res.get("channels_last"), device),
+            compile_backend=str(res.get("compile_backend") or "inductor") if res.get("compile") else None,
             augment=AugmentSettings.from_config(config),
         )
 

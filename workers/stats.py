@@ -45,14 +45,14 @@ class RoundStats:
         """Add one value of statistic `name`; `reduce` says how the round's values combine."""
         if self._reduce.setdefault(name, reduce) != reduce:
             raise ValueError(f"statistic {name!r} is reported with reductions {self._reduce[name]!r} and {reduce!r}")
-        self._values.setdefault(name, []).append(value.detach())
+        self._values.setdefault(name, []).append(value.detach() if value.requires_grad else value)
 
     def reduced(self) -> dict[str, torch.Tensor]:
         """Each statistic of the round as one scalar tensor."""
         out: dict[str, torch.Tensor] = {}
         for name, values in self._values.items():
             how = self._reduce[name]
-            if how == "last":
+            if how == "last" or len(values) == 1:  # one value is its own mean and sum
                 out[name] = values[-1]
             elif how == "sum":
                 out[name] = torch.stack(values).sum()
@@ -69,7 +69,7 @@ def per_round_lists(rounds: Sequence[RoundStats]) -> dict[str, list[float]]:
         return {}
     values = [r.reduced() for r in rounds]
     names = list(values[0])
-    table = torch.stack([torch.stack([v[n].float() for n in names]) for v in values]).cpu()
+    table = torch.stack([v[n] for v in values for n in names]).float().view(len(values), len(names)).cpu()
     return {n: table[:, i].tolist() for i, n in enumerate(names)}
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ganray.models.ema import ema_beta, update_ema
+from ganray.models.ema import EmaPair, ema_beta
 from ganray.models.errors import CheckpointError
 from ganray.models.latent import latent_of
 from ganray.models.registry import build_discriminator, build_generator, num_classes_of
@@ -44,7 +44,9 @@ def guarded_step(opt: torch.optim.Adam, params: list[nn.Parameter]) -> tuple[tor
     does: the fused kernel reads `found_inf` and skips the update (and the step count) on the
     device. Every replica sees the same reduced norm, so every replica skips together."""
     norm = grad_norm(params)
-    found_inf = (~torch.isfinite(norm)).to(torch.float32)
+    # norm * 0 is 0 exactly when the norm is finite (inf * 0 and NaN * 0 are NaN): two small ops
+    # where isfinite's composite takes four, and every op counts on a small network's round.
+    found_inf = (norm * 0.0 != 0.0).to(torch.float32)
     opt.found_inf = found_inf
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -55,6 +57,16 @@ def set_lr(opt: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) ->
     for group in opt.param_groups:
         group["lr"] = lr
         group["betas"] = betas
+
+
+def compiled(module: nn.Module, settings: StepSettings) -> nn.Module:
+    """`module` through torch.compile when `resources.compile` is on (the wrapper shares its
+    parameters and state), else `module` itself. The phases' double-backward terms (R1, R2, the
+    WGAN gradient penalty) reach past the wrapper to the eager module (`phase_loss.eager`): a
+    compiled graph's backward cannot itself be differentiated."""
+    if settings.compile_backend is None:
+        return module
+    return torch.compile(module, backend=settings.compile_backend)
 
 
 def _memory_format(module: nn.Module, settings: StepSettings, sample_shape: tuple[int, ...]) -> nn.Module:
@@ -72,6 +84,8 @@ class GeneratorRole:
         self.G = _memory_format(build_generator(config["model"], sample_shape).to(settings.device), settings,
                                 sample_shape)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.G_step = compiled(self.G, settings)  # what the G and D phases run; G_ema stays eager
+        self.ema = EmaPair(self.G_ema, self.G)
         h = settings.hyper
         self.opt = adam_optimizer(self.G.parameters(), h.g_lr, h.betas)
         self.params = list(self.G.parameters())
@@ -84,7 +98,7 @@ class GeneratorRole:
         set_lr(self.opt, h.g_lr * self.settings.lr_factor(kimg), h.betas)
 
     def _run(self, z: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.G(z) if y is None else self.G(z, y)
+        return self.G_step(z) if y is None else self.G_step(z, y)
 
     def generate(self, z: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         with torch.no_grad(), phase_loss.autocast(self.settings.autocast_bf16):
@@ -103,7 +117,7 @@ class GeneratorRole:
 
     def update_ema(self) -> None:
         """The G_ema phase."""
-        update_ema(self.G_ema, self.G, ema_beta(self.settings.global_batch, self.settings.ema_half_life_kimg))
+        self.ema.update(ema_beta(self.settings.global_batch, self.settings.ema_half_life_kimg))
 
 
 class DiscriminatorRole:
@@ -117,6 +131,7 @@ class DiscriminatorRole:
         torch.manual_seed(settings.seed + 1 + seed_offset)
         self.D = _memory_format(build_discriminator(config["model"], sample_shape).to(settings.device), settings,
                                 sample_shape)
+        self.D_step = compiled(self.D, settings)  # what the phases call; D owns the parameters
         h = settings.hyper
         self.opt = adam_optimizer(self.D.parameters(), h.d_lr, h.betas)
         self.params = list(self.D.parameters())
@@ -142,7 +157,7 @@ class DiscriminatorRole:
         """D on the real rows (augmented with `draws`; classes `labels`), and R1 when due. Only D
         and the data enter here, so a replica runs it while G's gradients are still being
         all-reduced (see `ReplicaStepper`). ADA's r_t reads the logits here."""
-        half = phase_loss.real_half(self.D, phase, self._augmented(real, draws), d_step, self.settings.autocast_bf16,
+        half = phase_loss.real_half(self.D_step, phase, self._augmented(real, draws), d_step, self.settings.autocast_bf16,
                                     labels)
         if self.augmenter is not None:
             self.augmenter.observe_reals(half.logits)
@@ -155,7 +170,7 @@ class DiscriminatorRole:
         backpropagated into D's gradients (not applied)."""
         s = self.settings
         fake = self._augmented(fake, draws)
-        phase_loss.d_loss(self.D, phase, s.loss_kind, half, fake, alpha, d_step, s.autocast_bf16, stats,
+        phase_loss.d_loss(self.D_step, phase, s.loss_kind, half, fake, alpha, d_step, s.autocast_bf16, stats,
                           fake_labels).backward()
 
     def reduced_with_grads(self) -> list[torch.Tensor]:
@@ -198,7 +213,7 @@ class DiscriminatorRole:
         `real_labels`) is already as D saw it."""
         s = self.settings
         fake = self._augmented(fake, draws)
-        return phase_loss.g_loss(self.D, self.params, s.loss_kind, fake, paired_real, s.autocast_bf16,
+        return phase_loss.g_loss(self.D_step, self.params, s.loss_kind, fake, paired_real, s.autocast_bf16,
                                  fake_labels, real_labels)
 
     def feedback(self, fake: torch.Tensor, paired_real: Optional[torch.Tensor],

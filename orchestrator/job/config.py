@@ -203,6 +203,13 @@ class ResourcesConfig(_Section):
         None, description="channels_last memory format for conv nets; unset: on for CPU (oneDNN's NHWC "
                           "kernels are the faster path), off on CUDA (mixed there: see docs/performance.md)")
     step_timeout_s: float = Field(600.0, gt=0.0, description="a worker call slower than this counts as hung")
+    compile: bool = Field(
+        False, description="torch.compile G's and D's forward passes in the phases that take no double backward "
+                           "(R1, R2 and the WGAN-GP penalty stay eager); the first rounds pay the compile time "
+                           "(model.learner gan)")
+    compile_backend: Literal["inductor", "aot_eager"] = Field(
+        "inductor", description="torch.compile's backend: inductor (generated kernels) or aot_eager (the traced "
+                                "graphs run by eager kernels: a check of the tracing, no speed-up)")
     collective: Literal["auto", "gloo"] = Field(
         "auto", description="how the workers' all-reduces travel: auto (shared memory when every rank "
                             "shares a host, else gloo on CPU, nccl on GPU) or gloo (always, as between "
