@@ -82,12 +82,12 @@ def compile_suite(ctx: BenchContext) -> Report:
              "through Ray, eager and with resources.compile: true, against the tuned eager plain loop. compile s: "
              "cold, the first compiled round less the first eager round in process with inductor's caches off; "
              "worker, the compiled worker's first chunk less the eager worker's (it may find the cold compile's "
-             "kernels in inductor's on-disk cache). max rel diff: the largest difference of any tensor of G, D or G_ema "
-             f"after {EQUALITY_ROUNDS} round, compiled against eager in one process, over that tensor's largest "
+             "kernels in inductor's on-disk cache). max rel diff: the largest difference of any tensor of G, D or "
+             f"G_ema after {EQUALITY_ROUNDS} round, compiled against eager in one process, over that tensor's largest "
              f"magnitude (tolerance {EQUALITY_REL_TOL}; a row beyond it is not timed)."]
     return Report(data, ["model", "batch", "tuned eager loop (reference)", "ganray eager", "ganray compiled",
-                         "eager / tuned", "compiled / tuned", "compiled / eager", "compile s (cold / worker)", "max rel diff",
-                         "target"], rows, notes)
+                         "eager / tuned", "compiled / tuned", "compiled / eager", "compile s (cold / worker)",
+                         "max rel diff", "target"], rows, notes)
 
 
 def _timed_run(contender: EngineContender, rounds: int) -> float:

@@ -26,15 +26,16 @@ _GAN_MODEL_KEYS = ("model.generator", "model.discriminator", "model.latent", "mo
                    "model.pack", "model.kwargs", "model.conditional", "model.num_classes")
 # torch.compile wraps the GAN's phase steps only (workers/steps.py).
 _COMPILE_KEYS = ("resources.compile", "resources.compile_")
-_AUTOENCODER_IGNORES = ("loss.", "augment.", *_GAN_MODEL_KEYS, *_COMPILE_KEYS, "schedule.n_critic", "schedule.d_lr", "model.energy_")
+_AUTOENCODER_IGNORES = ("loss.", "augment.", *_GAN_MODEL_KEYS, *_COMPILE_KEYS, "schedule.n_critic", "schedule.d_lr",
+                        "model.energy_")
 LEARNER_IGNORES: dict[str, tuple[str, ...]] = {
     "gan": ("model.ae_noise", "model.energy_"),
     "ae": _AUTOENCODER_IGNORES,
     "vae": (*_AUTOENCODER_IGNORES, "model.ae_noise", "schedule.ema_half_life_kimg"),
     # energy: D searches its own input space, so no z; a packed D (pack > 1) would mix the
     # samples of one search, whose steps must each move one sample alone.
-    "energy": ("loss.", "augment.", *_COMPILE_KEYS, "model.generator", "model.latent", "model.z_dim", "model.pack",
-               "model.conditional", "model.num_classes",
+    "energy": ("loss.", "augment.", *_COMPILE_KEYS, "model.generator", "model.latent", "model.z_dim",
+               "model.pack", "model.conditional", "model.num_classes",
                "model.batchnorm", "model.mlp_batchnorm", "model.mlp_skip", "model.ae_noise", "schedule.n_critic",
                "schedule.g_lr"),
 }
