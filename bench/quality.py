@@ -111,18 +111,20 @@ def stats(values: list[Optional[float]]) -> dict[str, Any]:
             "min": min(present), "max": max(present), "n": len(present), "of": len(values)}
 
 
-def trainer_config(name: str, seed: int, kimg: Optional[float], probe_kimg: float,
+def trainer_config(name: str, seed: int, kimg: Optional[float], probe_kimg: Optional[float],
                    overrides: Sequence[str] = ()) -> Any:
-    """configs/<name>.yaml for one quality run: the seed, untracked, evaluated every `probe_kimg`,
-    with the bench's `--set` overrides."""
+    """configs/<name>.yaml for one quality run: the seed, untracked, evaluated every `probe_kimg`
+    (None: the recipe's own `eval.every_kimg`), with the bench's `--set` overrides."""
     from ganray.orchestrator.job.config import load_config
 
-    sets = [*overrides, f"seed={seed}", "tracking.enabled=false", f"eval.every_kimg={probe_kimg}"]
+    sets = [*overrides, f"seed={seed}", "tracking.enabled=false"]
+    if probe_kimg is not None:
+        sets.append(f"eval.every_kimg={probe_kimg}")
     if kimg is not None:
         sets.append(f"schedule.total_kimg={kimg}")
     cfg = load_config(REPO / "configs" / f"{name}.yaml", sets)
     # The loop evaluates only between chunks of sync_kimg: chunks no longer than the probe interval.
-    cfg.schedule.sync_kimg = min(cfg.schedule.sync_kimg, probe_kimg)
+    cfg.schedule.sync_kimg = min(cfg.schedule.sync_kimg, cfg.eval.every_kimg)
     return cfg
 
 
