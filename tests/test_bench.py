@@ -417,7 +417,9 @@ def test_image_quality_targets_and_best_evaluations() -> None:
                 {"wall_s": 300.0, "kimg": 150, "modes": 1000, "kl": 0.08, "confidence": 0.9}]
     assert _first_met(timeline, stacked) == 300.0  # every mode AND KL <= 0.1
     assert not stacked.target({"modes": 1000, "kl": float("nan")})
-    assert _best(timeline, stacked)["kimg"] == 100  # the most modes first: reported beside the final one
+    # The most modes first, a tie going to the lower KL; reported beside the final one.
+    assert _best(timeline, stacked)["kimg"] == 150
+    assert _best(timeline[:2] + [{**timeline[2], "kl": float("nan")}], stacked)["kimg"] == 100
     assert conditional.target({"class_acc_min": 0.95}) and not conditional.target({"class_acc": 0.99})
 
 
