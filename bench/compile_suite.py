@@ -48,8 +48,7 @@ def compile_suite(ctx: BenchContext) -> Report:
         eager_cfg = ctx.config(case, topology=replicated)
         compiled_cfg = ctx.config(case, topology=replicated,
                                   resources={"compile": True, "compile_backend": backend})
-        equality = check_equality(ctx.config(case, resources={"compile": True, "compile_backend": backend}),
-                                  EQUALITY_ROUNDS)
+        equality = check_equality(compiled_cfg, EQUALITY_ROUNDS)
         if not equality["equal"]:
             # Speed of a different computation means nothing: the row says so and is not timed.
             data[case] = {"equality": equality, "timed": False}
@@ -98,8 +97,8 @@ def _timed_run(contender: EngineContender, rounds: int) -> float:
 
 
 def check_equality(compiled_cfg: Any, rounds: int) -> dict[str, Any]:
-    """The same `rounds` rounds in process, eager and compiled (the `local` replica of
-    `compiled_cfg`, whose `resources.compile` is on): the largest weight difference and whether
+    """The same `rounds` rounds in process, eager and compiled (`build_replica` of `compiled_cfg`,
+    whose `resources.compile` is on, as one replica: its topology plays no part): the largest weight difference and whether
     every tensor of G, D and G_ema agrees within `EQUALITY_REL_TOL` of its largest magnitude."""
     import torch._inductor.config as inductor_config
 

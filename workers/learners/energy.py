@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ganray.models.ema import ema_beta, update_ema
+from ganray.models.ema import EmaPair, ema_beta
 from ganray.models.energy import EnergySampler, SearchSettings, energy_loss, langevin_search, start_range_of
 from ganray.models.errors import ConfigError
 from ganray.models.registry import build_discriminator
@@ -94,6 +94,7 @@ class EnergyStepper(LearnerStepper):
         # moves every round to chase its own negatives, and a long search on it ends wherever
         # the latest round left a bump; the average's landscape is the one D has settled on.
         self.D_ema = copy.deepcopy(self.D).eval().requires_grad_(False)
+        self.ema = EmaPair(self.D_ema, self.D)
         self.ema_beta = ema_beta(self.settings.global_batch, self.settings.ema_half_life_kimg)
         self.sampler_module = EnergySampler(self.D_ema, shape, SearchSettings.from_model_config(cfg, sampling=True),
                                             measured_start_range(self.source)).to(self.device)
@@ -171,7 +172,7 @@ class EnergyStepper(LearnerStepper):
         loss = energy_loss(real_score, neg_score, self.reg)
         loss.backward()
         self.step("D", stats)
-        update_ema(self.D_ema, self.D, self.ema_beta)
+        self.ema.update(self.ema_beta)
         # The replay phase: this round's negatives replace the entries they started from.
         self.buffer.entries[picks] = self._gather(negatives)
         stats.report(LOSS_D, loss.detach())
