@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from ganray.models.errors import CheckpointError, ConfigError
 from ganray.orchestrator.job.engine import LocalEngine
@@ -119,6 +120,31 @@ def test_nonfinite_step_is_skipped_without_touching_weights():
     assert all(float(c) == 2.0 for c in step_counts)  # the skipped step did not count
     stepper.source.get = real_get
     assert engine.run(1).nonfinite_run == 0
+
+
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
+def test_host_and_device_guards_step_and_skip_alike(poison):
+    """The CPU branch of `guarded_step` (a Python `if`) and the accelerator's (fused Adam's
+    `found_inf`, run here on the CPU) leave the same weights, step counts and skip statistic."""
+    from ganray.workers.steps import _step_on_device, _step_on_host, adam_optimizer, grad_norm
+
+    def stepped(step):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 1))
+        opt = adam_optimizer(net.parameters(), 1e-2, (0.0, 0.99))
+        skips = []
+        for i in range(3):
+            net(torch.randn(16, 4)).square().mean().backward()
+            if poison is not None and i == 1:
+                next(net.parameters()).grad[0, 0] = poison
+            skips.append(float(step(opt, grad_norm(list(net.parameters())))))
+            opt.zero_grad(set_to_none=True)
+        return net.state_dict(), [float(s["step"]) for s in opt.state_dict()["state"].values()], skips
+
+    host, device = stepped(_step_on_host), stepped(_step_on_device)
+    assert all(torch.equal(host[0][k], device[0][k]) for k in host[0])
+    assert host[1] == device[1] == [3.0 if poison is None else 2.0] * 4
+    assert host[2] == device[2] == [0.0, 0.0 if poison is None else 1.0, 0.0]
 
 
 def test_on_eval_hook_sees_every_evaluation_and_the_final_one_once():

@@ -9,6 +9,7 @@ the real rows and `fake_labels` for the fakes D scores.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Optional
 
 import torch
@@ -41,16 +42,39 @@ def adam_optimizer(params: Any, lr: float, betas: tuple[float, float]) -> torch.
 
 def guarded_step(opt: torch.optim.Adam, params: list[nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor]:
     """Step unless the (already all-reduced) gradient norm is non-finite, as AMP's GradScaler
-    does: the fused kernel reads `found_inf` and skips the update (and the step count) on the
-    device. Every replica sees the same reduced norm, so every replica skips together."""
+    does; return the norm and the skip (1.0 or 0.0) as tensors. Every replica sees the same
+    reduced norm, so every replica skips together."""
     norm = grad_norm(params)
+    step = _step_on_host if norm.device.type == "cpu" else _step_on_device
+    skipped = step(opt, norm)
+    opt.zero_grad(set_to_none=True)
+    return norm, skipped
+
+
+def _step_on_device(opt: torch.optim.Adam, norm: torch.Tensor) -> torch.Tensor:
+    """The fused kernel reads `found_inf` and skips the update (and the step count) on the
+    device: no host sync."""
     # norm * 0 is 0 exactly when the norm is finite (inf * 0 and NaN * 0 are NaN): two small ops
-    # where isfinite's composite takes four, and every op counts on a small network's round.
+    # where isfinite's composite takes four.
     found_inf = (norm * 0.0 != 0.0).to(torch.float32)
     opt.found_inf = found_inf
     opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm, found_inf
+    return found_inf
+
+
+def _step_on_host(opt: torch.optim.Adam, norm: torch.Tensor) -> torch.Tensor:
+    """On the CPU reading the norm is no sync at all, and a Python branch spares fused Adam's
+    `found_inf` bookkeeping (a step-count subtraction per parameter every step), which shows on
+    a small network's round."""
+    if not math.isfinite(norm.item()):
+        return _SKIPPED_ONE
+    opt.step()
+    return _NOT_SKIPPED
+
+
+# The skip statistic of a CPU step (read-only: statistics are only stacked and summed).
+_NOT_SKIPPED = torch.zeros(())
+_SKIPPED_ONE = torch.ones(())
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float, betas: tuple[float, float]) -> None:
