@@ -176,6 +176,41 @@ def test_two_replicas_take_their_own_rows_and_classes(local_run) -> None:
         np.testing.assert_allclose(merged, local_run.metrics[key], rtol=0, atol=1e-4, err_msg=key)
 
 
+@pytest.mark.parametrize("swap_every_epochs", [0, 1])
+def test_two_discriminators_read_their_own_rows_with_their_labels(swap_every_epochs: int) -> None:
+    """split(1G, 2D): each discriminator reads the rows of its shard with their own labels, also
+    after MD-GAN's swap moves it to the other shard at an epoch's end."""
+    from ganray.workers.data import load_dataset
+    from ganray.workers.sharding import RealBatches, RotatingShard, epoch_permutation
+
+    source = load_dataset(_digits().model_dump()["data"], 0, "train")
+    labels = np.asarray(source.labels, dtype=np.int64)
+    read: list[np.ndarray] = []
+
+    class Recording:  # the source, noting which rows each batch asked for
+        sample_shape = source.sample_shape
+
+        def __len__(self) -> int:
+            return len(source)
+
+        def get(self, idx: np.ndarray) -> torch.Tensor:
+            read.append(np.array(idx))
+            return source.get(idx)
+
+    batches = RealBatches(Recording(), torch.device("cpu"), labels)
+    readers = [RotatingShard(batches, 32, 7, index, 2, swap_every_epochs) for index in range(2)]
+    for epoch in range(3):
+        perm = epoch_permutation(len(source), 7, epoch)
+        for b in range(readers[0].sampler.batches_per_epoch):
+            for index, reader in enumerate(readers):
+                rows, got = reader.next()
+                shard = (index + epoch * (swap_every_epochs > 0)) % 2
+                expected = perm[b * 32 + shard * 16: b * 32 + (shard + 1) * 16]
+                np.testing.assert_array_equal(read[-1], expected)
+                np.testing.assert_array_equal(got.numpy(), labels[expected])
+                assert torch.equal(rows, source.get(expected))
+
+
 # --- Ray ----------------------------------------------------------------------------------------
 
 def test_one_replica_reproduces_local(ray_session, local_run) -> None:

@@ -305,10 +305,10 @@ def test_softmax_feedback_with_overlap_and_swap(ray_session) -> None:
                               overlap=True, swap_every_epochs=1))
     try:
         first = engine.run(4)
-        shards_before = [ray.get(d.__ray_call__.remote(lambda w: w.sampler.rank)) for d in engine.actors[1:]]
+        shards_before = [ray.get(d.__ray_call__.remote(lambda w: w.reals.sampler.rank)) for d in engine.actors[1:]]
         second = engine.run(16)
-        shards_after = [ray.get(d.__ray_call__.remote(lambda w: w.sampler.rank)) for d in engine.actors[1:]]
-        epochs = ray.get(engine.actors[1].__ray_call__.remote(lambda w: w.sampler.epoch))
+        shards_after = [ray.get(d.__ray_call__.remote(lambda w: w.reals.sampler.rank)) for d in engine.actors[1:]]
+        epochs = ray.get(engine.actors[1].__ray_call__.remote(lambda w: w.reals.sampler.epoch))
     finally:
         engine.close()
     for result in (first, second):

@@ -171,3 +171,36 @@ class RealBatches:
         idx_t = device_perm[start:stop]
         rows = self.device_data.index_select(0, idx_t)
         return rows, None if self.labels is None else self.labels.index_select(0, idx_t)
+
+
+class RotatingShard:
+    """The real rows of discriminator `index` of `count` in a split job, with their labels.
+
+    Each discriminator reads its own shard (`ShardSampler` rank `index` of `count`); MD-GAN's swap
+    (`swap_every_epochs` = E > 0) moves it to shard (index + epoch // E) mod count. The position is
+    rank-independent, so the sampler of the new shard continues where the old one stopped, and a
+    restored sampler finds its shard again from its epoch.
+    """
+
+    def __init__(self, batches: RealBatches, global_batch: int, seed: int, index: int, count: int,
+                 swap_every_epochs: int = 0) -> None:
+        self.batches = batches
+        self.index, self.count = int(index), int(count)
+        self.swap_every_epochs = int(swap_every_epochs)
+        self.sampler = ShardSampler(len(batches.source), global_batch, seed, self.index, self.count)
+
+    def shard(self) -> int:
+        """The shard the next batch comes from."""
+        if self.swap_every_epochs <= 0:
+            return self.index
+        return (self.index + self.sampler.epoch // self.swap_every_epochs) % self.count
+
+    def next(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(rows, their labels or None) of this discriminator's next batch, on the device."""
+        shard = self.shard()
+        if shard != self.sampler.rank:
+            s = self.sampler
+            moved = ShardSampler(s.n, s.global_batch, s.seed, shard, self.count)
+            moved.load_state_dict(s.state_dict())
+            self.sampler = moved
+        return self.batches.next_labelled(self.sampler)

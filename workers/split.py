@@ -39,7 +39,7 @@ from ganray.workers.noise import (ALPHA_SLOT, AUGMENT_FAKE_SLOT, AUGMENT_G_SLOT,
                                   G_NOISE_SLOT, G_SLOT, LABEL_SLOT, NoiseStreams)
 from ganray.workers.phases import Progress, table_of
 from ganray.workers.settings import StepSettings
-from ganray.workers.sharding import RealBatches, ShardSampler
+from ganray.workers.sharding import RealBatches, RotatingShard
 from ganray.workers.stats import LOSS_G, RoundStats, per_round_lists
 from ganray.workers.steps import DiscriminatorRole, GeneratorRole, cpu_tree
 from ganray.workers.worker_base import WorkerBase
@@ -252,8 +252,9 @@ class DiscriminatorWorker(WorkerBase):
         self.shape = tuple(self.source.sample_shape)
         # seed_offset = index: D_0 starts exactly like local's D; the others are independent critics.
         self.disc = DiscriminatorRole(config, self.shape, self.settings, seed_offset=self.index, d_index=self.index)
-        self.sampler = ShardSampler(len(self.source), self.settings.global_batch, seed, self.index, self.count)
-        self.batches = RealBatches(self.source, self.settings.device, class_labels(config, self.source))
+        batches = RealBatches(self.source, self.settings.device, class_labels(config, self.source))
+        self.reals = RotatingShard(batches, self.settings.global_batch, seed, self.index, self.count,
+                                   self.swap_every_epochs)
         self.num_classes = self.disc.num_classes
         self.noise = NoiseStreams(seed, self.settings.device)
         self.progress = Progress()
@@ -275,21 +276,6 @@ class DiscriminatorWorker(WorkerBase):
     def info(self) -> dict[str, Any]:
         return {"sample_shape": self.shape, "fingerprint": self.source.fingerprint,
                 "device": str(self.settings.device), "threads": torch.get_num_threads()}
-
-    def _shard(self) -> int:
-        """The shard this D reads now: MD-GAN rotates D i over the shards every E epochs."""
-        if self.swap_every_epochs <= 0:
-            return self.index
-        return (self.index + self.sampler.epoch // self.swap_every_epochs) % self.count
-
-    def _next_real(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        shard = self._shard()
-        if shard != self.sampler.rank:
-            # The position is rank-independent, so a sampler for the new shard continues in place.
-            moved = ShardSampler(len(self.source), self.settings.global_batch, self.settings.seed, shard, self.count)
-            moved.load_state_dict(self.sampler.state_dict())
-            self.sampler = moved
-        return self.batches.next_labelled(self.sampler)
 
     def _my_rows(self, first_part: int, parts: tuple[torch.Tensor, ...], dim: int) -> torch.Tensor:
         """Slice i of K of the global batch from the overlapping generator parts (concatenated)."""
@@ -315,7 +301,7 @@ class DiscriminatorWorker(WorkerBase):
         stats = RoundStats()
         for phase in table.d_steps:
             k = phase.step
-            real, labels = self._next_real()
+            real, labels = self.reals.next()
             real, fake = self.noise.noisy_d_inputs(real, fakes[k], std, round_idx, k, B, i, K)
             # The classes G drew for the fake rows this D scores: the same streams, sliced alike.
             fake_labels = self.noise.labels(round_idx, LABEL_SLOT + k, B, self.num_classes, i, K)
@@ -367,7 +353,7 @@ class DiscriminatorWorker(WorkerBase):
         name, and its D step count."""
         state = {"D": {self.name: cpu_tree(self.disc.D.state_dict())},
                  "opt_D": {self.name: cpu_tree(self.disc.opt.state_dict())},
-                 "sampler": {self.name: self.sampler.state_dict()}, "d_steps": self.progress.d_steps}
+                 "sampler": {self.name: self.reals.sampler.state_dict()}, "d_steps": self.progress.d_steps}
         augment = self.disc.augment_state()
         if augment is not None:
             state["augment"] = {self.name: augment}
@@ -377,7 +363,7 @@ class DiscriminatorWorker(WorkerBase):
         """Restore from job-state parts holding this worker's name; `progress` is the job's."""
         self.disc.D.load_state_dict(state["D"][self.name])
         self.disc.opt.load_state_dict(state["opt_D"][self.name])
-        self.sampler.load_state_dict(state["sampler"][self.name])
+        self.reals.sampler.load_state_dict(state["sampler"][self.name])
         self.disc.load_augment_state(state.get("augment", {}).get(self.name))
         self.progress.load(progress)
         self._last_real = self._last_labels = None

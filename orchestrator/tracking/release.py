@@ -4,7 +4,8 @@ A release logs the EMA generator twice, for two readers:
 - `mlflow.pytorch.log_model` in the `pt2` format (torch.export; loading it unpickles no code,
   and MLflow exports the batch dimension as dynamic), registered under the model name, for
   MLflow's own serving and `mlflow.pyfunc.load_model`; a conditional generator takes two inputs,
-  (z, class), the class an int64 per row;
+  (z, class), the class an int64 per row, through `mlflow.pytorch.load_model` (MLflow's pyfunc
+  wrapper of the pytorch flavor hands a model one tensor, so it serves unconditional generators);
 - `release/state/` (a ganray checkpoint holding only `G_ema`) and `release/config.yaml` in the
   run, from which `ganray sample --model` / `evaluate --model` rebuild the generator with
   ganray's own code (`released_model.py`). The model version's tags `ganray.state_sha256` and
