@@ -214,7 +214,7 @@ def _quality_digits(ctx: BenchContext, seeds: list[int]) -> dict[str, Any]:
             "ganray": {k: stats([s.get(k) for s in per_seed]) for k in keys}}
 
 
-def _cell(s: dict[str, Any], pct: bool = False, digits: int = 2) -> str:
+def seeds_cell(s: dict[str, Any], pct: bool = False, digits: int = 2) -> str:
     if s["mean"] is None:
         return "-"
     scale = 100.0 if pct else 1.0
@@ -227,7 +227,7 @@ def _seeds(ctx: BenchContext, default: int) -> list[int]:
     return list(range(first, first + (ctx.options.seeds or default)))
 
 
-def _seed_label(seeds: list[int]) -> str:
+def seed_label(seeds: list[int]) -> str:
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
 
 
@@ -248,22 +248,22 @@ def quality(ctx: BenchContext) -> Report:
         res = _quality_2d(ctx, name, seeds)
         data[name] = res
         g, b, w, v = res["ganray"], res["ganray_best"], res["worst_final"], res["vae"]
-        label = _seed_label(seeds)
-        rows.append([name, f"ganray, final ({label})", _cell(g["modes"], digits=1), _cell(g["hq"], pct=True, digits=1),
-                     _cell(g["kl"], digits=3), _cell(g["time_to_all_modes_s"], digits=0),
-                     _cell(g["time_to_target_s"], digits=0), f"{res['misses_final']}/{len(seeds)}"])
+        label = seed_label(seeds)
+        rows.append([name, f"ganray, final ({label})", seeds_cell(g["modes"], digits=1), seeds_cell(g["hq"], pct=True, digits=1),
+                     seeds_cell(g["kl"], digits=3), seeds_cell(g["time_to_all_modes_s"], digits=0),
+                     seeds_cell(g["time_to_target_s"], digits=0), f"{res['misses_final']}/{len(seeds)}"])
         rows.append([name, "ganray, worst seed (final)", _figure(w["modes"], digits=0), _figure(w["hq"], pct=True, digits=1),
                      _figure(w["kl"], digits=3), None, None, None])
-        rows.append([name, "ganray, best evaluation", _cell(b["modes"], digits=1), _cell(b["hq"], pct=True, digits=1),
-                     _cell(b["kl"], digits=3), None, None, f"{res['misses_ever']}/{len(seeds)}"])
-        rows.append([name, f"VAE ({res['vae_steps']} steps)", _cell(v["modes"], digits=1),
-                     _cell(v["hq"], pct=True, digits=1), _cell(v["kl"], digits=3), None, None, None])
+        rows.append([name, "ganray, best evaluation", seeds_cell(b["modes"], digits=1), seeds_cell(b["hq"], pct=True, digits=1),
+                     seeds_cell(b["kl"], digits=3), None, None, f"{res['misses_ever']}/{len(seeds)}"])
+        rows.append([name, f"VAE ({res['vae_steps']} steps)", seeds_cell(v["modes"], digits=1),
+                     seeds_cell(v["hq"], pct=True, digits=1), seeds_cell(v["kl"], digits=3), None, None, None])
         for method, fig in PUBLISHED[name].items():
             rows.append([name, method, fig["modes"], f"{fig['hq'] * 100:.1f}%" if fig["hq"] is not None else None,
                          fig["kl"], None, None, None])
     held = ("held-out seeds (the recipes were chosen on seeds below 100)" if seeds[0] >= 100
             else "seeds in the range the recipes were chosen on (below 100): not a held-out figure")
-    notes = [f"{_seed_label(seeds)}: {held}. Mean ± std over seeds (n/of when a seed never got there). Target: all "
+    notes = [f"{seed_label(seeds)}: {held}. Mean ± std over seeds (n/of when a seed never got there). Target: all "
              f"modes, >= {TARGET['hq']:.0%} high quality, KL <= {TARGET['kl']} within 5 minutes on 2 cores. "
              "'final' is the run's last evaluation and 'misses' counts seeds whose final evaluation misses the "
              "target; 'best evaluation' is each seed's best probe, its misses the seeds that never met the target. "
@@ -276,9 +276,9 @@ def quality(ctx: BenchContext) -> Report:
         g = res["ganray"]
 
         def fig(key: str) -> str:
-            return _cell(g[key], digits=4) if key in g else "-"
+            return seeds_cell(g[key], digits=4) if key in g else "-"
 
-        notes.append(f"digits ({_seed_label(digit_seeds)}, final evaluation): FID {fig('fid')} (floor "
+        notes.append(f"digits ({seed_label(digit_seeds)}, final evaluation): FID {fig('fid')} (floor "
                      f"{fig('fid_floor')}), KID {fig('kid')} (floor {fig('kid_floor')}), feature classifier "
                      f"accuracy {fig('classifier_acc')}; independent classifier's confidence {fig('confidence')} "
                      f"(real digits {fig('confidence_real')}), smallest class share {fig('class_share_min')}, "
@@ -287,6 +287,6 @@ def quality(ctx: BenchContext) -> Report:
     for name in [n for n in wanted if n in IMAGE_SETS]:
         image_seeds = _seeds(ctx, 1 if ctx.quick else 10 if name == "stacked-digits" else 3)
         data[name] = quality_image_set(ctx, name, image_seeds, ctx.options.overrides)
-        notes.append(image_set_note(name, data[name], _seed_label(image_seeds), _cell))
+        notes.append(image_set_note(name, data[name], seed_label(image_seeds), seeds_cell))
     return Report(data, ["set", "method", "modes", "high quality", "reverse KL", "s to all modes", "s to target",
                          "misses"], rows, notes)

@@ -59,11 +59,11 @@ def _finite(value: Optional[float]) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.inf
 
 
-def _first_met(timeline: list[dict[str, float]], image_set: ImageSet) -> Optional[float]:
+def first_met(timeline: list[dict[str, float]], image_set: ImageSet) -> Optional[float]:
     return next((float(p["wall_s"]) for p in timeline if image_set.target(p)), None)
 
 
-def _best(timeline: list[dict[str, float]], image_set: ImageSet) -> dict[str, Any]:
+def best_of(timeline: list[dict[str, float]], image_set: ImageSet) -> dict[str, Any]:
     """The seed's best evaluation, by its metrics in order (a tie on the first, e.g. every stacked-
     digits evaluation with all 1,000 modes, goes to the better second); reported beside the final
     one, never instead."""
@@ -104,12 +104,24 @@ def quality_image_set(ctx: BenchContext, name: str, seeds: list[int], overrides:
         final = {k: result.eval.get(k) for k in image_set.metrics}
         per_seed.append({"seed": seed, "kimg": result.images_seen / 1000.0, "wall_s": result.wall_s, **final,
                          "final_meets_target": image_set.target(result.eval),
-                         "time_to_target_s": _first_met(trainer.timeline, image_set),
-                         "best": _best(trainer.timeline, image_set), "timeline": trainer.timeline})
+                         "time_to_target_s": first_met(trainer.timeline, image_set),
+                         "best": best_of(trainer.timeline, image_set), "timeline": trainer.timeline})
     assert cfg is not None
-    return {"config": f"configs/{image_set.config}.yaml", "overrides": list(overrides),
-            "topology": cfg.topology.model_dump(), "total_kimg": cfg.schedule.total_kimg,
-            "probe_kimg": cfg.eval.every_kimg,
+    header = {"config": f"configs/{image_set.config}.yaml", "overrides": list(overrides),
+              "topology": cfg.topology.model_dump(), "total_kimg": cfg.schedule.total_kimg,
+              "probe_kimg": cfg.eval.every_kimg}
+    return summarize(name, header, per_seed)
+
+
+# What runs of one set must share for their seeds to be reported together (`quality_merge`).
+HEADER_KEYS = ("config", "overrides", "topology", "total_kimg", "probe_kimg")
+
+
+def summarize(name: str, header: dict[str, Any], per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON body of image set `name` from its per-seed records: the final and best figures
+    over seeds, time to target and misses, beside the run settings in `header`."""
+    image_set = IMAGE_SETS[name]
+    return {**{k: header[k] for k in HEADER_KEYS},
             "target": image_set.target_text, "budget_s": image_set.budget_s, "seeds": per_seed,
             "ganray": {k: stats([s[k] for s in per_seed]) for k in (*image_set.metrics, "time_to_target_s", "wall_s")},
             "ganray_best": {k: stats([s["best"].get(k) for s in per_seed]) for k in image_set.metrics},

@@ -409,17 +409,17 @@ def test_collective_micro_benchmark_writes_every_repetition(tmp_path: Path) -> N
 
 
 def test_image_quality_targets_and_best_evaluations() -> None:
-    from ganray.bench.quality_images import IMAGE_SETS, _best, _first_met
+    from ganray.bench.quality_images import IMAGE_SETS, best_of, first_met
 
     stacked, conditional = IMAGE_SETS["stacked-digits"], IMAGE_SETS["digits-conditional"]
     timeline = [{"wall_s": 100.0, "kimg": 50, "modes": 990, "kl": 0.05, "confidence": 0.9},
                 {"wall_s": 200.0, "kimg": 100, "modes": 1000, "kl": 0.2, "confidence": 0.9},
                 {"wall_s": 300.0, "kimg": 150, "modes": 1000, "kl": 0.08, "confidence": 0.9}]
-    assert _first_met(timeline, stacked) == 300.0  # every mode AND KL <= 0.1
+    assert first_met(timeline, stacked) == 300.0  # every mode AND KL <= 0.1
     assert not stacked.target({"modes": 1000, "kl": float("nan")})
     # The most modes first, a tie going to the lower KL; reported beside the final one.
-    assert _best(timeline, stacked)["kimg"] == 150
-    assert _best(timeline[:2] + [{**timeline[2], "kl": float("nan")}], stacked)["kimg"] == 100
+    assert best_of(timeline, stacked)["kimg"] == 150
+    assert best_of(timeline[:2] + [{**timeline[2], "kl": float("nan")}], stacked)["kimg"] == 100
     assert conditional.target({"class_acc_min": 0.95}) and not conditional.target({"class_acc": 0.99})
 
 
@@ -441,3 +441,45 @@ def test_quality_runs_the_conditional_digits_row_with_its_overrides(tmp_path: Pa
     assert "digits-conditional (topology.kind=local), seed 1000" in printed
     assert main(["bench", "quality", "--set", "topology.num_workrs=2", "--out", str(tmp_path)]) == 2
     assert "did you mean 'topology.num_workers'" in capsys.readouterr().err
+
+
+def test_quality_runs_of_separate_seeds_merge_into_one_report(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Seeds trained by separate `bench quality` runs (`--first-seed N --seeds 1`) report as one:
+    statistics and misses over all seeds, best and time to target from each timeline; runs of
+    another recipe or a repeated seed are refused in one line, writing nothing."""
+    from ganray.bench.quality_images import summarize
+    from ganray.bench.quality_merge import main as merge_main
+
+    header = {"config": "configs/stacked-digits.yaml", "overrides": [], "topology": {"kind": "replicated"},
+              "total_kimg": 3000.0, "probe_kimg": 250.0}
+
+    def run(seed: int, final_kl: float, overrides: tuple[str, ...] = ()) -> Path:
+        timeline = [{"wall_s": 100.0, "kimg": 250.0, "modes": 1000.0, "kl": 0.09, "confidence": 0.6},
+                    {"wall_s": 200.0, "kimg": 500.0, "modes": 1000.0, "kl": final_kl, "confidence": 0.7}]
+        record = {"seed": seed, "kimg": 500.0, "wall_s": 220.0, "modes": 1000.0, "kl": final_kl, "confidence": 0.7,
+                  "final_meets_target": final_kl <= 0.1, "time_to_target_s": None, "best": {}, "timeline": timeline}
+        body = {"suite": "quality", "date": "2026-12-08T00:00:00+00:00", "wall_s": 250.0, "seeds": [seed],
+                "stacked-digits": summarize("stacked-digits", {**header, "overrides": list(overrides)}, [record])}
+        path = tmp_path / f"run-{seed}-{len(overrides)}" / "quality.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(body))
+        return path
+
+    a, b = run(1001, 0.08), run(1000, 0.12)
+    assert merge_main(["--out", str(tmp_path / "merged"), str(a), str(b)]) == 0
+    merged = json.loads((tmp_path / "merged" / "quality.json").read_text())
+    body = merged["stacked-digits"]
+    assert [s["seed"] for s in body["seeds"]] == [1000, 1001] and merged["held_out"] is True
+    assert body["misses_final"] == 1 and body["ganray"]["kl"]["mean"] == pytest.approx(0.10)
+    assert [s["time_to_target_s"] for s in body["seeds"]] == [100.0, 100.0]  # from the timelines
+    assert body["seeds"][0]["best"]["kl"] == 0.09 and body["misses_within_budget"] == 0
+    assert [m["path"] for m in merged["merged_from"]] == [str(a), str(b)]
+    assert "stacked-digits, seeds 1000-1001" in capsys.readouterr().out
+    for bad, message in [([a, run(1002, 0.05, ("topology.num_workers=2",))], "another overrides"),
+                         ([a, a], "seed 1001 of stacked-digits appears in more than one input"),
+                         ([tmp_path / "missing.json"], "cannot read")]:
+        assert merge_main(["--out", str(tmp_path / "refused"), *map(str, bad)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "refused").exists()
