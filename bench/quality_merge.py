@@ -6,8 +6,11 @@ cluster) with room for several, each seed can run as its own `ganray bench quali
 
     python -m ganray.bench.quality_merge --out DIR DIR_1000/quality.json DIR_1001/quality.json ...
 
-The runs must have trained the same recipe the same way (config, `--set` overrides, topology,
-total kimg and evaluation cadence; `HEADER_KEYS`) on distinct seeds. The merged quality.json has
+The runs must have trained the same recipe the same way (config, `--set` overrides, topology and
+total kimg: `TRAINING_KEYS`) on distinct seeds. Evaluations do not change what trains, so runs
+probed at different cadences merge: each seed then keeps its run's `probe_kimg`, and the body's
+`probe_kimg` lists them (a finer cadence finds the target sooner and has more evaluations to
+call the best). The merged quality.json has
 the shape the suite writes (the set's body recomputed from the per-seed records by the suite's own
 `summarize`; each seed's best evaluation and time to target again from its timeline), plus
 `merged_from`: each input's path, date, machine and wall time. quality.md
@@ -26,6 +29,8 @@ from typing import Any
 from ganray.bench.quality import seeds_cell, seed_label
 from ganray.bench.quality_images import HEADER_KEYS, IMAGE_SETS, best_of, first_met, image_set_note, summarize
 from ganray.models.errors import GanrayError
+
+TRAINING_KEYS = tuple(k for k in HEADER_KEYS if k != "probe_kimg")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -52,10 +57,15 @@ def merge(paths: list[Path]) -> dict[str, Any]:
         parts = [(path, body[name]) for path, body in bodies if name in body]
         header = {k: parts[0][1][k] for k in HEADER_KEYS}
         for path, part in parts[1:]:
-            differs = [k for k in HEADER_KEYS if part[k] != header[k]]
+            differs = [k for k in TRAINING_KEYS if part[k] != header[k]]
             if differs:
                 raise GanrayError(f"{name} in {path} was trained with another {differs[0]} ({part[differs[0]]!r}, "
                                   f"not {header[differs[0]]!r} as in {parts[0][0]}); merge runs of one recipe and layout")
+        cadences = sorted({part["probe_kimg"] for _, part in parts})
+        if len(cadences) > 1:
+            header["probe_kimg"] = cadences
+            parts = [(path, {**part, "seeds": [{**s, "probe_kimg": part["probe_kimg"]} for s in part["seeds"]]})
+                     for path, part in parts]
         # Best evaluation and time to target again from each timeline, by the suite's rules of
         # today (an older JSON may have ranked its evaluations otherwise).
         per_seed = sorted(({**s, "best": best_of(s["timeline"], IMAGE_SETS[name]),

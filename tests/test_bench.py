@@ -454,19 +454,20 @@ def test_quality_runs_of_separate_seeds_merge_into_one_report(tmp_path: Path,
     header = {"config": "configs/stacked-digits.yaml", "overrides": [], "topology": {"kind": "replicated"},
               "total_kimg": 3000.0, "probe_kimg": 250.0}
 
-    def run(seed: int, final_kl: float, overrides: tuple[str, ...] = ()) -> Path:
+    def run(seed: int, final_kl: float, overrides: tuple[str, ...] = (), probe_kimg: float = 250.0) -> Path:
         timeline = [{"wall_s": 100.0, "kimg": 250.0, "modes": 1000.0, "kl": 0.09, "confidence": 0.6},
                     {"wall_s": 200.0, "kimg": 500.0, "modes": 1000.0, "kl": final_kl, "confidence": 0.7}]
         record = {"seed": seed, "kimg": 500.0, "wall_s": 220.0, "modes": 1000.0, "kl": final_kl, "confidence": 0.7,
                   "final_meets_target": final_kl <= 0.1, "time_to_target_s": None, "best": {}, "timeline": timeline}
         body = {"suite": "quality", "date": "2026-12-08T00:00:00+00:00", "wall_s": 250.0, "seeds": [seed],
-                "stacked-digits": summarize("stacked-digits", {**header, "overrides": list(overrides)}, [record])}
+                "stacked-digits": summarize("stacked-digits", {**header, "overrides": list(overrides),
+                                                               "probe_kimg": probe_kimg}, [record])}
         path = tmp_path / f"run-{seed}-{len(overrides)}" / "quality.json"
         path.parent.mkdir()
         path.write_text(json.dumps(body))
         return path
 
-    a, b = run(1001, 0.08), run(1000, 0.12)
+    a, b = run(1001, 0.08), run(1000, 0.12, probe_kimg=25.0)  # evaluated more often: it merges
     assert merge_main(["--out", str(tmp_path / "merged"), str(a), str(b)]) == 0
     merged = json.loads((tmp_path / "merged" / "quality.json").read_text())
     body = merged["stacked-digits"]
@@ -475,6 +476,7 @@ def test_quality_runs_of_separate_seeds_merge_into_one_report(tmp_path: Path,
     assert [s["time_to_target_s"] for s in body["seeds"]] == [100.0, 100.0]  # from the timelines
     assert body["seeds"][0]["best"]["kl"] == 0.09 and body["misses_within_budget"] == 0
     assert [m["path"] for m in merged["merged_from"]] == [str(a), str(b)]
+    assert body["probe_kimg"] == [25.0, 250.0] and [s["probe_kimg"] for s in body["seeds"]] == [25.0, 250.0]
     assert "stacked-digits, seeds 1000-1001" in capsys.readouterr().out
     for bad, message in [([a, run(1002, 0.05, ("topology.num_workers=2",))], "another overrides"),
                          ([a, a], "seed 1001 of stacked-digits appears in more than one input"),
