@@ -98,8 +98,9 @@ def _timed_run(contender: EngineContender, rounds: int) -> float:
 
 def check_equality(compiled_cfg: Any, rounds: int) -> dict[str, Any]:
     """The same `rounds` rounds in process, eager and compiled (`build_replica` of `compiled_cfg`,
-    whose `resources.compile` is on, as one replica: its topology plays no part): the largest weight difference and whether
-    every tensor of G, D and G_ema agrees within `EQUALITY_REL_TOL` of its largest magnitude."""
+    whose `resources.compile` is on, as one replica: its topology plays no part): the largest
+    weight difference and whether every tensor of G, D and G_ema agrees within `EQUALITY_REL_TOL`
+    of its largest magnitude."""
     import torch._inductor.config as inductor_config
 
     from ganray.workers.stepper import build_replica

@@ -249,12 +249,15 @@ def quality(ctx: BenchContext) -> Report:
         data[name] = res
         g, b, w, v = res["ganray"], res["ganray_best"], res["worst_final"], res["vae"]
         label = seed_label(seeds)
-        rows.append([name, f"ganray, final ({label})", seeds_cell(g["modes"], digits=1), seeds_cell(g["hq"], pct=True, digits=1),
+        rows.append([name, f"ganray, final ({label})", seeds_cell(g["modes"], digits=1),
+                     seeds_cell(g["hq"], pct=True, digits=1),
                      seeds_cell(g["kl"], digits=3), seeds_cell(g["time_to_all_modes_s"], digits=0),
                      seeds_cell(g["time_to_target_s"], digits=0), f"{res['misses_final']}/{len(seeds)}"])
-        rows.append([name, "ganray, worst seed (final)", _figure(w["modes"], digits=0), _figure(w["hq"], pct=True, digits=1),
+        rows.append([name, "ganray, worst seed (final)", _figure(w["modes"], digits=0),
+                     _figure(w["hq"], pct=True, digits=1),
                      _figure(w["kl"], digits=3), None, None, None])
-        rows.append([name, "ganray, best evaluation", seeds_cell(b["modes"], digits=1), seeds_cell(b["hq"], pct=True, digits=1),
+        rows.append([name, "ganray, best evaluation", seeds_cell(b["modes"], digits=1),
+                     seeds_cell(b["hq"], pct=True, digits=1),
                      seeds_cell(b["kl"], digits=3), None, None, f"{res['misses_ever']}/{len(seeds)}"])
         rows.append([name, f"VAE ({res['vae_steps']} steps)", seeds_cell(v["modes"], digits=1),
                      seeds_cell(v["hq"], pct=True, digits=1), seeds_cell(v["kl"], digits=3), None, None, None])

@@ -60,7 +60,8 @@ def merge(paths: list[Path]) -> dict[str, Any]:
             differs = [k for k in TRAINING_KEYS if part[k] != header[k]]
             if differs:
                 raise GanrayError(f"{name} in {path} was trained with another {differs[0]} ({part[differs[0]]!r}, "
-                                  f"not {header[differs[0]]!r} as in {parts[0][0]}); merge runs of one recipe and layout")
+                                  f"not {header[differs[0]]!r} as in {parts[0][0]}); "
+                                  "merge runs of one recipe and layout")
         cadences = sorted({part["probe_kimg"] for _, part in parts})
         if len(cadences) > 1:
             header["probe_kimg"] = cadences

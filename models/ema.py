@@ -56,9 +56,3 @@ class EmaPair:
             torch._foreach_lerp_(self.ema_params, self.params, 1.0 - beta)
         if self.buffers:
             torch._foreach_copy_(self.ema_buffers, self.buffers)
-
-
-def update_ema(ema_model: nn.Module, model: nn.Module, beta: float) -> None:
-    """One `EmaPair.update` of `ema_model` towards `model` (a caller that updates every step
-    keeps its `EmaPair`)."""
-    EmaPair(ema_model, model).update(beta)

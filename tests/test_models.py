@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ganray.models.ema import ema_beta, update_ema
+from ganray.models.ema import EmaPair, ema_beta
 from ganray.models.errors import ConfigError
 from ganray.models.losses import r1_penalty
 from ganray.models.nets import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
@@ -316,15 +316,15 @@ def test_update_ema_by_hand() -> None:
         model[0].weight.fill_(1.0)
         ema[0].weight.fill_(0.0)
         model[1].running_mean.fill_(3.0)
-    update_ema(ema, model, beta=0.5)
+    EmaPair(ema, model).update(0.5)
     assert ema[0].weight.item() == pytest.approx(0.5)  # 0.5*0 + 0.5*1
     assert ema[1].running_mean.item() == 3.0  # buffers copied, not averaged
     with torch.no_grad():
         model[0].weight.fill_(3.0)
-    update_ema(ema, model, beta=0.75)
+    EmaPair(ema, model).update(0.75)
     assert ema[0].weight.item() == pytest.approx(0.75 * 0.5 + 0.25 * 3.0)  # = 1.125
     assert model[0].weight.item() == 3.0  # the source is untouched
-    update_ema(ema, model, beta=0.0)
+    EmaPair(ema, model).update(0.0)
     assert torch.equal(ema[0].weight, model[0].weight)
 
 
@@ -334,8 +334,8 @@ def test_update_ema_with_spectral_norm_and_mismatch() -> None:
     with torch.no_grad():
         for p in G.parameters():
             p.add_(1.0)
-    update_ema(ema, G, beta=0.9)
+    EmaPair(ema, G).update(0.9)
     for pe, p in zip(ema.parameters(), G.parameters()):
         assert torch.allclose(pe, p - 0.9, atol=1e-6)
     with pytest.raises(ValueError, match="different architectures"):
-        update_ema(MLPGenerator(4, 8, 1), MLPGenerator(4, 8, 2), 0.5)
+        EmaPair(MLPGenerator(4, 8, 1), MLPGenerator(4, 8, 2)).update(0.5)
